@@ -1,0 +1,151 @@
+"""Benchmark: the whole pipeline on the 468 CamVid train+val frames, raw files to CRF segments.
+
+``core.pipeline.StegoPipeline.fit`` with DINOv2 ViT-S/14 at short side 322 in a fresh feature
+cache (only the converted weights are reused: converting them is a one-time install step),
+11 clusters, CRF on, both cores. Reports each stage's time and share, the total (target
+< 5 minutes) and the peak RSS of the main process and of the worker processes.
+Results: bench/results/end_to_end.json and end_to_end.md.
+
+    .venv/bin/python bench/bench_end_to_end.py [--steps 500] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from core.features import FeatureConfig  # noqa: E402
+from core.pipeline import STAGES, PipelineConfig, StegoPipeline  # noqa: E402
+from core.training import TrainConfig  # noqa: E402
+from core.weights import default_cache_dir, weights_dir  # noqa: E402
+
+log = logging.getLogger("bench_end_to_end")
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+RESULTS = ROOT / "bench" / "results"
+TARGET_S = 300.0
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's RSS and the summed RSS of its children every 0.5 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.peak_total_mb = 0.0
+
+    @staticmethod
+    def _rss_mb(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def _children(self) -> list[int]:
+        try:
+            with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            total = self._rss_mb(os.getpid()) + sum(self._rss_mb(c) for c in self._children())
+            self.peak_total_mb = max(self.peak_total_mb, total)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=500, help="training steps (the app's default run)")
+    ap.add_argument("--clusters", type=int, default=11)
+    ap.add_argument("--resolution", type=int, default=322)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the run and cache here instead of a temp dir")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    paths = sorted((CAMVID / "train" / "images").glob("*.jpg")) + sorted((CAMVID / "val" / "images").glob("*.jpg"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="stego_e2e_"))
+    if args.keep and work.exists():
+        shutil.rmtree(work)
+    cache = work / "cache"
+    src = weights_dir(default_cache_dir())
+    if not any(src.glob("dinov2_vits14.*")):
+        raise SystemExit(f"no converted dinov2_vits14 weights in {src}: run the app once (or "
+                         "`python -c \"from core.backbones import create_backbone; create_backbone('dinov2_vits14')\"`)")
+    shutil.copytree(src, cache / "weights")
+    config = PipelineConfig(features=FeatureConfig(backbone="dinov2_vits14", resolution=args.resolution),
+                            train=TrainConfig(steps=args.steps), n_clusters=args.clusters, crf=True,
+                            device="cpu", n_jobs=2)
+    load_start = os.getloadavg()
+    sampler = RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    result = StegoPipeline(config, work / "run", cache).fit(paths)
+    total = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    stage_total = sum(result.timings.values())
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+                   f"({torch.get_num_threads()} threads)",
+        "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        "images": len(paths), "backbone": "dinov2_vits14", "weights_source": result.weights_source,
+        "resolution": args.resolution, "steps": args.steps, "clusters": args.clusters,
+        "stages_s": {s: round(result.timings.get(s, 0.0), 1) for s in STAGES},
+        "stages_share": {s: round(result.timings.get(s, 0.0) / stage_total, 3) for s in STAGES},
+        "total_s": round(total, 1), "target_s": TARGET_S, "passed": total < TARGET_S,
+        "peak_rss_main_mb": round(main_peak, 1), "peak_rss_largest_worker_mb": round(child_peak, 1),
+        "peak_rss_sum_sampled_mb": round(sampler.peak_total_mb, 1),
+        "shifts": result.shifts,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "end_to_end.json").write_text(json.dumps(report, indent=1))
+    rows = [f"| {s} | {report['stages_s'][s]:.1f} | {100 * report['stages_share'][s]:.1f} % |" for s in STAGES]
+    md = [
+        "# End to end: 468 CamVid frames, raw files to CRF-refined segments",
+        "",
+        f"Machine: {report['machine']}; load average at start {report['load_average_start']}, at end "
+        f"{report['load_average_end']} (shared machine: other jobs ran alongside, so times are noisy).",
+        f"DINOv2 ViT-S/14 at short side {args.resolution} - weights: {result.weights_source}.",
+        f"{len(paths)} images (CamVid train + val, 480x360 JPEG), fresh feature cache, {args.steps} training steps, "
+        f"{args.clusters} clusters, CRF with the paper's parameters, 2 worker processes.",
+        "",
+        "| stage | seconds | share |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        f"Total wall time: **{total:.0f} s** (target < {TARGET_S:.0f} s: {'met' if total < TARGET_S else 'NOT met'}).",
+        f"Peak RSS: main process {main_peak:.0f} MB, largest worker {child_peak:.0f} MB, "
+        f"sum sampled every 0.5 s {sampler.peak_total_mb:.0f} MB.",
+        "",
+        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py`",
+        "",
+    ]
+    (RESULTS / "end_to_end.md").write_text("\n".join(md))
+    log.info("total %.1f s; wrote %s", total, RESULTS / "end_to_end.md")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Cosine k-means (the cluster probe) and per-image inference at full resolution.
+
+The STEGO cluster probe (K centroids, hard cosine assignment, loss -mean(max similarity))
+is mini-batch spherical k-means. Here it is fitted once, after head training, with full
+Lloyd iterations, k-means++ seeding on cosine distance and several restarts; the best
+objective wins, so the result no longer swings between runs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import numpy as np
+
+from core.tokens import TokenFeatures
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CosineKMeans", "bilinear_matrix", "upsample_bilinear", "cluster_log_probs",
+           "sample_tokens", "DEFAULT_ALPHA"]
+
+# Temperature on cosine similarities before the softmax (the paper's cluster probe uses 2).
+DEFAULT_ALPHA = 2.0
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class CosineKMeans:
+    """Spherical k-means: unit-norm centroids, assignment by largest cosine similarity.
+
+    objective_ is the mean cosine distance (1 - max similarity) of the fitted points,
+    lower is better; the best of ``n_init`` k-means++ restarts is kept. Deterministic
+    for a given ``seed``.
+    """
+
+    def __init__(self, n_clusters: int, n_init: int = 5, max_iter: int = 100, tol: float = 1e-5,
+                 seed: int = 0):
+        self.n_clusters = n_clusters
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+
+    def _validate(self, X: np.ndarray) -> np.ndarray:
+        if int(self.n_clusters) < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {self.n_clusters}")
+        if int(self.n_init) < 1 or int(self.max_iter) < 1:
+            raise ValueError("n_init and max_iter must be >= 1")
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
+        if X.shape[0] < self.n_clusters:
+            raise ValueError(f"{X.shape[0]} samples cannot make {self.n_clusters} clusters: "
+                             "lower n_clusters or add images")
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinite values")
+        return _normalize(X)
+
+    def _init_pp(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        k = self.n_clusters
+        n = X.shape[0]
+        centres = np.empty((k, X.shape[1]), dtype=np.float32)
+        centres[0] = X[rng.integers(n)]
+        dist = np.clip(1.0 - X @ centres[0], 0.0, None)
+        n_trials = 2 + int(math.log(k))
+        for j in range(1, k):
+            total = float(dist.sum())
+            if total <= 0:  # all points coincide with chosen centres: pick any
+                cand = rng.integers(n, size=n_trials)
+            else:
+                cand = np.searchsorted(np.cumsum(dist, dtype=np.float64), rng.random(n_trials) * total)
+                cand = np.minimum(cand, n - 1)
+            # greedy k-means++: keep the candidate that lowers the total distance most
+            cand_d = np.minimum(dist[None, :], np.clip(1.0 - X[cand] @ X.T, 0.0, None))
+            best = int(np.argmin(cand_d.sum(axis=1)))
+            centres[j] = X[cand[best]]
+            dist = cand_d[best]
+        return centres
+
+    def _lloyd(self, X: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float, int]:
+        n, k = X.shape[0], self.n_clusters
+        prev = np.inf
+        it = 0
+        for it in range(1, self.max_iter + 1):
+            sims = X @ centres.T
+            labels = sims.argmax(axis=1)
+            best = sims[np.arange(n), labels]
+            obj = float(np.mean(1.0 - best))
+            onehot = (labels[None, :] == np.arange(k)[:, None]).astype(np.float32)
+            sums = onehot @ X
+            counts = np.bincount(labels, minlength=k)
+            empty = np.flatnonzero(counts == 0)
+            if empty.size:  # re-seed empty clusters with the worst-fitted points
+                worst = np.argsort(best)[:empty.size]
+                sums[empty] = X[worst]
+            centres = _normalize(sums)
+            if prev - obj < self.tol and not empty.size:
+                break
+            prev = obj
+        sims = X @ centres.T
+        return centres, float(np.mean(1.0 - sims.max(axis=1))), it
+
+    def fit(self, X: np.ndarray) -> "CosineKMeans":
+        """Fit centroids on X (n_samples, n_features); rows need not be normalised."""
+        Xn = self._validate(X)
+        rng = np.random.default_rng(self.seed)
+        best: tuple[np.ndarray, float, int] | None = None
+        objectives = []
+        for _ in range(int(self.n_init)):
+            result = self._lloyd(Xn, self._init_pp(Xn, rng))
+            objectives.append(result[1])
+            if best is None or result[1] < best[1] - 1e-9:
+                best = result
+        self.centroids_, self.objective_, self.n_iter_ = best
+        self.objectives_ = objectives
+        self.n_features_in_ = Xn.shape[1]
+        log.info("cosine k-means K=%d: objectives of %d restarts %s, kept %.5f", self.n_clusters,
+                 self.n_init, np.round(objectives, 5).tolist(), self.objective_)
+        return self
+
+    def _check_fitted(self, X: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "centroids_"):
+            raise RuntimeError("CosineKMeans is not fitted: call fit() first")
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must be (n, {self.n_features_in_}), got {X.shape}")
+        return _normalize(X)
+
+    def similarities(self, X: np.ndarray) -> np.ndarray:
+        """(N, K) cosine similarity of each row of X to each centroid."""
+        return self._check_fitted(X) @ self.centroids_.T
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """(N,) index of the most similar centroid."""
+        return self.similarities(X).argmax(axis=1)
+
+    def fit_predict(self, X: np.ndarray) -> np.ndarray:
+        return self.fit(X).predict(X)
+
+
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D bilinear resizing with half-pixel centres.
+
+    Same as torch's ``F.interpolate(mode="bilinear", align_corners=False)`` per axis.
+    """
+    scale = n_in / n_out
+    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0, None)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), (1.0 - frac).astype(np.float32))
+    np.add.at(m, (rows, i1), frac.astype(np.float32))
+    return m
+
+
+def upsample_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize an (h, w, D) map to (H, W, D) float32."""
+    wy, wx = bilinear_matrix(out_hw[0], x.shape[0]), bilinear_matrix(out_hw[1], x.shape[1])
+    tmp = np.einsum("Xw,hwd->hXd", wx, np.asarray(x, dtype=np.float32), optimize=True)
+    return np.einsum("yh,hXd->yXd", wy, tmp, optimize=True)
+
+
+def cluster_log_probs(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, int],
+                      alpha: float = DEFAULT_ALPHA, chunk_pixels: int = 1 << 18) -> np.ndarray:
+    """(K, H, W) float32 log-probabilities of each cluster at every pixel.
+
+    codes (h, w, D) at inference resolution are upsampled bilinearly to ``out_hw``,
+    L2-normalised per pixel, compared with the unit centroids by cosine similarity, and
+    turned into log-probabilities by ``log_softmax(alpha * similarity)``. Works in row
+    chunks of about ``chunk_pixels`` pixels so memory stays O(W * D * rows).
+    """
+    h, w, d = codes.shape
+    cent = _normalize(centroids)
+    if cent.shape[1] != d:
+        raise ValueError(f"codes have {d} channels but centroids {cent.shape[1]}")
+    H, W = int(out_hw[0]), int(out_hw[1])
+    wy, wx = bilinear_matrix(H, h), bilinear_matrix(W, w)
+    tmp = np.einsum("Xw,hwd->hXd", wx, np.asarray(codes, dtype=np.float32), optimize=True)
+    out = np.empty((cent.shape[0], H, W), dtype=np.float32)
+    rows = max(1, chunk_pixels // max(W, 1))
+    for r0 in range(0, H, rows):
+        up = np.einsum("yh,hXd->yXd", wy[r0:r0 + rows], tmp, optimize=True)
+        up /= np.maximum(np.linalg.norm(up, axis=-1, keepdims=True), 1e-12)
+        logits = alpha * (up @ cent.T)  # (r, W, K)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        out[:, r0:r0 + rows] = np.moveaxis(logits, -1, 0)
+    return out
+
+
+def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int = 0,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Up to ``max_tokens`` token rows drawn evenly over items (float32).
+
+    Each item contributes in proportion to its token count. ``transform`` (e.g. the
+    head's encoder) maps an item's sampled (t, C) tokens to (t, D) before stacking.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    rng = np.random.default_rng(seed)
+    n = len(features)
+    sizes = np.array([h * w for h, w in (features.grid(i) for i in range(n))], dtype=np.int64)
+    frac = min(1.0, max_tokens / max(int(sizes.sum()), 1))
+    parts = []
+    for i in range(n):
+        t = int(min(sizes[i], max(1, round(sizes[i] * frac))))
+        pos = np.sort(rng.choice(sizes[i], size=t, replace=False)) if t < sizes[i] else slice(None)
+        x = np.asarray(features.tokens(i)[pos], dtype=np.float32)
+        parts.append(transform(x) if transform is not None else x)
+    return np.concatenate(parts)

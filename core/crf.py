@@ -1,0 +1,162 @@
+"""Dense CRF refinement (pydensecrf) with the STEGO paper's parameters, run in parallel.
+
+This module imports neither torch nor anything heavy, so worker processes start fast.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CRFParams", "dense_crf", "crf_batch", "iter_crf", "ordered_map", "ClusterMapJob", "ClusterMap",
+           "cluster_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Paper defaults: 10 mean-field iterations, Gaussian (sxy 1, compat 3), bilateral (sxy 67, srgb 3, compat 4)."""
+
+    iterations: int = 10
+    gaussian_sxy: float = 1.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"CRF iterations must be >= 1, got {self.iterations}")
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CRFParams.{name} must be > 0")
+
+
+def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Refine per-pixel class log-probabilities (K, H, W) on an (H, W, 3) uint8 image.
+
+    Unary = -log p. Returns (H, W) int32 labels (the argmax of the CRF marginals).
+    """
+    import pydensecrf.densecrf as dcrf
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    log_probs = np.asarray(log_probs, dtype=np.float32)
+    if log_probs.ndim != 3 or log_probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"log_probs must be (K, H, W) with H, W = {image.shape[:2]}, got {log_probs.shape}")
+    k, h, w = log_probs.shape
+    if k == 1:
+        return np.zeros((h, w), dtype=np.int32)
+    unary = np.ascontiguousarray(np.minimum(-log_probs, 1e4).reshape(k, -1))
+    unary[~np.isfinite(unary)] = 1e4
+    crf = dcrf.DenseCRF2D(w, h, k)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+    q = np.asarray(crf.inference(params.iterations), dtype=np.float32)
+    return q.reshape(k, h, w).argmax(axis=0).astype(np.int32)
+
+
+def _crf_job(args: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
+    return dense_crf(*args)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], n_jobs: int = 2) -> Iterator[R]:
+    """``map(fn, items)`` over ``n_jobs`` worker processes, results in input order.
+
+    ``items`` is consumed lazily with at most ``2 * n_jobs`` in flight, so producing the
+    inputs overlaps with the work and memory stays flat in the number of items.
+    ``fn`` must be a module-level function. ``n_jobs <= 1`` runs in this process.
+    """
+    if n_jobs <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    # spawn: never fork a process that may hold torch/OpenMP threads or a web server
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
+        pending: deque[Future] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                while len(pending) >= 2 * n_jobs:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def iter_crf(pairs: Iterable[tuple[np.ndarray, np.ndarray]], n_jobs: int = 2,
+             params: CRFParams = CRFParams()) -> Iterator[np.ndarray]:
+    """Yield dense_crf results for (image, log_probs) pairs in order, over ``n_jobs`` processes."""
+    return ordered_map(_crf_job, ((image, lp, params) for image, lp in pairs), n_jobs)
+
+
+@dataclass(frozen=True)
+class ClusterMapJob:
+    """Turn a low-resolution code map into full-resolution cluster labels (optionally CRF-refined).
+
+    Everything a worker process needs: no model, only arrays and the image path.
+    """
+
+    codes: np.ndarray                 # (h, w, D) codes (or raw features) at inference resolution
+    centroids: np.ndarray             # (K, D)
+    size: tuple[int, int]             # (H, W) of the full image
+    alpha: float = 2.0                # softmax temperature on cosine similarities
+    image_path: str | None = None     # needed when crf is True
+    crf: bool = False
+    argmax: bool = True               # also return the plain argmax labels
+    params: CRFParams = CRFParams()
+
+
+@dataclass(frozen=True)
+class ClusterMap:
+    labels: np.ndarray | None         # (H, W) uint16 argmax of the cluster probabilities
+    labels_crf: np.ndarray | None     # (H, W) uint16 after the CRF, when asked
+    pixels: np.ndarray                # (K,) int64 pixels per cluster (argmax labels)
+    confidence: np.ndarray            # (K,) float64 sum of the max probability over those pixels
+
+
+def cluster_map(job: ClusterMapJob) -> ClusterMap:
+    """Run one ClusterMapJob (module-level so worker processes can run it)."""
+    from core.clustering import cluster_log_probs
+
+    lp = cluster_log_probs(job.codes, job.centroids, job.size, alpha=job.alpha)
+    k = lp.shape[0]
+    labels = lp.argmax(axis=0)
+    conf = np.exp(lp.max(axis=0))
+    pixels = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
+    confidence = np.bincount(labels.ravel(), weights=conf.ravel(), minlength=k)
+    refined = None
+    if job.crf:
+        if job.image_path is None:
+            raise ValueError("a CRF job needs the image path")
+        from core.images import load_image
+
+        image = load_image(job.image_path)
+        if image.shape[:2] != tuple(job.size):
+            raise ValueError(f"{job.image_path} is {image.shape[:2]}, expected {tuple(job.size)}; "
+                             "did the file change since its features were extracted?")
+        refined = dense_crf(image, lp, job.params).astype(np.uint16)
+    return ClusterMap(labels.astype(np.uint16) if job.argmax else None, refined, pixels, confidence)
+
+
+def crf_batch(images: Sequence[np.ndarray], log_probs_list: Sequence[np.ndarray], n_jobs: int = 2,
+              params: CRFParams = CRFParams()) -> list[np.ndarray]:
+    """dense_crf over many images in parallel; results in input order."""
+    if len(images) != len(log_probs_list):
+        raise ValueError(f"{len(images)} images but {len(log_probs_list)} log-probability maps")
+    return list(iter_crf(zip(images, log_probs_list), n_jobs=n_jobs, params=params))

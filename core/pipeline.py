@@ -1,0 +1,442 @@
+"""The whole STEGO pipeline for a folder of images, as the app runs it.
+
+Stages: features -> knn -> training -> clustering -> segments -> crf. Every stage writes
+its artifacts into the run directory atomically and records itself as finished in
+``state.json``; a second ``fit`` in the same directory skips finished stages, resumes
+training from its checkpoint and the per-image stages at the first missing image.
+
+Run directory (read by the app without the backbone):
+``config.json``, ``images.json``, ``head.pt``, ``centroids.npy``, ``train_history.json``,
+``segments/{i:06d}.png``, ``segments_crf/{i:06d}.png``, ``clusters.json``, ``result.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens
+from core.crf import ClusterMap, ClusterMapJob, CRFParams, cluster_map, dense_crf, ordered_map
+from core.errors import Cancelled
+from core.features import FeatureConfig, FeatureStore, extract_features
+from core.head import SegmentationHead
+from core.training import StegoTrainer, TrainConfig, encode_tokens
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PipelineConfig", "StegoPipeline", "RunResult", "STAGES", "item_codes", "read_segments"]
+
+STAGES = ("features", "knn", "training", "clustering", "segments", "crf")
+N_EXAMPLES = 8
+
+Progress = Callable[[str, float, dict], None]
+
+
+@dataclass
+class PipelineConfig:
+    """Everything that defines a run. ``device`` is the backbone's; training uses ``train.device``."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    n_clusters: int = 12
+    crf: bool = True
+    checkpoint: str | None = None          # explicit backbone weights file
+    device: str = "auto"
+    knn_k: int = 30                         # KNN table size (training draws from the top num_neighbors)
+    cluster_samples: int = 100_000          # code vectors the k-means is fitted on
+    cluster_n_init: int = 5
+    alpha: float = DEFAULT_ALPHA            # cluster-probe softmax temperature on cosine similarity
+    n_jobs: int = 2                         # worker processes for segments and CRF
+
+    def validate(self) -> None:
+        if self.n_clusters < 2:
+            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
+        if self.n_clusters > 65535:
+            raise ValueError("n_clusters must be <= 65535 (segments are stored as 16-bit PNGs)")
+        if self.knn_k < 1 or self.cluster_samples < self.n_clusters or self.cluster_n_init < 1:
+            raise ValueError("knn_k and cluster_n_init must be >= 1 and cluster_samples >= n_clusters")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        self.train.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        d = dict(d)
+        feats = FeatureConfig(**d.pop("features", {}))
+        train = TrainConfig(**d.pop("train", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(features=feats, train=train, **{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to ``result.json``)."""
+
+    run_dir: str
+    backbone: str
+    weights_source: str
+    n_images: int
+    n_items: int
+    n_clusters: int
+    resolution: int
+    shifts: dict[str, float]
+    timings: dict[str, float]
+    final_loss: float | None
+    crf: bool
+    peak_rss_mb: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024, 1)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _save_png(path: Path, labels: np.ndarray) -> None:
+    """uint8 PNG when all ids fit, else 16-bit; written atomically."""
+    arr = labels.astype(np.uint8) if int(labels.max(initial=0)) < 256 else labels.astype(np.uint16)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_segments(path: Path) -> np.ndarray:
+    """(H, W) int32 cluster ids of a segments PNG."""
+    with Image.open(path) as im:
+        return np.asarray(im).astype(np.int32)
+
+
+def item_codes(head: SegmentationHead, store: FeatureStore, i: int) -> np.ndarray:
+    """(h, w, D) codes of item i; averaged with the codes of the flipped image when stored."""
+    h, w = store.grid(i)
+    codes = encode_tokens(head, np.asarray(store.tokens(i)))
+    if getattr(store, "has_flip", False):
+        codes = 0.5 * (codes + encode_tokens(head, np.asarray(store.tokens(i, flipped=True))))
+    return codes.reshape(h, w, -1)
+
+
+class StegoPipeline:
+    """Fits STEGO on a list of images and segments them (and new images)."""
+
+    def __init__(self, config: PipelineConfig, run_dir: Path, cache_root: Path):
+        config.validate()
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.cache_root = Path(cache_root)
+        self.head: SegmentationHead | None = None
+        self.centroids: np.ndarray | None = None
+        self._backbone = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def _load_state(self) -> dict:
+        if self._state_path.is_file():
+            return json.loads(self._state_path.read_text())
+        return {"done": [], "timings": {}, "cache_root": str(self.cache_root)}
+
+    def _save_state(self, state: dict) -> None:
+        _write_json(self._state_path, state)
+
+    def backbone(self):
+        """The backbone of this run's config (created on first use)."""
+        if self._backbone is None:
+            from core.backbones import create_backbone
+
+            self._backbone = create_backbone(self.config.features.backbone, checkpoint=self.config.checkpoint,
+                                             device=self.config.device, cache_dir=self.cache_root)
+        return self._backbone
+
+    def _prepare_run_dir(self, paths: list[Path]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.to_dict()
+        images = [str(p) for p in paths]
+        cfg_path, img_path = self.run_dir / "config.json", self.run_dir / "images.json"
+        if cfg_path.is_file() or img_path.is_file():
+            old_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+            old_img = json.loads(img_path.read_text()) if img_path.is_file() else None
+            if old_cfg != json.loads(json.dumps(cfg)) or old_img != images:
+                raise ValueError(f"{self.run_dir} holds a run with other settings or images; "
+                                 "use a new run directory (or delete this one) to start over")
+        else:
+            _write_json(cfg_path, cfg)
+            _write_json(img_path, images)
+
+    # -------------------------------------------------------------------- stages
+    def fit(self, image_paths: Sequence[Path], progress: Progress | None = None,
+            cancel: Callable[[], bool] | None = None) -> RunResult:
+        """Run (or resume) every stage on ``image_paths``; see the module docstring."""
+        paths = [Path(p) for p in image_paths]
+        if len(paths) < 2:
+            raise ValueError(f"a run needs at least 2 images, got {len(paths)}")
+        self._prepare_run_dir(paths)
+        state = self._load_state()
+        report = progress or (lambda stage, frac, info: None)
+        check = cancel or (lambda: False)
+
+        def timed(stage: str, fn: Callable[[], None]) -> None:
+            if stage in state["done"]:
+                report(stage, 1.0, {"skipped": True})
+                return
+            if check():
+                raise Cancelled(f"cancelled before stage {stage}")
+            t0 = time.perf_counter()
+            report(stage, 0.0, {})
+            try:
+                fn()
+            finally:
+                state["timings"][stage] = round(state["timings"].get(stage, 0.0) + time.perf_counter() - t0, 3)
+                self._save_state(state)
+            state["done"].append(stage)
+            self._save_state(state)
+            report(stage, 1.0, {"seconds": state["timings"][stage]})
+
+        stores: dict[str, FeatureStore] = {}
+
+        def features() -> None:
+            stores.update(self._extract(paths, report, check))
+            state["stores"] = {k: str(v.root) for k, v in stores.items()}
+            state["weights_source"] = stores["infer"].meta.get("weights_source", "")
+
+        timed("features", features)
+        if not stores:
+            stores = {k: FeatureStore.open(Path(v)) for k, v in state["stores"].items()}
+        train_store, infer_store = stores["train"], stores["infer"]
+
+        knn_holder: dict[str, np.ndarray] = {}
+
+        def knn() -> None:
+            knn_holder["knn"] = train_store.knn(self.config.knn_k)
+            report("knn", 1.0, {"k": int(knn_holder["knn"].shape[1])})
+
+        timed("knn", knn)
+
+        def training() -> None:
+            table = knn_holder.get("knn")
+            if table is None:
+                table = train_store.knn(self.config.knn_k)
+            steps = self.config.train.steps
+
+            def on_step(step: int, terms: dict[str, float]) -> None:
+                report("training", step / max(steps, 1), {"step": step, "steps": steps, **terms})
+
+            trainer = StegoTrainer(self.config.train).fit(
+                train_store, table, checkpoint_path=self.run_dir / "train_checkpoint.pt",
+                progress=on_step, cancel=check)
+            self._save_head(trainer)
+            state["shifts"] = trainer.shifts
+
+        timed("training", training)
+        self.head = self._load_head()
+
+        def clustering() -> None:
+            self.centroids = self._fit_clusters(infer_store, report)
+            tmp = self.run_dir / "centroids.tmp.npy"
+            np.save(tmp, self.centroids)
+            os.replace(tmp, self.run_dir / "centroids.npy")
+
+        timed("clustering", clustering)
+        self.centroids = np.load(self.run_dir / "centroids.npy")
+
+        timed("segments", lambda: self._segments(paths, infer_store, report, check, crf=False))
+        if self.config.crf:
+            timed("crf", lambda: self._segments(paths, infer_store, report, check, crf=True))
+
+        history = json.loads((self.run_dir / "train_history.json").read_text())
+        result = RunResult(
+            run_dir=str(self.run_dir), backbone=self.config.features.backbone,
+            weights_source=state.get("weights_source", ""), n_images=len(paths),
+            n_items=len(train_store), n_clusters=self.config.n_clusters,
+            resolution=self.config.features.resolution, shifts=state.get("shifts", {}),
+            timings=dict(state["timings"]), final_loss=history[-1]["loss"] if history else None,
+            crf=self.config.crf, peak_rss_mb=_peak_rss_mb())
+        _write_json(self.run_dir / "result.json", result.to_dict())
+        return result
+
+    def _extract(self, paths: list[Path], report: Progress, check: Callable[[], bool]) -> dict[str, FeatureStore]:
+        cfg = self.config.features
+        backbone = self.backbone()
+        root = self.cache_root / "features"
+        # Inference needs whole images; five-crop items are for training only.
+        jobs = [("infer", dataclasses.replace(cfg, crop_mode="none"))]
+        if cfg.crop_mode != "none":
+            jobs.append(("train", dataclasses.replace(cfg, flip=False)))
+        out: dict[str, FeatureStore] = {}
+        for j, (name, fcfg) in enumerate(jobs):
+            def on_batch(done: int, total: int, j: int = j) -> None:
+                report("features", (j + done / max(total, 1)) / len(jobs),
+                       {"items": done, "total": total, "part": j + 1, "parts": len(jobs)})
+            out[name] = extract_features(paths, backbone, fcfg, root, progress=on_batch, cancel=check)
+        out.setdefault("train", out["infer"])
+        return out
+
+    def _save_head(self, trainer: StegoTrainer) -> None:
+        head = trainer.head
+        tmp = self.run_dir / "head.pt.tmp"
+        torch.save({"state_dict": head.state_dict(), "in_dim": head.in_dim, "code_dim": head.code_dim,
+                    "shifts": trainer.shifts}, tmp)
+        os.replace(tmp, self.run_dir / "head.pt")
+        _write_json(self.run_dir / "train_history.json", trainer.history)
+
+    def _load_head(self) -> SegmentationHead:
+        saved = torch.load(self.run_dir / "head.pt", map_location="cpu", weights_only=False)
+        head = SegmentationHead(saved["in_dim"], saved["code_dim"], dropout=0.0)
+        head.load_state_dict(saved["state_dict"])
+        return head.eval()
+
+    def _fit_clusters(self, store: FeatureStore, report: Progress) -> np.ndarray:
+        cfg = self.config
+        head = self.head
+        X = sample_tokens(store, cfg.cluster_samples, seed=cfg.train.seed,
+                          transform=lambda t: encode_tokens(head, t))
+        report("clustering", 0.3, {"samples": int(X.shape[0])})
+        km = CosineKMeans(cfg.n_clusters, n_init=cfg.cluster_n_init, seed=cfg.train.seed).fit(X)
+        return km.centroids_
+
+    def _segments(self, paths: list[Path], store: FeatureStore, report: Progress,
+                  check: Callable[[], bool], crf: bool) -> None:
+        stage = "crf" if crf else "segments"
+        out_dir = self.run_dir / ("segments_crf" if crf else "segments")
+        out_dir.mkdir(exist_ok=True)
+        n = len(paths)
+        k = self.config.n_clusters
+        stats_path = self.run_dir / "segment_stats.npz"
+        stats = None
+        if not crf:
+            if stats_path.is_file():
+                saved = np.load(stats_path)
+                stats = {"pixels": saved["pixels"], "confidence": saved["confidence"], "done": saved["done"]}
+            else:
+                stats = {"pixels": np.zeros((n, k), np.int64), "confidence": np.zeros((n, k)),
+                         "done": np.zeros(n, bool)}
+        sizes = store.image_sizes()
+
+        def pending() -> list[int]:
+            todo = []
+            for i in range(n):
+                done = (out_dir / f"{i:06d}.png").is_file()
+                if stats is not None:
+                    done = done and bool(stats["done"][i])
+                if not done:
+                    todo.append(i)
+            return todo
+
+        todo = pending()
+
+        def jobs() -> Iterator[ClusterMapJob]:
+            for i in todo:
+                if check():
+                    return
+                if store.image_index(i) != i:
+                    raise RuntimeError("inference features must hold one whole-image item per image")
+                yield ClusterMapJob(codes=item_codes(self.head, store, i), centroids=self.centroids,
+                                    size=(int(sizes[i][0]), int(sizes[i][1])), alpha=self.config.alpha,
+                                    image_path=str(paths[i]), crf=crf, argmax=not crf)
+
+        last_save = time.monotonic()
+        finished = n - len(todo)
+        for i, res in zip(todo, ordered_map(cluster_map, jobs(), self.config.n_jobs)):
+            _save_png(out_dir / f"{i:06d}.png", res.labels_crf if crf else res.labels)
+            if stats is not None:
+                stats["pixels"][i], stats["confidence"][i], stats["done"][i] = res.pixels, res.confidence, True
+                if time.monotonic() - last_save > 5.0:
+                    self._save_stats(stats_path, stats)
+                    last_save = time.monotonic()
+            finished += 1
+            report(stage, finished / n, {"images": finished, "total": n})
+        if stats is not None:
+            self._save_stats(stats_path, stats)
+        if check():
+            raise Cancelled(f"{stage} cancelled after {finished} of {n} images")
+        if not crf:
+            self._write_clusters(stats)
+
+    @staticmethod
+    def _save_stats(path: Path, stats: dict) -> None:
+        tmp = path.with_name("segment_stats.tmp.npz")
+        np.savez(tmp, **stats)
+        os.replace(tmp, path)
+
+    def _write_clusters(self, stats: dict) -> None:
+        pixels = stats["pixels"]                    # (n_images, K)
+        per_image = np.maximum(pixels.sum(axis=1, keepdims=True), 1)
+        # example score: coverage of the cluster in the image x its mean confidence there
+        score = stats["confidence"] / per_image
+        total = max(int(pixels.sum()), 1)
+        clusters = []
+        for c in range(pixels.shape[1]):
+            order = [int(i) for i in np.argsort(-score[:, c], kind="stable") if pixels[i, c] > 0]
+            clusters.append({"id": c, "pixels": int(pixels[:, c].sum()),
+                             "share": round(float(pixels[:, c].sum()) / total, 6),
+                             "examples": order[:N_EXAMPLES]})
+        _write_json(self.run_dir / "clusters.json", clusters)
+
+    # ------------------------------------------------------------ after fitting
+    @classmethod
+    def load(cls, run_dir: Path, cache_root: Path | None = None) -> "StegoPipeline":
+        """A fitted pipeline from its run directory (head and centroids; backbone on demand)."""
+        run_dir = Path(run_dir)
+        for name in ("config.json", "head.pt", "centroids.npy"):
+            if not (run_dir / name).is_file():
+                raise FileNotFoundError(f"{run_dir} has no {name}: the run has not finished clustering")
+        config = PipelineConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if cache_root is None:
+            state_path = run_dir / "state.json"
+            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+            cache_root = Path(state.get("cache_root", run_dir / "cache"))
+        pipe = cls(config, run_dir, cache_root)
+        pipe.head = pipe._load_head()
+        pipe.centroids = np.load(run_dir / "centroids.npy")
+        return pipe
+
+    def segment(self, image_path: Path, crf: bool = False) -> np.ndarray:
+        """(H, W) int32 cluster ids of a new image at its full resolution."""
+        from core.images import load_image, resize_rgb, target_size
+
+        if self.head is None or self.centroids is None:
+            raise RuntimeError("the pipeline is not fitted: call fit() or StegoPipeline.load()")
+        backbone = self.backbone()
+        cfg = self.config.features
+        rgb = load_image(image_path)
+        H, W = rgb.shape[:2]
+        oh, ow = target_size(H, W, cfg.resolution, backbone.patch_size, cfg.max_long_side)
+        x = backbone.preprocess(resize_rgb(rgb, (oh, ow)))[None].to(backbone.device)
+        with torch.inference_mode():
+            batch = torch.cat([x, x.flip(-1)]) if cfg.flip else x
+            f = backbone(batch).permute(0, 2, 3, 1).float().cpu()
+        h, w = f.shape[1:3]
+        codes = encode_tokens(self.head, f[0].reshape(h * w, -1).numpy())
+        if cfg.flip:
+            codes = 0.5 * (codes + encode_tokens(self.head, f[1].flip(1).reshape(h * w, -1).numpy()))
+        res: ClusterMap = cluster_map(ClusterMapJob(codes=codes.reshape(h, w, -1), centroids=self.centroids,
+                                                    size=(H, W), alpha=self.config.alpha))
+        if not crf:
+            return res.labels.astype(np.int32)
+        from core.clustering import cluster_log_probs
+
+        lp = cluster_log_probs(codes.reshape(h, w, -1), self.centroids, (H, W), alpha=self.config.alpha)
+        return dense_crf(rgb, lp, CRFParams()).astype(np.int32)

@@ -1,0 +1,503 @@
+"""Command line: the same services as the browser app, for scripting.
+
+    python app.py [serve]            the browser app (default)
+    python app.py ingest --project P [--create] PATH...
+    python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
+    python app.py status [RUN_ID] [--project P] [--json]
+    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|confirm ...
+    python app.py export RUN_ID [--style stuff|instance] ...
+    python app.py evaluate ...
+
+Exit status: 0 success, 2 a problem the user can fix (the message says what),
+1 an unexpected error, 3 a run that failed, 4 a run that was cancelled or interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from stego_app.config import AppConfig, parse_auth
+from stego_app.errors import UserError
+
+log = logging.getLogger("stego_app.cli")
+
+COMMANDS = ("serve", "ingest", "run", "status", "label", "export", "evaluate")
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_RUN_FAILED, EXIT_RUN_STOPPED = 0, 1, 2, 3, 4
+
+
+# ---------------------------------------------------------------- parser
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the subcommand."""
+    d = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("storage and model")
+    g.add_argument("--data-dir", default=d, help="data folder (default ./data or STEGO_DATA_DIR)")
+    g.add_argument("--database-url", default=d,
+                   help="SQLAlchemy URL (default sqlite:///<data-dir>/stego.db or STEGO_DATABASE_URL)")
+    g.add_argument("--cache-dir", default=d, help="feature/weights cache (default <data-dir>/cache)")
+    g.add_argument("--allowed-root", action="append", default=d, metavar="DIR",
+                   help="server folder people may ingest from (repeatable; STEGO_ALLOWED_ROOTS)")
+    g.add_argument("--backbone", default=d, help="backbone name (default: best available)")
+    g.add_argument("--weights", default=d, help="checkpoint file for the backbone")
+    g.add_argument("--device", default=d, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress else 0,
+                   help="more log output (-vv for debug)")
+    return p
+
+
+def _add_run_params(p: argparse.ArgumentParser) -> None:
+    from stego_app.runs import RunParams
+
+    dflt = RunParams()
+    g = p.add_argument_group("run settings")
+    g.add_argument("--resolution", type=int, default=dflt.resolution, help="short image side in pixels")
+    g.add_argument("--clusters", type=int, default=dflt.n_clusters, dest="n_clusters",
+                   help="number of clusters to discover")
+    g.add_argument("--crop-mode", choices=("none", "five"), default=dflt.crop_mode)
+    g.add_argument("--no-crf", action="store_true", help="skip the CRF refinement")
+    g.add_argument("--steps", type=int, default=dflt.steps, help="training steps")
+    g.add_argument("--batch-size", type=int, default=dflt.batch_size)
+    g.add_argument("--code-dim", type=int, default=dflt.code_dim)
+    g.add_argument("--lr", type=float, default=dflt.lr)
+    for name in ("self", "knn", "neg"):
+        g.add_argument(f"--shift-{name}", type=float, default=None, help="default: automatic")
+        g.add_argument(f"--weight-{name}", type=float, default=getattr(dflt, f"weight_{name}"))
+    g.add_argument("--seed", type=int, default=dflt.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py", parents=[_common(False)],
+        description="STEGO labeler: discover segmentation classes in an image corpus without labels, "
+                    "name them, and export COCO seed annotations.",
+        epilog="Without a command the browser app starts (serve). "
+               "`app.py COMMAND --help` shows a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common(True)
+
+    p = sub.add_parser("serve", parents=[common], help="start the browser app (default)")
+    p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require a login (STEGO_AUTH)")
+    p.add_argument("--no-demo", action="store_true", help="do not create the demo project")
+
+    p = sub.add_parser("ingest", parents=[common], help="add images (files, .zip archives, folders)")
+    p.add_argument("--project", required=True, help="project name or id")
+    p.add_argument("--create", action="store_true", help="create the project if it does not exist")
+    p.add_argument("--description", default="", help="description of a new project")
+    p.add_argument("paths", nargs="+", type=Path, help="image files, zip archives or folders")
+
+    p = sub.add_parser("run", parents=[common], help="run the pipeline on a project and wait")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--project", help="project name or id")
+    g.add_argument("--resume", type=int, metavar="RUN_ID", help="resume an interrupted/failed/cancelled run")
+    _add_run_params(p)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    p = sub.add_parser("status", parents=[common], help="projects, runs and progress")
+    p.add_argument("run_id", nargs="?", type=int, help="show one run in detail")
+    p.add_argument("--project", help="list the runs of one project")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("label", parents=[common], help="name, merge, ignore clusters of a run")
+    p.add_argument("run_id", type=int)
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = acts.add_parser("list", parents=[common], help="clusters and their labels")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("name", parents=[common], help="give cluster IDX a label (an existing name merges)")
+    a.add_argument("index", type=int)
+    a.add_argument("name")
+    a = acts.add_parser("rename", parents=[common], help="rename a label (an existing name merges the labels)")
+    a.add_argument("old")
+    a.add_argument("new")
+    a = acts.add_parser("merge", parents=[common], help="map several clusters to one label")
+    a.add_argument("indices", type=int, nargs="+")
+    a.add_argument("--name", required=True)
+    a = acts.add_parser("unmerge", parents=[common], help="make a cluster unnamed again")
+    a.add_argument("index", type=int)
+    a = acts.add_parser("ignore", parents=[common], help="mark a cluster as void")
+    a.add_argument("index", type=int)
+    a.add_argument("--undo", action="store_true", help="bring it back as unnamed")
+    a = acts.add_parser("colour", parents=[common], aliases=["color"], help="set a label's colour")
+    a.add_argument("name")
+    a.add_argument("colour", help="#rrggbb")
+    a = acts.add_parser("confirm", parents=[common], help="mark images as checked by a person")
+    a.add_argument("image_ids", type=int, nargs="+")
+    a.add_argument("--undo", action="store_true")
+
+    p = sub.add_parser("export", parents=[common], help="export a run as COCO (zip)")
+    p.add_argument("run_id", type=int)
+    p.add_argument("--style", choices=("stuff", "instance"), default="stuff")
+    p.add_argument("--no-crf", action="store_true", help="use the segments without CRF")
+    p.add_argument("--confirmed-only", action="store_true", help="only images a person confirmed")
+    p.add_argument("--min-area", type=int, default=64, help="instance style: smallest region kept")
+    p.add_argument("--panoptic", action="store_true", help="also COCO panoptic")
+    p.add_argument("--label-pngs", action="store_true", help="also one label PNG per image")
+    p.add_argument("--include-unnamed", action="store_true", help="unnamed clusters as categories")
+
+    sub.add_parser("evaluate", parents=[common], add_help=False,
+                   help="evaluate on a labelled dataset (see `evaluate --help`)")
+    return parser
+
+
+def _with_default_command(argv: list[str]) -> list[str]:
+    if {"-h", "--help"} & set(argv) and not any(a in COMMANDS for a in argv):
+        return argv
+    if not any(a in COMMANDS for a in argv):
+        return ["serve", *argv]
+    return argv
+
+
+# ---------------------------------------------------------------- helpers
+
+def _config(args: argparse.Namespace, **extra) -> AppConfig:
+    flags = dict(
+        data_dir=getattr(args, "data_dir", None), database_url=getattr(args, "database_url", None),
+        cache_dir=getattr(args, "cache_dir", None), allowed_roots=getattr(args, "allowed_root", None),
+        backbone=getattr(args, "backbone", None), weights=getattr(args, "weights", None),
+        device=getattr(args, "device", None))
+    flags.update(extra)
+    return AppConfig.from_env(**flags)
+
+
+def _context(args: argparse.Namespace, worker: bool = False, **extra):
+    from stego_app.context import create_context
+
+    return create_context(_config(args, worker=worker, **extra))
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.auth:
+        extra["auth"] = parse_auth(args.auth)
+    if args.no_demo:
+        extra["demo"] = False
+    from stego_app.projects import ensure_demo_project
+
+    ctx = _context(args, worker=True, **extra)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (docker stop, systemd) closes the context: a running job is left 'interrupted'
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        if ctx.config.demo:
+            demo = ensure_demo_project(ctx)
+            if demo is not None:
+                log.info("demo project %r created with %d images", demo.name, demo.n_images)
+        from stego_app import ui  # gradio is imported only here
+
+        ui.launch(ctx)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        ctx.close()
+    return EXIT_OK
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import zipfile
+
+    from stego_app import ingest, projects
+
+    folders = [p.resolve() for p in args.paths if p.is_dir()]
+    roots = list(_config(args).allowed_roots) + folders   # folders named on the command line are allowed
+    ctx = _context(args, allowed_roots=roots)
+    try:
+        try:
+            project = projects.find_project(ctx, args.project)
+        except UserError:
+            if not args.create:
+                raise UserError(f"no project {args.project!r}; add --create to make it") from None
+            project = projects.create_project(ctx, args.project, args.description)
+            _out(f"created project {project.id} {project.name!r}")
+        reports = []
+        files = []
+        for path in args.paths:
+            if path.is_dir():
+                reports.append(ingest.ingest_folder(ctx, project.id, str(path.resolve())))
+            elif path.is_file() and zipfile.is_zipfile(path):
+                reports.append(ingest.ingest_zip(ctx, project.id, path))
+            else:
+                files.append(path)
+        if files:
+            reports.append(ingest.ingest_files(ctx, project.id, files, [str(f) for f in files]))
+        added = sum(len(r.added) for r in reports)
+        for r in reports:
+            for prob in r.duplicates:
+                _out(f"duplicate  {prob.name}: {prob.reason}")
+            for prob in r.rejected:
+                _out(f"rejected   {prob.name}: {prob.reason}")
+        n_dup = sum(len(r.duplicates) for r in reports)
+        n_rej = sum(len(r.rejected) for r in reports)
+        total = projects.get_project(ctx, project.id).n_images
+        _out(f"project {project.name!r}: {added} added, {n_dup} duplicates, {n_rej} rejected; "
+             f"{total} images in total")
+    finally:
+        ctx.close()
+    return EXIT_OK
+
+
+def _params(args: argparse.Namespace):
+    from stego_app.runs import RunParams
+
+    return RunParams(backbone=None, resolution=args.resolution, n_clusters=args.n_clusters,
+                     crop_mode=args.crop_mode, crf=not args.no_crf, steps=args.steps,
+                     batch_size=args.batch_size, code_dim=args.code_dim, lr=args.lr,
+                     shift_self=args.shift_self, shift_knn=args.shift_knn, shift_neg=args.shift_neg,
+                     weight_self=args.weight_self, weight_knn=args.weight_knn,
+                     weight_neg=args.weight_neg, seed=args.seed)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stego_app import projects, runs
+
+    ctx = _context(args, worker=True)
+    try:
+        if args.resume is not None:
+            info = runs.resume_run(ctx, args.resume)
+        else:
+            project = projects.find_project(ctx, args.project)
+            info = runs.start_run(ctx, project.id, _params(args))
+        _out(f"run {info.id}: {info.status}, {info.n_images} images, data in {info.run_dir}")
+        info = _follow(ctx, info.id, quiet=args.quiet)
+    finally:
+        ctx.close()
+    _out(f"run {info.id}: {info.status}" + (f" - {info.error}" if info.error else ""))
+    if info.status == "done":
+        _out(f"next: app.py label {info.id} list   |   app.py export {info.id}")
+        return EXIT_OK
+    return EXIT_RUN_FAILED if info.status == "failed" else EXIT_RUN_STOPPED
+
+
+def _follow(ctx, run_id: int, quiet: bool = False, poll: float = 0.5):
+    """Print progress until the run ends; Ctrl-C cancels it (resumable)."""
+    from stego_app import runs
+
+    last = ("", -1.0)
+    try:
+        while True:
+            info = runs.get_run(ctx, run_id)
+            key = (info.stage or info.status, round(info.progress, 2))
+            if not quiet and key != last:
+                loss = ""
+                if info.history and "loss" in info.history[-1]:
+                    loss = f"  loss {info.history[-1]['loss']:.4f}"
+                _out(f"  {_pct(info.progress)}  {info.stage or info.status:<10} "
+                     f"{_pct(info.stage_progress)}{loss}")
+                last = key
+            if not info.is_active:
+                return info
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        _out("stopping the run (resume it later with --resume) ...")
+        try:
+            runs.cancel_run(ctx, run_id)
+        except UserError:
+            pass
+        return runs.wait_for_run(ctx, run_id, timeout=120)
+
+
+def _run_line(r) -> str:
+    when = r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else ""
+    stage = f" {r.stage} {_pct(r.stage_progress).strip()}" if r.status == "running" and r.stage else ""
+    return (f"  run {r.id:<4} {r.status:<11} {_pct(r.progress)}{stage}  {r.n_images} images, "
+            f"K={r.params.n_clusters}, {r.backbone or 'auto'}  {when}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from stego_app import labels, projects, runs
+
+    ctx = _context(args)
+    try:
+        if args.run_id is not None:
+            info = runs.get_run(ctx, args.run_id)
+            clusters = labels.list_clusters(ctx, info.id) if info.status == "done" else []
+            if args.json:
+                _out(json.dumps({"run": _plain(info), "clusters": _plain(clusters)}, indent=2))
+                return EXIT_OK
+            _out(_run_line(info).strip())
+            _out(f"  weights: {info.weights_source or '-'}")
+            _out(f"  settings: {json.dumps(info.params.to_dict())}")
+            if info.timings:
+                _out("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in info.timings.items()))
+            if info.error:
+                _out(f"  error: {info.error}")
+            for c in clusters:
+                _out(f"  cluster {c.index:<3} {c.share:6.1%}  {c.colour}  "
+                     f"{'(ignored)' if c.ignored else (c.label_name or '-')}")
+            return EXIT_OK
+        plist = [projects.find_project(ctx, args.project)] if args.project else projects.list_projects(ctx)
+        data = [{"project": p, "runs": runs.list_runs(ctx, p.id)} for p in plist]
+        if args.json:
+            _out(json.dumps(_plain(data), indent=2))
+            return EXIT_OK
+        if not data:
+            _out("no projects yet: app.py ingest --project NAME --create PATH...")
+        for item in data:
+            p = item["project"]
+            _out(f"project {p.id} {p.name!r}: {p.n_images} images, {p.n_runs} runs")
+            for r in item["runs"]:
+                _out(_run_line(r))
+    finally:
+        ctx.close()
+    return EXIT_OK
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from stego_app import labels
+
+    ctx = _context(args)
+    try:
+        act = args.action
+        rid = args.run_id
+        if act == "list":
+            clusters = labels.list_clusters(ctx, rid)
+        elif act == "name":
+            clusters = labels.name_cluster(ctx, rid, args.index, args.name)
+        elif act == "rename":
+            clusters = labels.rename_label(ctx, rid, args.old, args.new)
+        elif act == "merge":
+            clusters = labels.merge_clusters(ctx, rid, args.indices, args.name)
+        elif act == "unmerge":
+            clusters = labels.unmerge_cluster(ctx, rid, args.index)
+        elif act == "ignore":
+            clusters = labels.ignore_cluster(ctx, rid, args.index, not args.undo)
+        elif act in ("colour", "color"):
+            clusters = labels.set_label_colour(ctx, rid, args.name, args.colour)
+        elif act == "confirm":
+            for image_id in args.image_ids:
+                labels.confirm_image(ctx, rid, image_id, not args.undo)
+            _out(f"{len(args.image_ids)} image(s) {'un' if args.undo else ''}confirmed in run {rid}; "
+                 f"{labels.confirmed_count(ctx, rid)} confirmed in total")
+            return EXIT_OK
+        else:  # pragma: no cover - argparse restricts the choices
+            raise UserError(f"unknown action {act}")
+        if getattr(args, "json", False):
+            _out(json.dumps(_plain(clusters), indent=2))
+            return EXIT_OK
+        for c in clusters:
+            name = "(ignored)" if c.ignored else (c.label_name or "-")
+            merged = f"  with {', '.join(map(str, c.merged_with))}" if c.merged_with else ""
+            _out(f"cluster {c.index:<3} {c.share:6.1%}  {c.colour}  {name}{merged}")
+    finally:
+        ctx.close()
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stego_app import export
+
+    wanted = dict(style=args.style, crf=not args.no_crf, confirmed_only=args.confirmed_only,
+                  min_area=args.min_area, panoptic=args.panoptic, label_pngs=args.label_pngs,
+                  include_unnamed=args.include_unnamed)
+    names = {f.name for f in fields(export.ExportOptions)}
+    options = export.ExportOptions(**{k: v for k, v in wanted.items() if k in names})
+    ctx = _context(args)
+    try:
+        info = export.export_run(ctx, args.run_id, options)
+    finally:
+        ctx.close()
+    zip_path = getattr(info, "zip_path", None) or getattr(info, "path", None)
+    _out(f"export {info.id} of run {info.run_id}: {info.n_images} images, "
+         f"{info.n_annotations} annotations, {info.n_categories} categories")
+    _out(f"  {zip_path}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    try:
+        from core import evaluate
+    except ImportError as exc:
+        raise UserError(f"the evaluate command is not available: {exc}") from None
+    parser = argparse.ArgumentParser(prog="app.py evaluate",
+                                     description=(evaluate.__doc__ or "").strip().splitlines()[0]
+                                     if evaluate.__doc__ else None)
+    evaluate.add_arguments(parser)
+    eargs = parser.parse_args(list(rest))
+    for key in ("data_dir", "cache_dir", "backbone", "weights", "device"):
+        if getattr(eargs, key, None) is None and getattr(args, key, None) is not None:
+            setattr(eargs, key, getattr(args, key))
+    result = evaluate.run(eargs)
+    return int(result) if isinstance(result, int) else EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve, "ingest": cmd_ingest, "run": cmd_run, "status": cmd_status,
+    "label": cmd_label, "export": cmd_export,
+}
+
+
+def _logging(verbose: int, command: str | None) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose <= 0 and command == "serve":      # the server tells what it is doing
+        logging.getLogger("stego_app").setLevel(logging.INFO)
+    if verbose <= 1:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of app.py; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _with_default_command(argv)
+    parser = build_parser()
+    if "evaluate" in argv:
+        i = argv.index("evaluate")
+        args, rest = parser.parse_known_args(argv[: i + 1])
+        rest = argv[i + 1:]
+    else:
+        args, rest = parser.parse_args(argv), []
+    _logging(getattr(args, "verbose", 0) or 0, args.command)
+    try:
+        if args.command == "evaluate":
+            return cmd_evaluate(args, rest)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USER
+        return HANDLERS[args.command](args)
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        return EXIT_USER
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception:
+        log.exception("unexpected error")
+        return EXIT_BUG
+
+
+__all__ = ["main", "build_parser"]

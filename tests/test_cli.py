@@ -1,0 +1,148 @@
+"""The command line: the same services as the browser, scriptable, with clear exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from stego_app import cli
+from tests.conftest import write_scene_images
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _main(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_subcommands_without_starting_anything():
+    proc = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in ("serve", "ingest", "run", "status", "label", "export", "evaluate"):
+        assert cmd in proc.stdout
+    assert "--data-dir" in proc.stdout
+
+
+def test_subcommand_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["label", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "merge" in out and "ignore" in out and "colour" in out
+
+
+def test_ingest_status_and_user_errors(tmp_path, capsys):
+    data = ["--data-dir", str(tmp_path / "data")]
+    folder = tmp_path / "photos"
+    write_scene_images(folder / "a", n=2)
+    (folder / "junk.txt").write_text("x")
+    archive = tmp_path / "more.zip"
+    extra = write_scene_images(tmp_path / "zipsrc", n=2, seed=3)
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in extra:
+            zf.write(p, f"nested/{p.name}")
+        zf.writestr("../escape.png", extra[0].read_bytes())
+    single = write_scene_images(tmp_path / "single", n=1, seed=9)[0]
+
+    code, out, err = _main(capsys, "ingest", "--project", "streets", str(folder), *data)
+    assert code == 2 and "--create" in err
+    code, out, err = _main(capsys, *data, "ingest", "--project", "streets", "--create",
+                           str(folder), str(archive), str(single))
+    assert code == 0, err
+    assert "created project" in out
+    assert "rejected   junk.txt" in out and "rejected   ../escape.png" in out
+    assert "5 added, 0 duplicates, 2 rejected; 5 images in total" in out
+
+    code, out, _ = _main(capsys, "ingest", "--project", "streets", str(single), *data)
+    assert code == 0 and "duplicate" in out and "0 added, 1 duplicates" in out
+
+    code, out, _ = _main(capsys, "status", "--json", *data)
+    assert code == 0
+    status = json.loads(out)
+    assert status[0]["project"]["name"] == "streets" and status[0]["project"]["n_images"] == 5
+    assert status[0]["runs"] == []
+
+    code, _, err = _main(capsys, "label", "42", "list", *data)
+    assert code == 2 and "run 42 does not exist" in err
+    code, _, err = _main(capsys, "run", "--project", "nope", *data)
+    assert code == 2 and "no project" in err
+    code, _, err = _main(capsys, "run", "--project", "streets", "--clusters", "1", *data)
+    assert code == 2 and "number of clusters" in err
+
+
+def test_serve_is_the_default_and_passes_settings_to_the_ui(tmp_path, monkeypatch):
+    seen = {}
+    fake_ui = types.ModuleType("stego_app.ui")
+
+    def launch(ctx):
+        from stego_app import projects
+        seen["config"] = ctx.config
+        seen["projects"] = [p.name for p in projects.list_projects(ctx)]
+        seen["worker"] = ctx.worker is not None
+
+    fake_ui.launch = launch
+    monkeypatch.setitem(sys.modules, "stego_app.ui", fake_ui)
+    import stego_app
+    monkeypatch.setattr(stego_app, "ui", fake_ui, raising=False)
+    code = cli.main(["--data-dir", str(tmp_path / "data"), "--port", "8123", "--host", "0.0.0.0",
+                     "--auth", "team:pw"])
+    assert code == 0
+    cfg = seen["config"]
+    assert (cfg.port, cfg.host, cfg.auth) == (8123, "0.0.0.0", ("team", "pw"))
+    assert seen["projects"] == ["Demo"] and seen["worker"]
+    seen.clear()
+    assert cli.main(["serve", "--data-dir", str(tmp_path / "data2"), "--no-demo"]) == 0
+    assert seen["projects"] == []
+
+
+def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
+    """ingest -> run -> status -> label -> export, all from the command line."""
+    data = ["--data-dir", str(tmp_path / "data"), "--backbone", "test_tiny", "--device", "cpu"]
+    write_scene_images(tmp_path / "photos", n=4)
+    assert _main(capsys, "ingest", "--project", "field", "--create", str(tmp_path / "photos"), *data)[0] == 0
+
+    monkeypatch.setenv("STEGO_PIPELINE_JOBS", "1")
+    code, out, err = _main(capsys, "run", "--project", "field", "--resolution", "32", "--clusters", "3",
+                           "--steps", "5", "--batch-size", "4", "--code-dim", "8", *data)
+    assert code == 0, err
+    assert "run 1: done" in out and "training" in out and "100.0%" in out
+
+    code, out, _ = _main(capsys, "status", "1", *data)
+    assert code == 0 and "done" in out and "cluster 2" in out and "test_tiny" in out
+
+    assert _main(capsys, "label", "1", "name", "0", "sky", *data)[0] == 0
+    code, out, _ = _main(capsys, "label", "1", "merge", "1", "2", "--name", "ground", *data)
+    assert code == 0 and "ground  with 2" in out
+    assert _main(capsys, "label", "1", "colour", "ground", "#00aa00", *data)[0] == 0
+    code, out, _ = _main(capsys, "label", "1", "list", "--json", *data)
+    listed = {c["index"]: c for c in json.loads(out)}
+    assert listed[0]["label_name"] == "sky" and listed[2]["colour"] == "#00aa00"
+    code, out, _ = _main(capsys, "label", "1", "confirm", "1", "2", *data)
+    assert code == 0 and "2 confirmed in total" in out
+    code, _, err = _main(capsys, "label", "1", "colour", "sky", "#00AA00", *data)
+    assert code == 2 and "already the colour" in err
+
+    code, out, err = _main(capsys, "export", "1", "--confirmed-only", *data)
+    assert code == 0, err
+    zip_path = Path(out.strip().splitlines()[-1].strip())
+    assert zip_path.is_file() and zipfile.is_zipfile(zip_path)
+    assert "2 images" in out
+
+    code, _, err = _main(capsys, "run", "--resume", "1", *data)
+    assert code == 2 and "only interrupted, failed or cancelled" in err
+
+
+def test_evaluate_is_delegated_to_core(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "app.py evaluate" in out and "--images" in out and "--masks" in out
