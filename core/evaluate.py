@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    est = ShiftEstimator(seed=args.seed).fit(train, knn)
+    est = ShiftEstimator(feature_samples=tcfg.feature_samples, batch_size=tcfg.batch_size,
+                         seed=args.seed).fit(train, knn)
     stego = {"auto": _fit_stego(train, knn, tcfg, out.with_name(out.name + ".auto.ckpt"))}
     timings["training"] = time.perf_counter() - t
     if args.compare_paper_shifts:

@@ -216,6 +216,15 @@ class StegoPipeline:
             report(stage, 1.0, {"seconds": state["timings"][stage]})
 
         stores: dict[str, FeatureStore] = {}
+        if "features" in state["done"]:
+            try:  # the feature cache may have been cleared since: then extract again
+                stores = {k: FeatureStore.open(Path(v)) for k, v in state["stores"].items()}
+                if not all(st.complete for st in stores.values()):
+                    raise ValueError("incomplete feature store")
+            except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+                log.warning("cached features of %s are gone (%s); extracting them again", self.run_dir, exc)
+                stores = {}
+                state["done"] = [d for d in state["done"] if d not in ("features", "knn")]
 
         def features() -> None:
             stores.update(self._extract(paths, report, check))
@@ -223,8 +232,6 @@ class StegoPipeline:
             state["weights_source"] = stores["infer"].meta.get("weights_source", "")
 
         timed("features", features)
-        if not stores:
-            stores = {k: FeatureStore.open(Path(v)) for k, v in state["stores"].items()}
         train_store, infer_store = stores["train"], stores["infer"]
 
         knn_holder: dict[str, np.ndarray] = {}

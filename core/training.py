@@ -58,6 +58,7 @@ class TrainConfig:
     shift_self: float | None = None  # None = automatic (core.shifts)
     shift_knn: float | None = None
     shift_neg: float | None = None
+    auto_shift_attract: float = 1.0  # automatic shifts: partners attracted per location (core.shifts)
     seed: int = 0
     checkpoint_every: int = 200
     device: str = "cpu"
@@ -72,6 +73,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
         if self.neg_samples < 0:
             raise ValueError(f"TrainConfig.neg_samples must be >= 0, got {self.neg_samples}")
+        if not 0 < self.auto_shift_attract < self.feature_samples ** 2:
+            raise ValueError(f"TrainConfig.auto_shift_attract must be in (0, feature_samples**2), "
+                             f"got {self.auto_shift_attract}")
         if self.neg_samples > 0 and self.batch_size < 2:
             raise ValueError("negative pairs come from other items of the batch: use batch_size >= 2 "
                              "or neg_samples = 0")
@@ -144,8 +148,10 @@ class StegoTrainer:
         from core.shifts import ShiftEstimator  # local import: shifts imports this module's config
 
         cfg = self.config
-        est = ShiftEstimator(feature_samples=cfg.feature_samples, num_neighbors=cfg.num_neighbors,
-                             pointwise=cfg.pointwise, seed=cfg.seed).fit(features, knn)
+        est = ShiftEstimator(attract_per_location=cfg.auto_shift_attract,
+                             feature_samples=cfg.feature_samples, num_neighbors=cfg.num_neighbors,
+                             batch_size=max(2, cfg.batch_size), pointwise=cfg.pointwise,
+                             seed=cfg.seed).fit(features, knn)
         shifts = {k: float(v if v is not None else est.shifts_[k]) for k, v in manual.items()}
         log.info("automatic shifts %s (manual overrides: %s)", est.shifts_,
                  {k: v for k, v in manual.items() if v is not None})

@@ -297,6 +297,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         ctx.close()
     _out(f"run {info.id}: {info.status}" + (f" - {info.error}" if info.error else ""))
+    if info.timings:
+        _out("  stage times: " + ", ".join(f"{stage} {secs:.1f}s" for stage, secs in info.timings.items()))
     if info.status == "done":
         _out(f"next: app.py label {info.id} list   |   app.py export {info.id}")
         return EXIT_OK
@@ -434,6 +436,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     zip_path = getattr(info, "zip_path", None) or getattr(info, "path", None)
     _out(f"export {info.id} of run {info.run_id}: {info.n_images} images, "
          f"{info.n_annotations} annotations, {info.n_categories} categories")
+    for warning in info.warnings:       # on stderr: stdout stays the summary + the zip path
+        sys.stderr.write(f"warning: {warning}\n")
     _out(f"  {zip_path}")
     return EXIT_OK
 

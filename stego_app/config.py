@@ -127,6 +127,10 @@ class AppConfig:
         return self.data_dir / "exports"
 
     @property
+    def thumbs_dir(self) -> Path:
+        return self.data_dir / "thumbs"
+
+    @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
 

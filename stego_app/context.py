@@ -9,6 +9,7 @@ from sqlalchemy.orm import sessionmaker
 
 from stego_app.config import AppConfig
 from stego_app.db import Database, upgrade
+from stego_app.export import mark_abandoned_exports
 from stego_app.runs import mark_interrupted
 from stego_app.worker import PipelineFactory, RunWorker, WorkerSettings, owner_alive
 
@@ -47,9 +48,10 @@ class AppContext:
 
 def create_context(config: AppConfig, pipeline_factory: PipelineFactory | None = None,
                    worker_settings: WorkerSettings | None = None) -> AppContext:
-    """Create folders, migrate the database to head, recover unfinished runs, start the worker."""
+    """Create folders, migrate the database to head, recover unfinished runs (interrupted) and
+    exports (failed), start the worker."""
     cfg = config.resolved()
-    for folder in (cfg.data_dir, cfg.images_dir, cfg.runs_dir, cfg.exports_dir, cfg.tmp_dir,
+    for folder in (cfg.data_dir, cfg.images_dir, cfg.runs_dir, cfg.exports_dir, cfg.thumbs_dir, cfg.tmp_dir,
                    cfg.feature_cache_dir):
         folder.mkdir(parents=True, exist_ok=True)
     db = Database(cfg.database_url)  # type: ignore[arg-type]
@@ -58,6 +60,7 @@ def create_context(config: AppConfig, pipeline_factory: PipelineFactory | None =
         interrupted = mark_interrupted(db, owner_alive)
         if interrupted:
             log.warning("runs %s were interrupted and can be resumed", interrupted)
+        mark_abandoned_exports(db, cfg.exports_dir)
         worker = None
         if cfg.worker:
             worker = RunWorker(db, cfg, pipeline_factory, worker_settings)

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from stego_app import coco
 from stego_app.db import as_utc
@@ -56,6 +58,7 @@ PANOPTIC_JSON = "annotations/panoptic_default.json"
 PANOPTIC_DIR = "annotations/panoptic_default"
 LABELS_DIR = "labels"
 EXPORT_RUNNING, EXPORT_DONE, EXPORT_FAILED = "running", "done", "failed"
+EXPORT_STALE_AFTER = timedelta(hours=24)   # a 'running' export older than this is abandoned
 
 Progress = Callable[[int, int], None]
 
@@ -250,6 +253,61 @@ def _load_snapshot(ctx, run_id: int, options: ExportOptions):
                 bool((run.params or {}).get("crf", True)), clusters, items)
 
 
+def _hostname() -> str:
+    return socket.gethostname()[:100]
+
+
+def export_owner() -> str:
+    """'host:pid' of this process, recorded on the exports it writes."""
+    return f"{_hostname()}:{os.getpid()}"
+
+
+def export_owner_alive(owner: str | None, created_at: datetime | None) -> bool:
+    """Whether the process that started an export may still be writing it.
+
+    Gone: no owner recorded, the process no longer exists (same host), or the export
+    started more than EXPORT_STALE_AFTER ago (other hosts cannot be checked; pids are reused).
+    """
+    if not owner:
+        return False
+    if created_at is not None and utcnow() - created_at > EXPORT_STALE_AFTER:
+        return False
+    host, _, pid_s = owner.rpartition(":")
+    if host != _hostname():
+        return True
+    try:
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # exists, owned by another user
+        pass
+    return True
+
+
+def mark_abandoned_exports(db, exports_dir: Path,
+                           is_alive: Callable[[str | None, datetime | None], bool] = export_owner_alive
+                           ) -> list[int]:
+    """Exports left 'running' by a process that is gone become 'failed'; their partial files go."""
+    with db.write() as s:
+        rows = s.execute(select(Export.id, Export.owner, Export.created_at)
+                         .where(Export.status == EXPORT_RUNNING)).all()
+        dead = [r.id for r in rows if not is_alive(r.owner, as_utc(r.created_at))]
+        if dead:
+            s.execute(update(Export).where(Export.id.in_(dead), Export.status == EXPORT_RUNNING).values(
+                status=EXPORT_FAILED, finished_at=utcnow(),
+                error="the app stopped while this export was being written; export the run again"))
+    for export_id in dead:
+        shutil.rmtree(exports_dir / str(export_id), ignore_errors=True)
+        log.warning("export %s was left unfinished by a stopped process: marked failed", export_id)
+    return dead
+
+
 def _zip_dir(directory: Path, zip_path: Path) -> None:
     """Zip every file under directory (sorted, fixed timestamps) except the zip itself."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p != zip_path)
@@ -297,7 +355,7 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
 
     recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing}
     with ctx.db.write() as s:
-        row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded,
+        row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
                      mapping_version=mapping_version, n_categories=len(plan.categories))
         s.add(row)
         s.flush()

@@ -10,7 +10,8 @@ none is lost.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Sequence
@@ -21,15 +22,19 @@ from sqlalchemy import delete, func, select
 
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.ingest import load_rgb_path
 from stego_app.models import RUN_DONE, Cluster, Image, Label, Run, RunImage, SeedAnnotation, utcnow
 from stego_app.projects import clean_name
 from stego_app.render import (IGNORED_COLOUR, blend, colourize, first_free_colour, hex_to_rgb,
-                              highlight, normalise_hex)
+                              highlight, normalise_hex, resize_nearest)
+from stego_app.thumbnails import load_rgb_fit
 
 log = logging.getLogger(__name__)
 
 MAX_LABEL_NAME = 100
+DISPLAY_MAX_SIDE = 1024          # render_segmentation's default size limit (long side, pixels)
+MIN_DISPLAY_SIDE = 16
+EXAMPLE_SUPERSAMPLE = 4          # segment map samples per thumbnail pixel and axis (soft edges)
+EXAMPLE_CACHE_BYTES = 64 << 20   # memory for cached example thumbnails (per process)
 
 
 @dataclass(frozen=True)
@@ -386,31 +391,109 @@ def read_segments(run_dir: Path, position: int, crf: bool, size: tuple[int, int]
 
 
 def render_segmentation(ctx, run_id: int, image_id: int, crf: bool = False, opacity: float = 0.5,
-                        hidden: Collection[int] = ()) -> SegmentationView:
-    """The image, its coloured overlay (hidden clusters left uncoloured) and its legend."""
+                        hidden: Collection[int] = (), max_side: int | None = DISPLAY_MAX_SIDE) -> SegmentationView:
+    """The image, its coloured overlay (hidden clusters left uncoloured) and its legend.
+
+    `max_side` limits the long side of `original`, `overlay` and `segmentation` (the photo
+    is area-downscaled, the cluster map resampled by nearest pixel); None = full size.
+    Legend shares are always counted on the full-size segment map.
+    """
+    if max_side is not None and (isinstance(max_side, bool) or int(max_side) < MIN_DISPLAY_SIDE):
+        raise UserError(f"the display size {max_side!r} must be at least {MIN_DISPLAY_SIDE} pixels")
     with ctx.db.read() as s:
         mapping = _snapshot(s, _get_run(s, run_id))
         position, img, confirmed = _position(s, run_id, image_id)
         path = Path(img.path)
     if not path.is_file():
         raise UserError(f"the file of image {img.name} is missing: {path}")
-    original = load_rgb_path(path)
+    original = load_rgb_fit(path, None if max_side is None else int(max_side), ctx.config.max_image_pixels)
     h, w = original.shape[:2]
     use_crf = bool(crf and mapping.has_crf)
-    seg = read_segments(mapping.run_dir, position, use_crf, size=(w, h))
+    full = read_segments(mapping.run_dir, position, use_crf)
+    counts = np.bincount(full.ravel(), minlength=max(len(mapping.clusters), int(full.max()) + 1))
+    shares = {i: float(n) / full.size for i, n in enumerate(counts) if n}
+    seg = resize_nearest(full, (h, w))
     colour_img = colourize(seg, {k: hex_to_rgb(v) for k, v in mapping.colours().items()})
     mask = ~np.isin(seg, np.fromiter((int(i) for i in hidden), dtype=np.int32)) if hidden else None
     overlay = blend(original, colour_img, mask, opacity)
-    counts = np.bincount(seg.ravel(), minlength=max(len(mapping.clusters), int(seg.max()) + 1))
-    shares = {i: float(n) / seg.size for i, n in enumerate(counts) if n}
     entries = [e for e in _legend(mapping, shares) if e.share > 0]
     return SegmentationView(image_id=image_id, original=original, overlay=overlay, segmentation=seg,
                             legend=entries, crf=use_crf, confirmed=confirmed)
 
 
+class _ByteLRU:
+    """A thread-safe least-recently-used cache of numpy arrays, bounded by their total bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[np.ndarray, ...] | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: tuple[np.ndarray, ...]) -> None:
+        size = sum(a.nbytes for a in value)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= sum(a.nbytes for a in old)
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= sum(a.nbytes for a in dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+# Downscaled photo + supersampled cluster map per (segment file, image file, size). Neither
+# depends on names, merges or colours, so edits re-tint cached pieces instead of decoding
+# images again; a changed file (new mtime or size) is a new key.
+_EXAMPLE_CACHE = _ByteLRU(EXAMPLE_CACHE_BYTES)
+
+
+def _example_base(run_dir: Path, position: int, path: Path, size: int,
+                  max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(photo with long side <= size, raw cluster map at EXAMPLE_SUPERSAMPLE x its size)."""
+    seg_path = run_dir / "segments" / f"{position:06d}.png"
+    try:
+        seg_stat, img_stat = seg_path.stat(), path.stat()
+    except OSError as exc:
+        raise UserError(f"a file of example item {position} is missing: {exc.filename}") from None
+    key = (str(seg_path), seg_stat.st_mtime_ns, seg_stat.st_size,
+           str(path), img_stat.st_mtime_ns, img_stat.st_size, size)
+    cached = _EXAMPLE_CACHE.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    rgb = load_rgb_fit(path, size, max_pixels)
+    h, w = rgb.shape[:2]
+    full = read_segments(run_dir, position, False)
+    seg = resize_nearest(full, (h * EXAMPLE_SUPERSAMPLE, w * EXAMPLE_SUPERSAMPLE))
+    seg = seg.astype(np.uint8 if int(seg.max(initial=0)) < 256 else np.uint16)
+    _EXAMPLE_CACHE.put(key, (rgb, seg))
+    return rgb, seg
+
+
 def cluster_examples(ctx, run_id: int, cluster_index: int, n: int = 4,
                      size: int = 192) -> list[tuple[int, np.ndarray]]:
-    """Thumbnails of the cluster's best example images, the cluster tinted, the rest dimmed."""
+    """Thumbnails of the cluster's best example images, the cluster tinted, the rest dimmed.
+
+    The downscaled images are cached per process, so after a name/merge/colour edit only
+    the tint is redone (milliseconds, not a decode of every example photo).
+    """
+    if isinstance(size, bool) or int(size) < MIN_DISPLAY_SIDE:
+        raise UserError(f"the thumbnail size {size!r} must be at least {MIN_DISPLAY_SIDE} pixels")
     with ctx.db.read() as s:
         mapping = _snapshot(s, _get_run(s, run_id))
         cluster = next((c for c in mapping.clusters if c.index == cluster_index), None)
@@ -421,17 +504,16 @@ def cluster_examples(ctx, run_id: int, cluster_index: int, n: int = 4,
             position, img, _ = _position(s, run_id, image_id)
             items.append((image_id, position, Path(img.path)))
     out = []
+    k = EXAMPLE_SUPERSAMPLE
     for image_id, position, path in items:
         try:
-            rgb = load_rgb_path(path)
-            h, w = rgb.shape[:2]
-            seg = read_segments(mapping.run_dir, position, False, size=(w, h))
+            rgb, seg = _example_base(mapping.run_dir, position, path, int(size), ctx.config.max_image_pixels)
         except (UserError, OSError) as exc:
             log.warning("example image %s of cluster %s unavailable: %s", image_id, cluster_index, exc)
             continue
-        thumb = PILImage.fromarray(highlight(rgb, seg == cluster_index, cluster.colour))
-        thumb.thumbnail((size, size))
-        out.append((image_id, np.asarray(thumb)))
+        h, w = rgb.shape[:2]
+        coverage = (seg == cluster_index).reshape(h, k, w, k).mean(axis=(1, 3))
+        out.append((image_id, highlight(rgb, coverage, cluster.colour)))
     return out
 
 

@@ -243,7 +243,9 @@ class Export(Base):
     """One COCO export of a run (written by stego_app.export).
 
     status: "running" | "done" | "failed". `path` is the zip file, `directory` the
-    unpacked export folder; `options` is ExportOptions as a dict.
+    unpacked export folder; `options` is ExportOptions as a dict. `owner` ("host:pid")
+    is the process writing it: an export left 'running' by a process that is gone
+    becomes 'failed' at the next start (stego_app.export.mark_abandoned_exports).
     """
 
     __tablename__ = "exports"
@@ -259,6 +261,7 @@ class Export(Base):
     n_categories: Mapped[int] = mapped_column(Integer, default=0)
     mapping_version: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[Optional[str]] = mapped_column(Text)
+    owner: Mapped[Optional[str]] = mapped_column(String(200))          # "host:pid" of the writer
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 

@@ -88,9 +88,23 @@ def blend(image: np.ndarray, colour_image: np.ndarray, mask: np.ndarray | None =
 
 def highlight(image: np.ndarray, mask: np.ndarray, colour: str, opacity: float = 0.45,
               dim: float = 0.35) -> np.ndarray:
-    """Tint the masked region with `colour` and darken the rest (cluster example thumbnails)."""
+    """Tint the masked region with `colour` and darken the rest (cluster example thumbnails).
+
+    `mask` is boolean, or a float coverage in [0, 1] per pixel (soft, antialiased edges).
+    """
     rgb = np.array(hex_to_rgb(colour), np.float32)
-    out = image.astype(np.float32)
-    out[~mask] *= dim
-    out[mask] = (1.0 - opacity) * out[mask] + opacity * rgb
+    img = image.astype(np.float32)
+    a = np.clip(np.asarray(mask, np.float32), 0.0, 1.0)[..., None]
+    out = a * ((1.0 - opacity) * img + opacity * rgb) + (1.0 - a) * (dim * img)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) label map resampled to size = (height, width) by nearest pixel centre (ids stay ids)."""
+    h, w = size
+    src_h, src_w = labels.shape[:2]
+    if (src_h, src_w) == (h, w):
+        return labels
+    rows = np.minimum(((np.arange(h) + 0.5) * (src_h / h)).astype(np.int64), src_h - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * (src_w / w)).astype(np.int64), src_w - 1)
+    return labels[rows[:, None], cols[None, :]]

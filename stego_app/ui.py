@@ -24,7 +24,9 @@ from stego_app.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MAX_GALLERY = 60            # images shown as thumbnails (the dropdown lists all of them)
+GALLERY_PAGE = 100          # thumbnails per gallery page (the Explore dropdown lists every image)
+THUMB_SIZE = 256            # long side of gallery thumbnails (cached files, stego_app.thumbnails)
+DISPLAY_MAX_SIDE = 1024     # long side of the Explore original/overlay sent to the browser
 N_EXAMPLES = 4              # example thumbnails per cluster card
 EXAMPLE_SIZE = 160
 
@@ -120,7 +122,7 @@ def _backbone_choices(ctx) -> list[tuple[str, str]]:
 def build_ui(ctx) -> gr.Blocks:
     """The whole app as a gr.Blocks bound to `ctx` (an AppContext)."""
     from stego_app import export as export_svc
-    from stego_app import ingest, labels, projects, runs
+    from stego_app import ingest, labels, projects, runs, thumbnails
 
     defaults = runs.RunParams()
     export_defaults = export_svc.ExportOptions()
@@ -178,6 +180,8 @@ def build_ui(ctx) -> gr.Blocks:
                 project_gallery = gr.Gallery(label="Images in this project", columns=10, height=260,
                                              allow_preview=True, elem_id="project-images",
                                              object_fit="cover", show_download_button=False)
+                project_page = gr.Slider(label="Page", minimum=1, maximum=1, step=1, value=1,
+                                         visible=False, elem_id="project-page")
 
             # ------------------------------------------------------------ Discover
             with gr.Tab("2 · Discover", id="discover", elem_id="tab-discover") as discover_tab:
@@ -254,6 +258,8 @@ def build_ui(ctx) -> gr.Blocks:
                 explore_gallery = gr.Gallery(label="Click an image", columns=10, height=200,
                                              allow_preview=False, elem_id="explore-gallery",
                                              object_fit="cover", show_download_button=False)
+                explore_page = gr.Slider(label="Page", minimum=1, maximum=1, step=1, value=1,
+                                         visible=False, elem_id="explore-page")
                 with gr.Row(equal_height=True):
                     image_dd = gr.Dropdown(label="Image", choices=[], allow_custom_value=True,
                                            elem_id="explore-image", scale=2)
@@ -304,8 +310,8 @@ def build_ui(ctx) -> gr.Blocks:
         timer = gr.Timer(1.0)
 
         run_outputs = [run_dd, status_html, loss_plot, sig_state, cards_html, cluster_sel, colour_label,
-                       legend_html, image_dd, explore_gallery, gallery_ids, shown, original_img, overlay_img,
-                       explore_legend, confirm_cb, explore_crf, opacity, export_md, download_btn]
+                       legend_html, image_dd, explore_gallery, gallery_ids, explore_page, shown, original_img,
+                       overlay_img, explore_legend, confirm_cb, explore_crf, opacity, export_md, download_btn]
         label_outputs = [cards_html, cluster_sel, colour_label, legend_html, shown, original_img,
                          overlay_img, explore_legend, confirm_cb]
 
@@ -313,23 +319,37 @@ def build_ui(ctx) -> gr.Blocks:
         def project_choices_update(value):
             return gr.update(choices=H.project_choices(projects.list_projects(ctx)), value=value)
 
-        def project_views(pid) -> dict:
+        def page_views(gallery, slider, page) -> dict:
+            """A thumbnail gallery and its page slider (hidden while everything fits on one page)."""
+            return {gallery: [(str(path), info.name) for info, path in page.items],
+                    slider: gr.update(maximum=page.n_pages, value=page.page, visible=page.n_pages > 1,
+                                      info=H.page_caption(page.start, page.stop, page.total))}
+
+        def project_gallery_views(pid, page) -> dict:
+            return page_views(project_gallery, project_page,
+                              thumbnails.project_gallery(ctx, pid, page, GALLERY_PAGE, THUMB_SIZE))
+
+        def explore_gallery_views(run_id, page) -> dict:
+            shown_page = thumbnails.run_gallery(ctx, run_id, page, GALLERY_PAGE, THUMB_SIZE)
+            out = page_views(explore_gallery, explore_page, shown_page)
+            out[gallery_ids] = [info.id for info, _ in shown_page.items]
+            return out
+
+        def project_views(pid, page=1) -> dict:
             if pid is None:
                 return {run_dd: gr.update(choices=[], value=None),
                         project_md: "No project yet: create one on the left.",
-                        project_gallery: []}
+                        project_gallery: [], project_page: gr.update(value=1, maximum=1, visible=False)}
             p = projects.get_project(ctx, pid)
             images = ingest.list_images(ctx, pid)
             run_list = runs.list_runs(ctx, pid)
-            shown_imgs = [(str(i.path), i.name) for i in images
-                          if i.status == "ok" and Path(i.path).is_file()][:MAX_GALLERY]
             md = f"**{H.esc(p.name)}**" + (f": {H.esc(p.description)}" if p.description else "")
             md += "\n\n" + H.images_summary(images)
-            if len(images) > MAX_GALLERY:
-                md += f" The first {MAX_GALLERY} are shown below."
-            return {run_dd: gr.update(choices=H.run_choices(run_list),
-                                      value=run_list[0].id if run_list else None),
-                    project_md: md, project_gallery: shown_imgs}
+            out = {run_dd: gr.update(choices=H.run_choices(run_list),
+                                     value=run_list[0].id if run_list else None),
+                   project_md: md}
+            out.update(project_gallery_views(pid, page))
+            return out
 
         def example_urls(run_id: int, clusters) -> dict[tuple[int, int], str]:
             urls: dict[tuple[int, int], str] = {}
@@ -350,7 +370,8 @@ def build_ui(ctx) -> gr.Blocks:
                         confirm_cb: gr.update(value=False, interactive=False)}
             hidden = H.hidden_clusters(all_indices, visible)
             view = labels.render_segmentation(ctx, run_id, int(image_id), crf=bool(use_crf),
-                                              opacity=float(op if op is not None else 0.5), hidden=hidden)
+                                              opacity=float(op if op is not None else 0.5), hidden=hidden,
+                                              max_side=DISPLAY_MAX_SIDE)
             return {original_img: view.original, overlay_img: view.overlay,
                     explore_legend: H.legend_html(view.legend, "explore-legend-inner"),
                     confirm_cb: gr.update(value=bool(view.confirmed), interactive=True)}
@@ -395,7 +416,8 @@ def build_ui(ctx) -> gr.Blocks:
                 out = status_views(None)
                 out.update(empty_label_views("No run selected: start one in the Discover tab."))
                 out.update({image_dd: gr.update(choices=[], value=None), explore_gallery: [],
-                            gallery_ids: [], export_md: "", download_btn: gr.update(visible=False)})
+                            gallery_ids: [], explore_page: gr.update(value=1, maximum=1, visible=False),
+                            export_md: "", download_btn: gr.update(visible=False)})
                 return out
             info = runs.get_run(ctx, run_id)
             out = status_views(info)
@@ -405,17 +427,15 @@ def build_ui(ctx) -> gr.Blocks:
                 out.update(empty_label_views(f"Run {info.id} is {word}: its clusters appear here "
                                              "when it has finished."))
                 out.update({image_dd: gr.update(choices=[], value=None), explore_gallery: [],
-                            gallery_ids: [], export_md: "", download_btn: gr.update(visible=False)})
+                            gallery_ids: [], explore_page: gr.update(value=1, maximum=1, visible=False),
+                            export_md: "", download_btn: gr.update(visible=False)})
                 return out
             items = runs.run_images(ctx, run_id)
-            paths = {i.id: i.path for i in ingest.list_images(ctx, info.project_id)}
             first = items[0].image_id if items else None
-            gal = [(it.image_id, str(paths[it.image_id]), it.name) for it in items
-                   if it.image_id in paths and Path(paths[it.image_id]).is_file()][:MAX_GALLERY]
             out.update({image_dd: gr.update(choices=[(it.name, it.image_id) for it in items], value=first),
-                        explore_gallery: [(p, n) for _, p, n in gal],
-                        gallery_ids: [i for i, _, _ in gal], opacity: 0.5,
+                        opacity: 0.5,
                         explore_crf: gr.update(value=bool(info.params.crf), interactive=bool(info.params.crf))})
+            out.update(explore_gallery_views(run_id, 1))
             out.update(label_views(run_id, first, 0.5, info.params.crf, None, reset_visible=True))
             out.update(export_views(run_id))
             return out
@@ -653,6 +673,20 @@ def build_ui(ctx) -> gr.Blocks:
             return render(run_id, image_id, op, use_crf, visible, indices)
 
         @_guard
+        def on_project_page(pid, page):
+            pid = H.as_id(pid, "project")
+            if pid is None:
+                return gr.skip()
+            return project_gallery_views(pid, page)
+
+        @_guard
+        def on_explore_page(run_id, page):
+            run_id = H.as_id(run_id, "run")
+            if run_id is None:
+                return gr.skip()
+            return explore_gallery_views(run_id, page)
+
+        @_guard
         def on_gallery_select(ids, evt: gr.SelectData):
             if evt is None or evt.index is None or not ids:
                 return gr.skip()
@@ -691,13 +725,18 @@ def build_ui(ctx) -> gr.Blocks:
 
         # ---------------------------------------------------------------- wiring
         explore_inputs = [image_dd, opacity, explore_crf, shown]
-        demo.load(on_load, outputs=[project_dd, run_dd, project_md, project_gallery])
-        project_dd.change(on_project, project_dd, [run_dd, project_md, project_gallery])
+        project_outputs = [run_dd, project_md, project_gallery, project_page]
+        demo.load(on_load, outputs=[project_dd] + project_outputs)
+        project_dd.change(on_project, project_dd, project_outputs)
+        project_page.input(on_project_page, [project_dd, project_page], [project_gallery, project_page],
+                           trigger_mode="always_last")
+        explore_page.input(on_explore_page, [run_dd, explore_page], [explore_gallery, gallery_ids, explore_page],
+                           trigger_mode="always_last")
         run_dd.change(on_run, run_dd, run_outputs)
         discover_tab.select(on_status, run_dd, [status_html, loss_plot, sig_state], show_progress="hidden")
         refresh_btn.click(on_refresh, [project_dd, run_dd], [project_dd] + run_outputs)
         create_btn.click(on_create, [new_name, new_desc], [project_dd, new_name, new_desc])
-        ingest_outputs = [project_dd, ingest_md, problems_df, project_md, project_gallery, upload]
+        ingest_outputs = [project_dd, ingest_md, problems_df, project_md, project_gallery, project_page, upload]
         upload_btn.click(on_ingest_upload, [project_dd, upload], ingest_outputs)
         folder_btn.click(on_ingest_folder, [project_dd, folder], ingest_outputs)
         start_btn.click(on_start, [project_dd, backbone_dd, resolution, n_clusters, crf, steps, batch_size,
@@ -774,10 +813,13 @@ def _colour_hex(value: str | None) -> str:
 
 
 def allowed_paths(ctx) -> list[str]:
-    """Folders the browser may fetch files from: images, exports, and server image folders."""
+    """Folders the browser may fetch files from: gallery thumbnails and exports.
+
+    (Original images never leave the server as files: galleries show cached thumbnails
+    and the Explore tab sends downscaled arrays.)
+    """
     cfg = ctx.config
-    paths = [cfg.images_dir, cfg.exports_dir, *cfg.allowed_roots]
-    return [str(Path(p)) for p in paths]
+    return [str(Path(p)) for p in (cfg.thumbs_dir, cfg.exports_dir)]
 
 
 def blocked_paths(ctx) -> list[str]:

@@ -149,6 +149,13 @@ def images_summary(images: Sequence[Any]) -> str:
     return text + "."
 
 
+def page_caption(start: int, stop: int, total: int) -> str:
+    """'images 101–200 of 5,000' (what a gallery page shows)."""
+    if total == 0:
+        return "no images"
+    return f"images {start + 1:,}–{stop:,} of {total:,}"
+
+
 # ---------------------------------------------------------------- runs
 
 def run_choice_label(run: Any) -> str:

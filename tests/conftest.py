@@ -5,7 +5,7 @@ import pytest as _pytest_stego
 
 
 def make_planted_corpus(n_items: int = 24, grid: tuple[int, int] = (8, 8), dim: int = 32,
-                        n_classes: int = 3, noise: float = 0.35, seed: int = 0):
+                        n_classes: int = 3, noise: float = 0.2, seed: int = 0):
     """ArrayFeatures whose tokens come from ``n_classes`` planted prototypes.
 
     Each item shows two different classes (left/right halves). Returns

@@ -134,7 +134,12 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     zip_path = Path(out.strip().splitlines()[-1].strip())
     assert zip_path.is_file() and zipfile.is_zipfile(zip_path)
-    assert "2 images" in out
+    assert "2 images" in out and "warning" not in err
+    # what a person should know about an export is printed (on stderr; stdout ends with the zip)
+    code, out, err = _main(capsys, "export", "1", "--style", "instance", "--min-area", "1000000", *data)
+    assert code == 0, err
+    assert "warning: 4 images got no annotation" in err
+    assert Path(out.strip().splitlines()[-1].strip()).is_file()
 
     code, _, err = _main(capsys, "run", "--resume", "1", *data)
     assert code == 2 and "only interrupted, failed or cancelled" in err

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +286,38 @@ def test_failed_export_is_recorded_and_leaves_no_files(app):
     assert failed.status == "failed" and failed.error and failed.zip_path is None
     assert not (ctx.config.exports_dir / str(failed.id)).exists()
     assert get_export(ctx, failed.id).status == "failed"
+
+
+def test_exports_left_running_by_a_stopped_process_fail_at_the_next_start(app):
+    ctx, run_id, _, _ = app
+    finished = export_run(ctx, run_id)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()[:100]
+    owners = {"gone": f"{host}:{gone.pid}", "this process": f"{host}:{os.getpid()}", "unrecorded": None,
+              "other host": "another-machine:4242", "day-old": f"{host}:{os.getpid()}"}
+    ids = {}
+    with ctx.db.write() as s:
+        for name, owner in owners.items():
+            row = Export(run_id=run_id, status="running", options={}, owner=owner)
+            if name == "day-old":
+                row.created_at = datetime.now(UTC) - timedelta(days=2)
+            s.add(row)
+            s.flush()
+            ids[name] = row.id
+    partial = ctx.config.exports_dir / str(ids["gone"])
+    partial.mkdir(parents=True)
+    (partial / "half.json").write_text("{")
+
+    restarted = create_context(ctx.config)
+    try:
+        status = {name: get_export(restarted, i) for name, i in ids.items()}
+    finally:
+        restarted.close()
+    for name in ("gone", "unrecorded", "day-old"):
+        assert status[name].status == "failed", name
+        assert "stopped while this export was being written" in status[name].error
+        assert status[name].finished_at is not None and status[name].zip_path is None
+    assert status["this process"].status == "running" and status["other host"].status == "running"
+    assert not partial.exists()
+    assert get_export(ctx, finished.id).status == "done" and finished.zip_path.is_file()

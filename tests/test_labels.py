@@ -1,6 +1,7 @@
 """Naming, merging, ignoring clusters; colours, overlays, seed annotations; concurrent edits."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 
@@ -193,6 +194,57 @@ def test_cluster_examples_are_thumbnails(done_run):
     ex = labels.cluster_examples(ctx, run_id, 2, n=2, size=32)
     assert [i for i, _ in ex] == [image_ids[2], image_ids[0]]
     assert all(t.dtype == np.uint8 and max(t.shape[:2]) <= 32 for _, t in ex)
+
+
+def test_render_downscales_large_images_for_display(done_run):
+    """max_side: the photo is area-averaged, the cluster map sampled by nearest pixel; the
+    legend still counts the full-size map."""
+    ctx, run_id, image_ids = done_run
+    labels.name_cluster(ctx, run_id, 0, "sky")
+    labels.set_label_colour(ctx, run_id, "sky", "#ff0000")
+    full = labels.render_segmentation(ctx, run_id, image_ids[0], opacity=1.0, max_side=None)
+    small = labels.render_segmentation(ctx, run_id, image_ids[0], opacity=1.0, max_side=32)
+    assert small.original.shape == (24, 32, 3) and small.overlay.shape == (24, 32, 3)
+    assert np.array_equal(small.segmentation, _segments(0)[1::2, 1::2])   # ids stay ids, no blending
+    assert (small.overlay[small.segmentation == 0] == (255, 0, 0)).all()
+    area = full.original.reshape(24, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert np.abs(small.original.astype(float) - area).max() <= 1
+    assert [(e.name, e.share) for e in small.legend] == [(e.name, e.share) for e in full.legend]
+    # the default limit leaves small images alone; a nonsense limit is refused
+    assert labels.render_segmentation(ctx, run_id, image_ids[0]).original.shape == (H, W, 3)
+    assert labels.render_segmentation(ctx, run_id, image_ids[0], max_side=64).original.shape == (H, W, 3)
+    with pytest.raises(UserError, match="display size"):
+        labels.render_segmentation(ctx, run_id, image_ids[0], max_side=0)
+
+
+def test_cluster_examples_follow_edits_without_decoding_again(done_run, monkeypatch):
+    ctx, run_id, image_ids = done_run
+    labels._EXAMPLE_CACHE.clear()
+    decoded = []
+    real = labels.load_rgb_fit
+    monkeypatch.setattr(labels, "load_rgb_fit", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    for k in range(K):
+        labels.cluster_examples(ctx, run_id, k, n=2, size=64)
+    assert len(decoded) == 3                        # each example image decoded once for all clusters
+
+    labels.name_cluster(ctx, run_id, 0, "sky")
+    labels.set_label_colour(ctx, run_id, "sky", "#ff0000")
+    [(first_id, thumb), (second_id, _)] = labels.cluster_examples(ctx, run_id, 0, n=2, size=64)
+    assert len(decoded) == 3 and (first_id, second_id) == (image_ids[0], image_ids[1])
+    rgb = ingest.load_rgb(ctx, image_ids[0]).astype(float)
+    mask = _segments(0) == 0
+    tinted = 0.55 * rgb + 0.45 * np.array([255.0, 0.0, 0.0])     # the new label colour, rest dimmed
+    assert np.abs(thumb[mask] - tinted[mask]).max() <= 1
+    assert np.abs(thumb[~mask] - 0.35 * rgb[~mask]).max() <= 1
+
+    # a segment map that changed on disk is read again
+    run_dir = ctx.config.runs_dir / "synthetic"
+    moved = np.roll(_segments(0), 10, axis=0)
+    PILImage.fromarray(moved).save(run_dir / "segments" / "000000.png")
+    os.utime(run_dir / "segments" / "000000.png", ns=(1, 1))
+    [(_, thumb), _] = labels.cluster_examples(ctx, run_id, 0, n=2, size=64)
+    assert len(decoded) == 4
+    assert np.abs(thumb[moved == 0] - tinted[moved == 0]).max() <= 1
 
 
 def _decode(ann) -> np.ndarray:

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -101,12 +102,17 @@ def test_cancel_then_resume_skips_finished_stages_and_continues_training(tmp_pat
         StegoPipeline(_config(), run, tmp_path / "cache").fit(paths, progress=progress, cancel=cancel)
     assert (run / "train_checkpoint.pt").is_file() and not (run / "head.pt").exists()
 
+    shutil.rmtree(tmp_path / "cache" / "features")  # the feature cache was cleared meanwhile
     events = []
     StegoPipeline(_config(), run, tmp_path / "cache").fit(paths, progress=lambda s, f, i: events.append((s, i)))
-    assert ("features", {"skipped": True}) in events and ("knn", {"skipped": True}) in events
+    assert ("features", {"skipped": True}) not in events  # extracted again
     resumed_steps = [i["step"] for s, i in events if s == "training" and "step" in i]
     assert resumed_steps[0] > 1 and resumed_steps[-1] == 6
     assert len(list((run / "segments_crf").glob("*.png"))) == len(paths)
+
+    events = []  # a finished run: every stage is skipped
+    StegoPipeline(_config(), run, tmp_path / "cache").fit(paths, progress=lambda s, f, i: events.append((s, i)))
+    assert events == [(stage, {"skipped": True}) for stage in STAGES]
 
     # a run directory is tied to its settings
     with pytest.raises(ValueError, match="new run directory"):

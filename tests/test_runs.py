@@ -79,7 +79,7 @@ def test_progress_is_visible_elsewhere_and_cancel_resume(lab):
     ctx, project, first = lab
     other = create_context(_config(ctx.config.data_dir, worker=False))   # a second process/tab
     try:
-        run = runs.start_run(ctx, project.id, runs.RunParams(steps=30, crf=False, seed=1, **FAST))
+        run = runs.start_run(ctx, project.id, runs.RunParams(steps=120, crf=False, seed=1, **FAST))
         queued = runs.start_run(ctx, project.id, runs.RunParams(steps=5, crf=False, seed=2, **FAST))
         assert runs.cancel_run(other, queued.id).status == "cancelled"       # never started
         seen = _wait(lambda: (lambda i: i if i.stage == "training" and i.progress > 0.35 else None)(

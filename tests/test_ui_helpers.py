@@ -195,6 +195,13 @@ def test_project_choices_and_images_summary():
     assert H.images_summary(imgs) == "**2** usable images in this project (1 unreadable or missing)."
 
 
+@pytest.mark.parametrize("start,stop,total,text", [
+    (0, 100, 250, "images 1–100 of 250"), (200, 250, 250, "images 201–250 of 250"),
+    (1000, 1100, 5000, "images 1,001–1,100 of 5,000"), (0, 0, 0, "no images")])
+def test_page_caption(start, stop, total, text):
+    assert H.page_caption(start, stop, total) == text
+
+
 def test_export_summary():
     from stego_app.export import ExportInfo, ExportOptions
 
