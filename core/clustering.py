@@ -142,50 +142,65 @@ class CosineKMeans:
         return self.fit(X).predict(X)
 
 
+def _taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 for 1-D bilinear resizing, half-pixel centres."""
+    scale = n_in / n_out
+    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0, None)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     """(n_out, n_in) weights of 1-D bilinear resizing with half-pixel centres.
 
     Same as torch's ``F.interpolate(mode="bilinear", align_corners=False)`` per axis.
     """
-    scale = n_in / n_out
-    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0, None)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
+    i0, i1, frac = _taps(n_out, n_in)
     m = np.zeros((n_out, n_in), dtype=np.float32)
     rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), (1.0 - frac).astype(np.float32))
-    np.add.at(m, (rows, i1), frac.astype(np.float32))
+    np.add.at(m, (rows, i0), 1.0 - frac)
+    np.add.at(m, (rows, i1), frac)
     return m
 
 
+def _resize_cols(x: np.ndarray, w_out: int) -> np.ndarray:
+    i0, i1, f = _taps(w_out, x.shape[1])
+    f = f[None, :, None]
+    return x[:, i0] * (1.0 - f) + x[:, i1] * f
+
+
+def _resize_rows(x: np.ndarray, rows: slice, h_out: int) -> np.ndarray:
+    i0, i1, f = (a[rows] for a in _taps(h_out, x.shape[0]))
+    f = f[:, None, None]
+    return x[i0] * (1.0 - f) + x[i1] * f
+
+
 def upsample_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize an (h, w, D) map to (H, W, D) float32."""
-    wy, wx = bilinear_matrix(out_hw[0], x.shape[0]), bilinear_matrix(out_hw[1], x.shape[1])
-    tmp = np.einsum("Xw,hwd->hXd", wx, np.asarray(x, dtype=np.float32), optimize=True)
-    return np.einsum("yh,hXd->yXd", wy, tmp, optimize=True)
+    """Bilinearly resize an (h, w, D) map to (H, W, D) float32 (torch semantics, align_corners=False)."""
+    cols = _resize_cols(np.asarray(x, dtype=np.float32), int(out_hw[1]))
+    return _resize_rows(cols, slice(None), int(out_hw[0]))
 
 
 def cluster_log_probs(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, int],
-                      alpha: float = DEFAULT_ALPHA, chunk_pixels: int = 1 << 18) -> np.ndarray:
+                      alpha: float = DEFAULT_ALPHA, chunk_values: int = 1 << 22) -> np.ndarray:
     """(K, H, W) float32 log-probabilities of each cluster at every pixel.
 
     codes (h, w, D) at inference resolution are upsampled bilinearly to ``out_hw``,
     L2-normalised per pixel, compared with the unit centroids by cosine similarity, and
     turned into log-probabilities by ``log_softmax(alpha * similarity)``. Works in row
-    chunks of about ``chunk_pixels`` pixels so memory stays O(W * D * rows).
+    chunks of about ``chunk_values`` upsampled values, so memory stays small and flat.
     """
     h, w, d = codes.shape
     cent = _normalize(centroids)
     if cent.shape[1] != d:
         raise ValueError(f"codes have {d} channels but centroids {cent.shape[1]}")
     H, W = int(out_hw[0]), int(out_hw[1])
-    wy, wx = bilinear_matrix(H, h), bilinear_matrix(W, w)
-    tmp = np.einsum("Xw,hwd->hXd", wx, np.asarray(codes, dtype=np.float32), optimize=True)
+    cols = _resize_cols(np.asarray(codes, dtype=np.float32), W)   # (h, W, D)
     out = np.empty((cent.shape[0], H, W), dtype=np.float32)
-    rows = max(1, chunk_pixels // max(W, 1))
+    rows = max(1, chunk_values // max(W * d, 1))
     for r0 in range(0, H, rows):
-        up = np.einsum("yh,hXd->yXd", wy[r0:r0 + rows], tmp, optimize=True)
+        up = _resize_rows(cols, slice(r0, r0 + rows), H)
         up /= np.maximum(np.linalg.norm(up, axis=-1, keepdims=True), 1e-12)
         logits = alpha * (up @ cent.T)  # (r, W, K)
         logits -= logits.max(axis=-1, keepdims=True)

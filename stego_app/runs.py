@@ -148,6 +148,21 @@ def _worker(ctx):
     return worker
 
 
+def backbone_choices(ctx) -> list[tuple[str, str]]:
+    """(label, value) pairs for a backbone picker; value "" means automatic.
+
+    Test backbones are offered only when the server is configured to use one.
+    """
+    from core.backbones import BACKBONES, list_backbones
+
+    configured = ctx.config.backbone
+    auto = (f"Automatic: {configured} (server setting)" if configured
+            else "Automatic: best available")
+    names = [n for n in list_backbones() if BACKBONES[n].family != "test" or n == configured]
+    return [(auto, "")] + [(f"{n} · {BACKBONES[n].description}" if BACKBONES[n].description else n, n)
+                           for n in names]
+
+
 def start_run(ctx, project_id: int, params: RunParams | None = None) -> RunInfo:
     """Queue a run over every readable image of the project."""
     params = params or RunParams()

@@ -106,19 +106,6 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
-def _backbone_choices(ctx) -> list[tuple[str, str]]:
-    configured = ctx.config.backbone
-    auto = (f"Automatic: {configured} (server setting)" if configured
-            else "Automatic: best available")
-    try:
-        from core.backbones import BACKBONES, list_backbones
-    except ImportError:  # the core library is incomplete: only the automatic choice
-        return [(auto, "")]
-    names = [n for n in list_backbones() if BACKBONES[n].family != "test" or n == configured]
-    return [(auto, "")] + [(f"{n} · {BACKBONES[n].description}" if BACKBONES[n].description else n, n)
-                           for n in names]
-
-
 def build_ui(ctx) -> gr.Blocks:
     """The whole app as a gr.Blocks bound to `ctx` (an AppContext)."""
     from stego_app import export as export_svc
@@ -186,7 +173,7 @@ def build_ui(ctx) -> gr.Blocks:
             # ------------------------------------------------------------ Discover
             with gr.Tab("2 · Discover", id="discover", elem_id="tab-discover") as discover_tab:
                 with gr.Row():
-                    backbone_dd = gr.Dropdown(label="Backbone", choices=_backbone_choices(ctx), value="",
+                    backbone_dd = gr.Dropdown(label="Backbone", choices=runs.backbone_choices(ctx), value="",
                                               elem_id="backbone", info="Frozen DINO / DINOv2 features")
                     resolution = gr.Number(label="Resolution (short side, px)", value=defaults.resolution,
                                            precision=0, minimum=28, maximum=2048, elem_id="resolution")

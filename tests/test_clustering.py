@@ -81,7 +81,7 @@ def test_cluster_log_probs_full_resolution_and_chunk_independent():
     np.testing.assert_allclose(np.exp(lp).sum(axis=0), 1.0, atol=1e-5)
     labels = lp.argmax(axis=0)
     assert (labels[:, :25] == 0).all() and (labels[:, 35:] == 2).all()
-    small_chunks = cluster_log_probs(codes, cent, (40, 60), alpha=10.0, chunk_pixels=100)
+    small_chunks = cluster_log_probs(codes, cent, (40, 60), alpha=10.0, chunk_values=100)
     np.testing.assert_allclose(small_chunks, lp, atol=1e-5)
     with pytest.raises(ValueError, match="channels"):
         cluster_log_probs(codes, np.eye(3, 4, dtype=np.float32), (8, 8))

@@ -212,3 +212,17 @@ def test_segment_png_size_matches_the_image(lab):
     for item in runs.run_images(ctx, run.id):
         with PILImage.open(run.run_dir / "segments" / f"{item.position:06d}.png") as im:
             assert im.size == (item.width, item.height)
+
+
+def test_backbone_choices_offer_the_paper_backbones_and_hide_test_ones(lab, tmp_path):
+    ctx, _, _ = lab
+    values = [v for _, v in runs.backbone_choices(ctx)]
+    assert values[0] == ""                                   # automatic comes first
+    assert {"dino_vits8", "dino_vitb8", "dinov2_vits14", "dinov2_vitb14"} <= set(values)
+    assert "test_tiny" in values                             # configured here, so offered
+    plain = create_context(AppConfig(data_dir=tmp_path / "plain", demo=False, worker=False))
+    try:
+        assert "test_tiny" not in [v for _, v in runs.backbone_choices(plain)]
+        assert runs.backbone_choices(plain)[0][0] == "Automatic: best available"
+    finally:
+        plain.close()
