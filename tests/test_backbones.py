@@ -122,3 +122,15 @@ def test_default_follows_the_architecture_of_STEGO_WEIGHTS(tmp_path, monkeypatch
     torch.save(sd, ckpt)
     monkeypatch.setenv(weights.WEIGHTS_ENV, str(ckpt))
     assert default_backbone_name(tmp_path) == expected
+
+
+def test_default_follows_a_checkpoint_given_as_a_flag(tmp_path, monkeypatch):
+    """`--weights FILE` (AppConfig.weights) picks the backbone the file is for, like $STEGO_WEIGHTS."""
+    monkeypatch.delenv(weights.WEIGHTS_ENV, raising=False)
+    ckpt = tmp_path / "dino_b8.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(768, 3, 8, 8), "pos_embed": torch.zeros(1, 2, 768)}, ckpt)
+    assert default_backbone_name(tmp_path, checkpoint=ckpt) == "dino_vitb8"
+    from stego_app.config import AppConfig
+    from stego_app.runs import RunParams
+    from stego_app.worker import resolve_backbone
+    assert resolve_backbone(RunParams(), AppConfig(cache_dir=tmp_path, weights=str(ckpt))) == "dino_vitb8"
