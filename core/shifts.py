@@ -9,11 +9,14 @@ locations together when their feature correlation F exceeds b_k and pushes them 
 numbers do not transfer. This module expresses the threshold in a scale-free way instead:
 it samples location pairs of each kind exactly as training does (same sampling, same
 pointwise centering) and sets b_k to the quantile of F_k above which each location keeps
-on average ``attract_per_location`` partners among the ``feature_samples**2`` sampled
-locations of the other map, i.e. quantile level 1 - m / feature_samples**2. With m = 1,
-every location is attracted only to its best correspondence, the high-confidence feature
-matches STEGO builds on; everything else is repelled by how much less it correlates.
-No labels are used.
+on average m partners among the T = ``feature_samples**2`` sampled locations of the other
+map (quantile level 1 - m / T). Each location is then attracted to its m best
+correspondences, the high-confidence feature matches STEGO builds on, and repelled from the
+rest in proportion to how much less they correlate: the loss distils a sparse m-nearest-
+neighbour graph of feature correspondences into the codes. The default m = ln(T) is the
+usual choice for such graphs: the sparsest k-nearest-neighbour graph that still keeps a
+group of points connected (k of order log n; von Luxburg, "A tutorial on spectral
+clustering", 2007). No labels are used.
 """
 from __future__ import annotations
 
@@ -100,12 +103,12 @@ class ShiftEstimator:
     """Chooses shift_self / shift_knn / shift_neg from unlabelled feature statistics.
 
     fit() samples location pairs like training does and sets each kind's shift to the
-    quantile of its centred feature correlations at level 1 - attract_per_location /
-    feature_samples**2. ``shifts_`` holds the result, ``stats_`` the per-kind summaries,
+    quantile of its centred feature correlations at level 1 - m / feature_samples**2, with
+    m = ``attract_per_location`` (None: ln(feature_samples**2)). ``shifts_`` holds the result, ``stats_`` the per-kind summaries,
     ``attracted_`` the fraction of sampled pairs each shift attracts.
     """
 
-    def __init__(self, attract_per_location: float = 1.0, n_items: int = 256, feature_samples: int = 11,
+    def __init__(self, attract_per_location: float | None = None, n_items: int = 256, feature_samples: int = 11,
                  num_neighbors: int = 7, batch_size: int = 16, pointwise: bool = True, seed: int = 0):
         self.attract_per_location = attract_per_location
         self.n_items = n_items
@@ -116,17 +119,25 @@ class ShiftEstimator:
         self.seed = seed
 
     @property
+    def attract(self) -> float:
+        """m: partners attracted per sampled location (default ln T)."""
+        if self.attract_per_location is None:
+            return float(np.log(self.feature_samples ** 2))
+        return float(self.attract_per_location)
+
+    @property
     def level(self) -> float:
         """The quantile level of F used as the shift."""
-        return 1.0 - self.attract_per_location / self.feature_samples ** 2
+        return 1.0 - self.attract / self.feature_samples ** 2
 
     def fit(self, features: TokenFeatures, knn: np.ndarray) -> "ShiftEstimator":
         if self.n_items < 2 or self.feature_samples < 1 or self.num_neighbors < 1 or self.batch_size < 2:
             raise ValueError("ShiftEstimator needs n_items >= 2, feature_samples >= 1, "
                              "num_neighbors >= 1 and batch_size >= 2")
-        if not 0 < self.attract_per_location < self.feature_samples ** 2:
+        if self.feature_samples < 2 or not 0 < self.attract < self.feature_samples ** 2:
             raise ValueError(f"attract_per_location must be in (0, feature_samples**2 = "
-                             f"{self.feature_samples ** 2}), got {self.attract_per_location}")
+                             f"{self.feature_samples ** 2}) and feature_samples >= 2, "
+                             f"got {self.attract_per_location}, {self.feature_samples}")
         values = pair_correlations(features, knn, self.n_items, self.feature_samples,
                                    self.num_neighbors, self.batch_size, self.pointwise, self.seed)
         self.stats_ = {k: _summarise(v) for k, v in values.items()}

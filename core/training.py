@@ -58,7 +58,8 @@ class TrainConfig:
     shift_self: float | None = None  # None = automatic (core.shifts)
     shift_knn: float | None = None
     shift_neg: float | None = None
-    auto_shift_attract: float = 1.0  # automatic shifts: partners attracted per location (core.shifts)
+    auto_shift_attract: float | None = None  # automatic shifts: partners attracted per location,
+    #                                          None = ln(feature_samples**2) (see core.shifts)
     seed: int = 0
     checkpoint_every: int = 200
     device: str = "cpu"
@@ -73,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
         if self.neg_samples < 0:
             raise ValueError(f"TrainConfig.neg_samples must be >= 0, got {self.neg_samples}")
-        if not 0 < self.auto_shift_attract < self.feature_samples ** 2:
+        if self.auto_shift_attract is not None and not 0 < self.auto_shift_attract < self.feature_samples ** 2:
             raise ValueError(f"TrainConfig.auto_shift_attract must be in (0, feature_samples**2), "
                              f"got {self.auto_shift_attract}")
         if self.neg_samples > 0 and self.batch_size < 2:

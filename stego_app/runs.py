@@ -35,6 +35,7 @@ class RunParams:
     resolution: int = 224
     n_clusters: int = 8
     crop_mode: str = "none"
+    flip: bool = True                    # average codes with the h-flipped image (paper's inference)
     crf: bool = True
     steps: int = 500
     batch_size: int = 16

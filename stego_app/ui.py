@@ -193,6 +193,8 @@ def build_ui(ctx) -> gr.Blocks:
                         crop_mode = gr.Radio(label="Crops", choices=[("whole image", "none"),
                                                                      ("five crops", "five")],
                                              value=defaults.crop_mode, elem_id="crop-mode")
+                        flip = gr.Checkbox(label="Average with the flipped image", value=defaults.flip,
+                                           elem_id="flip")
                         seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed")
                     gr.Markdown("Loss shifts: leave empty to choose them automatically from feature statistics.")
                     with gr.Row():
@@ -517,14 +519,14 @@ def build_ui(ctx) -> gr.Blocks:
             return out
 
         @_guard
-        def on_start(pid, bb, res, k, use_crf, n_steps, bs, cdim, rate, crops, sd, s_self, s_knn, s_neg,
-                     w_self, w_knn, w_neg):
+        def on_start(pid, bb, res, k, use_crf, n_steps, bs, cdim, rate, crops, use_flip, sd, s_self, s_knn,
+                     s_neg, w_self, w_knn, w_neg):
             pid = H.as_id(pid, "project")
             if pid is None:
                 raise UserError("create or choose a project with images first")
             params = H.params_from_form(runs.RunParams, dict(
                 backbone=bb or None, resolution=res, n_clusters=k, crf=use_crf, steps=n_steps,
-                batch_size=bs, code_dim=cdim, lr=rate, crop_mode=crops, seed=sd, shift_self=s_self,
+                batch_size=bs, code_dim=cdim, lr=rate, crop_mode=crops, flip=use_flip, seed=sd, shift_self=s_self,
                 shift_knn=s_knn, shift_neg=s_neg, weight_self=w_self, weight_knn=w_knn, weight_neg=w_neg))
             info = runs.start_run(ctx, pid, params)
             gr.Info(f"Run {info.id} started on {info.n_images} images.")
@@ -727,7 +729,7 @@ def build_ui(ctx) -> gr.Blocks:
         upload_btn.click(on_ingest_upload, [project_dd, upload], ingest_outputs)
         folder_btn.click(on_ingest_folder, [project_dd, folder], ingest_outputs)
         start_btn.click(on_start, [project_dd, backbone_dd, resolution, n_clusters, crf, steps, batch_size,
-                                   code_dim, lr, crop_mode, seed, shift_self, shift_knn, shift_neg,
+                                   code_dim, lr, crop_mode, flip, seed, shift_self, shift_knn, shift_neg,
                                    weight_self, weight_knn, weight_neg], [run_dd])
         cancel_btn.click(on_cancel, [project_dd, run_dd], [status_html, loss_plot, sig_state, run_dd])
         resume_btn.click(on_resume, [project_dd, run_dd], [status_html, loss_plot, sig_state, run_dd])

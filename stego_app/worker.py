@@ -86,7 +86,8 @@ def build_pipeline_config(params: RunParams, backbone: str, config: AppConfig):
     from core.pipeline import PipelineConfig
     from core.training import TrainConfig
 
-    features = FeatureConfig(backbone=backbone, resolution=params.resolution, crop_mode=params.crop_mode)
+    features = FeatureConfig(backbone=backbone, resolution=params.resolution, crop_mode=params.crop_mode,
+                             flip=params.flip)
     train = TrainConfig(code_dim=params.code_dim, steps=params.steps, batch_size=params.batch_size,
                         lr=params.lr, weight_self=params.weight_self, weight_knn=params.weight_knn,
                         weight_neg=params.weight_neg, shift_self=params.shift_self,

@@ -226,3 +226,15 @@ def test_backbone_choices_offer_the_paper_backbones_and_hide_test_ones(lab, tmp_
         assert runs.backbone_choices(plain)[0][0] == "Automatic: best available"
     finally:
         plain.close()
+
+
+def test_runs_average_with_the_flipped_image_unless_told_not_to(lab):
+    """The paper's inference: codes averaged with the h-flipped image; --no-flip turns it off."""
+    import json
+
+    from stego_app.worker import build_pipeline_config
+    ctx, _, first = lab
+    saved = json.loads((first.run_dir / "config.json").read_text())
+    assert saved["features"]["flip"] is True
+    off = build_pipeline_config(runs.RunParams(flip=False, **FAST), "test_tiny", ctx.config)
+    assert off.features.flip is False

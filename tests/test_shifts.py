@@ -20,6 +20,9 @@ def test_shift_attracts_the_requested_share_of_pairs(planted_corpus):
         est = ShiftEstimator(attract_per_location=m, batch_size=8).fit(features, knn)
         for kind, frac in est.attracted_.items():
             assert frac == pytest.approx(m / 121, rel=0.15), kind
+    default = ShiftEstimator(batch_size=8).fit(features, knn)
+    assert default.attract == pytest.approx(np.log(121))  # ln T: sparse but connected correspondence graph
+    assert all(f == pytest.approx(np.log(121) / 121, rel=0.15) for f in default.attracted_.values())
     strict = ShiftEstimator(attract_per_location=1.0, batch_size=8).fit(features, knn).shifts_
     loose = ShiftEstimator(attract_per_location=12.1, batch_size=8).fit(features, knn).shifts_
     assert all(strict[k] > loose[k] for k in strict)
