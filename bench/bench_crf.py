@@ -24,11 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.backbones import create_backbone  # noqa: E402
-from core.clustering import CosineKMeans, cluster_log_probs, sample_tokens  # noqa: E402
-from core.crf import CRFParams, crf_batch  # noqa: E402
-from core.features import FeatureConfig, extract_features  # noqa: E402
-from core.images import load_image  # noqa: E402
+from core.crf import CRFParams, crf_batch  # noqa: E402  (torch-free: the spawned workers re-import this module)
 
 log = logging.getLogger("bench_crf")
 CAMVID_VAL = ROOT.parent / "shared" / "data" / "camvid" / "val" / "images"
@@ -42,6 +38,11 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from core.backbones import create_backbone
+    from core.clustering import CosineKMeans, cluster_log_probs, sample_tokens
+    from core.features import FeatureConfig, extract_features
+    from core.images import load_image
+
     load_start = os.getloadavg()
 
     paths = sorted(CAMVID_VAL.glob("*.jpg"))[: args.images]

@@ -26,13 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from core.features import FeatureConfig  # noqa: E402
-from core.pipeline import STAGES, PipelineConfig, StegoPipeline  # noqa: E402
-from core.training import TrainConfig  # noqa: E402
-from core.weights import default_cache_dir, weights_dir  # noqa: E402
-
+# Heavy imports live in main(): the CRF worker processes (spawn) re-import this module.
 log = logging.getLogger("bench_end_to_end")
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 RESULTS = ROOT / "bench" / "results"
@@ -40,12 +34,13 @@ TARGET_S = 300.0
 
 
 class RssSampler(threading.Thread):
-    """Samples this process's RSS and the summed RSS of its children every 0.5 s."""
+    """Samples every 0.5 s this process's RSS, its children's (worker) RSS, and their sum."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.stop = threading.Event()
         self.peak_total_mb = 0.0
+        self.peak_worker_mb = 0.0
 
     @staticmethod
     def _rss_mb(pid: int) -> float:
@@ -67,8 +62,9 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
-            total = self._rss_mb(os.getpid()) + sum(self._rss_mb(c) for c in self._children())
-            self.peak_total_mb = max(self.peak_total_mb, total)
+            workers = [self._rss_mb(c) for c in self._children()]
+            self.peak_worker_mb = max([self.peak_worker_mb, *workers])
+            self.peak_total_mb = max(self.peak_total_mb, self._rss_mb(os.getpid()) + sum(workers))
 
 
 def main() -> None:
@@ -79,6 +75,12 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep the run and cache here instead of a temp dir")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    from core.features import FeatureConfig
+    from core.pipeline import STAGES, PipelineConfig, StegoPipeline
+    from core.training import TrainConfig
+    from core.weights import default_cache_dir, weights_dir
 
     paths = sorted((CAMVID / "train" / "images").glob("*.jpg")) + sorted((CAMVID / "val" / "images").glob("*.jpg"))
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="stego_e2e_"))
@@ -102,7 +104,6 @@ def main() -> None:
     sampler.stop.set()
     sampler.join()
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     stage_total = sum(result.timings.values())
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -114,7 +115,7 @@ def main() -> None:
         "stages_s": {s: round(result.timings.get(s, 0.0), 1) for s in STAGES},
         "stages_share": {s: round(result.timings.get(s, 0.0) / stage_total, 3) for s in STAGES},
         "total_s": round(total, 1), "target_s": TARGET_S, "passed": total < TARGET_S,
-        "peak_rss_main_mb": round(main_peak, 1), "peak_rss_largest_worker_mb": round(child_peak, 1),
+        "peak_rss_main_mb": round(main_peak, 1), "peak_rss_largest_worker_mb": round(sampler.peak_worker_mb, 1),
         "peak_rss_sum_sampled_mb": round(sampler.peak_total_mb, 1),
         "shifts": result.shifts,
     }
@@ -135,8 +136,11 @@ def main() -> None:
         *rows,
         "",
         f"Total wall time: **{total:.0f} s** (target < {TARGET_S:.0f} s: {'met' if total < TARGET_S else 'NOT met'}).",
-        f"Peak RSS: main process {main_peak:.0f} MB, largest worker {child_peak:.0f} MB, "
-        f"sum sampled every 0.5 s {sampler.peak_total_mb:.0f} MB.",
+        f"Peak RSS: main process {main_peak:.0f} MB; largest worker process {sampler.peak_worker_mb:.0f} MB and "
+        f"main + workers {sampler.peak_total_mb:.0f} MB (sampled every 0.5 s).",
+        "With CRF on, the segments stage computes each image's cluster map and its CRF refinement in one "
+        "pass (one decode, one probability map per image), so the CRF cost is in the segments row; the crf "
+        "stage only checks that every refined map exists.",
         "",
         "Reproduce: `.venv/bin/python bench/bench_end_to_end.py`",
         "",

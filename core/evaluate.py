@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -119,13 +120,25 @@ def _load_mask(path: Path) -> np.ndarray:
 
 
 def _train_probe(store: FeatureStore, masks: list[Path], n_classes: int, ignore: int, encode=None,
-                 seed: int = 0) -> LinearProbe:
-    xs, ys = [], []
-    for i in range(len(store)):
+                 dim: int | None = None, seed: int = 0) -> LinearProbe:
+    """Linear probe on every training token, labels = majority of the mask under each token."""
+    sizes = [h * w for h, w in (store.grid(i) for i in range(len(store)))]
+    X = np.empty((sum(sizes), dim or store.embed_dim), dtype=np.float32)  # one buffer, no concatenation
+    y = np.empty(sum(sizes), dtype=np.int64)
+    offset = 0
+    for i, n in enumerate(sizes):
         x = np.asarray(store.tokens(i), dtype=np.float32)
-        xs.append(encode(x) if encode is not None else x)
-        ys.append(downsample_labels(_load_mask(masks[store.image_index(i)]), store.grid(i), n_classes, ignore).ravel())
-    return LinearProbe(n_classes, epochs=10, lr=1e-3, seed=seed).fit(np.concatenate(xs), np.concatenate(ys))
+        X[offset:offset + n] = encode(x) if encode is not None else x
+        y[offset:offset + n] = downsample_labels(_load_mask(masks[store.image_index(i)]), store.grid(i),
+                                                 n_classes, ignore).ravel()
+        offset += n
+    return LinearProbe(n_classes, epochs=10, lr=1e-3, seed=seed).fit(X, y)
+
+
+def _checkpoint_path(cache: Path, train: FeatureStore, cfg: TrainConfig) -> Path:
+    """A checkpoint per (features, training config): a re-run with the same settings reuses it."""
+    key = hashlib.sha1(json.dumps([str(train.root), dataclasses.asdict(cfg)], sort_keys=True).encode())
+    return cache / "eval_checkpoints" / f"{key.hexdigest()[:16]}.ckpt"
 
 
 def _fit_stego(train: FeatureStore, knn: np.ndarray, cfg: TrainConfig, ckpt: Path) -> StegoTrainer:
@@ -182,13 +195,14 @@ def run(args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     est = ShiftEstimator(feature_samples=tcfg.feature_samples, batch_size=tcfg.batch_size,
                          seed=args.seed).fit(train, knn)
-    stego = {"auto": _fit_stego(train, knn, tcfg, out.with_name(out.name + ".auto.ckpt"))}
+    cache = Path(args.cache_dir or default_cache_dir())
+    stego = {"auto": _fit_stego(train, knn, tcfg, _checkpoint_path(cache, train, tcfg))}
     timings["training"] = time.perf_counter() - t
     if args.compare_paper_shifts:
         t = time.perf_counter()
         pcfg = dataclasses.replace(tcfg, shift_self=PAPER_SHIFTS["self"], shift_knn=PAPER_SHIFTS["knn"],
                                    shift_neg=PAPER_SHIFTS["neg"])
-        stego["paper"] = _fit_stego(train, knn, pcfg, out.with_name(out.name + ".paper.ckpt"))
+        stego["paper"] = _fit_stego(train, knn, pcfg, _checkpoint_path(cache, train, pcfg))
         timings["training_paper_shifts"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -200,7 +214,8 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     probes = {"raw": _train_probe(train, train_masks, C, args.ignore, seed=args.seed),
-              "codes": _train_probe(train, train_masks, C, args.ignore, encode=stego["auto"].encode, seed=args.seed)}
+              "codes": _train_probe(train, train_masks, C, args.ignore, encode=stego["auto"].encode,
+                                    dim=args.code_dim, seed=args.seed)}
     timings["linear_probes"] = time.perf_counter() - t
 
     methods = ["kmeans_raw"]

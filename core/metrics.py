@@ -135,25 +135,31 @@ class LinearProbe:
         y = np.asarray(y).astype(np.int64).ravel()
         if X.ndim != 2 or X.shape[0] != y.shape[0]:
             raise ValueError(f"X must be (n, d) with one label per row; got {X.shape} and {y.shape}")
-        keep = (y >= 0) & (y < self.n_classes)
-        if not keep.any():
+        rows = np.flatnonzero((y >= 0) & (y < self.n_classes))  # indices, not a copy of X
+        if rows.size == 0:
             raise ValueError("no labelled rows to fit the linear probe on")
-        X, y = X[keep], y[keep]
-        self.mean_ = X.mean(axis=0)
-        self.scale_ = X.std(axis=0) + 1e-6
+        total = np.zeros(X.shape[1], dtype=np.float64)
+        for s in range(0, rows.size, 65536):  # chunked statistics: no full copy of X
+            total += X[rows[s:s + 65536]].sum(axis=0, dtype=np.float64)
+        mean = total / rows.size
+        sq = np.zeros(X.shape[1], dtype=np.float64)
+        for s in range(0, rows.size, 65536):
+            sq += ((X[rows[s:s + 65536]] - mean) ** 2).sum(axis=0)
+        self.mean_ = mean.astype(np.float32)
+        self.scale_ = (np.sqrt(sq / rows.size) + 1e-6).astype(np.float32)
         gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             layer = torch.nn.Linear(X.shape[1], self.n_classes)
-        xt = torch.from_numpy((X - self.mean_) / self.scale_)
-        yt = torch.from_numpy(y)
+        mean, scale = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
         opt = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        n = xt.shape[0]
+        n = rows.size
         for _ in range(self.epochs):
-            order = torch.randperm(n, generator=gen)
+            order = rows[torch.randperm(n, generator=gen).numpy()]
             for s in range(0, n, self.batch_size):
-                idx = order[s:s + self.batch_size]
-                loss = torch.nn.functional.cross_entropy(layer(xt[idx]), yt[idx])
+                idx = np.sort(order[s:s + self.batch_size])
+                xb = (torch.from_numpy(X[idx]) - mean) / scale  # standardised per batch: no copy of X
+                loss = torch.nn.functional.cross_entropy(layer(xb), torch.from_numpy(y[idx]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

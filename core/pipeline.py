@@ -269,9 +269,9 @@ class StegoPipeline:
         timed("clustering", clustering)
         self.centroids = np.load(self.run_dir / "centroids.npy")
 
-        timed("segments", lambda: self._segments(paths, infer_store, report, check, crf=False))
+        timed("segments", lambda: self._segments(paths, infer_store, report, check, "segments"))
         if self.config.crf:
-            timed("crf", lambda: self._segments(paths, infer_store, report, check, crf=True))
+            timed("crf", lambda: self._segments(paths, infer_store, report, check, "crf"))
 
         history = json.loads((self.run_dir / "train_history.json").read_text())
         result = RunResult(
@@ -325,15 +325,21 @@ class StegoPipeline:
         return km.centroids_
 
     def _segments(self, paths: list[Path], store: FeatureStore, report: Progress,
-                  check: Callable[[], bool], crf: bool) -> None:
-        stage = "crf" if crf else "segments"
-        out_dir = self.run_dir / ("segments_crf" if crf else "segments")
-        out_dir.mkdir(exist_ok=True)
+                  check: Callable[[], bool], stage: str) -> None:
+        """Per-image cluster maps. With CRF on, the segments stage refines each image in the same
+        pass (one image decode and one probability map per image); the crf stage then only
+        completes images that lack a refined map (e.g. CRF switched on for an old run)."""
+        want_argmax = stage == "segments"
+        want_crf = stage == "crf" or self.config.crf
+        seg_dir, crf_dir = self.run_dir / "segments", self.run_dir / "segments_crf"
+        seg_dir.mkdir(exist_ok=True)
+        if want_crf:
+            crf_dir.mkdir(exist_ok=True)
         n = len(paths)
         k = self.config.n_clusters
         stats_path = self.run_dir / "segment_stats.npz"
         stats = None
-        if not crf:
+        if want_argmax:
             if stats_path.is_file():
                 saved = np.load(stats_path)
                 stats = {"pixels": saved["pixels"], "confidence": saved["confidence"], "done": saved["done"]}
@@ -342,17 +348,13 @@ class StegoPipeline:
                          "done": np.zeros(n, bool)}
         sizes = store.image_sizes()
 
-        def pending() -> list[int]:
-            todo = []
-            for i in range(n):
-                done = (out_dir / f"{i:06d}.png").is_file()
-                if stats is not None:
-                    done = done and bool(stats["done"][i])
-                if not done:
-                    todo.append(i)
-            return todo
+        def done(i: int) -> bool:
+            name = f"{i:06d}.png"
+            if want_crf and not (crf_dir / name).is_file():
+                return False
+            return not want_argmax or ((seg_dir / name).is_file() and bool(stats["done"][i]))
 
-        todo = pending()
+        todo = [i for i in range(n) if not done(i)]
 
         def jobs() -> Iterator[ClusterMapJob]:
             for i in todo:
@@ -362,25 +364,43 @@ class StegoPipeline:
                     raise RuntimeError("inference features must hold one whole-image item per image")
                 yield ClusterMapJob(codes=item_codes(self.head, store, i), centroids=self.centroids,
                                     size=(int(sizes[i][0]), int(sizes[i][1])), alpha=self.config.alpha,
-                                    image_path=str(paths[i]), crf=crf, argmax=not crf)
+                                    image_path=str(paths[i]), crf=want_crf, argmax=want_argmax)
 
+        finished = n - len(todo)
+        threads = torch.get_num_threads()
+        if self.config.n_jobs > 1:  # the workers have the cores; idle OpenMP threads here would spin
+            torch.set_num_threads(1)
+        try:
+            results = list(self._drain(todo, jobs(), want_argmax, want_crf, seg_dir, crf_dir, stats, stats_path,
+                                       stage, n, report))
+        finally:
+            torch.set_num_threads(threads)
+        finished += len(results)
+        if stats is not None:
+            self._save_stats(stats_path, stats)
+        if check():
+            raise Cancelled(f"{stage} cancelled after {finished} of {n} images")
+        if want_argmax:
+            self._write_clusters(stats)
+
+    def _drain(self, todo: list[int], jobs: Iterator[ClusterMapJob], want_argmax: bool, want_crf: bool,
+               seg_dir: Path, crf_dir: Path, stats: dict | None, stats_path: Path, stage: str, n: int,
+               report: Progress) -> Iterator[int]:
+        """Run the jobs over the worker pool and write each result as it arrives."""
         last_save = time.monotonic()
         finished = n - len(todo)
-        for i, res in zip(todo, ordered_map(cluster_map, jobs(), self.config.n_jobs)):
-            _save_png(out_dir / f"{i:06d}.png", res.labels_crf if crf else res.labels)
-            if stats is not None:
+        for i, res in zip(todo, ordered_map(cluster_map, jobs, self.config.n_jobs)):
+            if want_crf:
+                _save_png(crf_dir / f"{i:06d}.png", res.labels_crf)
+            if want_argmax:
+                _save_png(seg_dir / f"{i:06d}.png", res.labels)
                 stats["pixels"][i], stats["confidence"][i], stats["done"][i] = res.pixels, res.confidence, True
                 if time.monotonic() - last_save > 5.0:
                     self._save_stats(stats_path, stats)
                     last_save = time.monotonic()
             finished += 1
-            report(stage, finished / n, {"images": finished, "total": n})
-        if stats is not None:
-            self._save_stats(stats_path, stats)
-        if check():
-            raise Cancelled(f"{stage} cancelled after {finished} of {n} images")
-        if not crf:
-            self._write_clusters(stats)
+            report(stage, finished / n, {"images": finished, "total": n, "crf": want_crf})
+            yield i
 
     @staticmethod
     def _save_stats(path: Path, stats: dict) -> None:
