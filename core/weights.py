@@ -82,6 +82,7 @@ def cached_weights_path(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
