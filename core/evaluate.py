@@ -34,9 +34,9 @@ from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens, upsample
 from core.crf import ClusterMapJob, cluster_map, ordered_map
 from core.features import FeatureConfig, FeatureStore, extract_features
 from core.metrics import ConfusionMatrix, LinearProbe, downsample_labels
-from core.pipeline import _peak_rss_mb, item_codes
+from core.pipeline import item_codes, peak_rss_mb
 from core.shifts import ShiftEstimator
-from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig, encode_tokens
+from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         "shift_stats": {k: v.as_dict() for k, v in est.stats_.items()},
         "results": results, "stego_crf_over_kmeans_raw": ratio,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "total_s": round(time.perf_counter() - t_all, 1), "peak_rss_mb": _peak_rss_mb(),
+        "total_s": round(time.perf_counter() - t_all, 1), "peak_rss_mb": peak_rss_mb(),
         "torch_threads": torch.get_num_threads(),
     }
     report = json.loads(json.dumps(report))  # what the file holds (e.g. matching keys as strings)

@@ -35,7 +35,7 @@ from core.training import StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "StegoPipeline", "RunResult", "STAGES", "item_codes", "read_segments"]
+__all__ = ["PipelineConfig", "StegoPipeline", "RunResult", "STAGES", "item_codes", "read_segments", "peak_rss_mb"]
 
 STAGES = ("features", "knn", "training", "clustering", "segments", "crf")
 N_EXAMPLES = 8
@@ -103,7 +103,7 @@ class RunResult:
         return dataclasses.asdict(self)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024, 1)
 
@@ -232,6 +232,7 @@ class StegoPipeline:
             state["weights_source"] = stores["infer"].meta.get("weights_source", "")
 
         timed("features", features)
+        self._backbone = None  # not needed again in fit; segment() recreates it on demand
         train_store, infer_store = stores["train"], stores["infer"]
 
         knn_holder: dict[str, np.ndarray] = {}
@@ -280,7 +281,7 @@ class StegoPipeline:
             n_items=len(train_store), n_clusters=self.config.n_clusters,
             resolution=self.config.features.resolution, shifts=state.get("shifts", {}),
             timings=dict(state["timings"]), final_loss=history[-1]["loss"] if history else None,
-            crf=self.config.crf, peak_rss_mb=_peak_rss_mb())
+            crf=self.config.crf, peak_rss_mb=peak_rss_mb())
         _write_json(self.run_dir / "result.json", result.to_dict())
         return result
 
