@@ -182,31 +182,68 @@ def upsample_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return _resize_rows(cols, slice(None), int(out_hw[0]))
 
 
+def _upsampled_sq_norms(codes: np.ndarray, H: int, W: int) -> np.ndarray:
+    """(H, W) squared L2 norm of the bilinearly upsampled code at every pixel, exactly.
+
+    A pixel's code is w00*P00 + w01*P01 + w10*P10 + w11*P11 over its 2x2 source cells, so
+    its squared norm needs only the inner products of neighbouring cells, computed once at
+    the low resolution: no (H, W, D) array is ever built.
+    """
+    c = np.asarray(codes, dtype=np.float64)
+    h, w = c.shape[:2]
+    right = np.minimum(np.arange(w) + 1, w - 1)
+    down = np.minimum(np.arange(h) + 1, h - 1)
+    S = np.einsum("ijd,ijd->ij", c, c)                          # |c[i,j]|^2
+    R = np.einsum("ijd,ijd->ij", c, c[:, right])                # c[i,j] . c[i,j+1]
+    Dn = np.einsum("ijd,ijd->ij", c, c[down])                   # c[i,j] . c[i+1,j]
+    E = np.einsum("ijd,ijd->ij", c, c[down][:, right])          # c[i,j] . c[i+1,j+1]
+    Fd = np.einsum("ijd,ijd->ij", c[:, right], c[down])         # c[i,j+1] . c[i+1,j]
+    i0, i1, fy = _taps(H, h)
+    j0, j1, fx = _taps(W, w)
+    a0, a1 = i0[:, None], i1[:, None]
+    b0, b1 = j0[None, :], j1[None, :]
+    fy, fx = fy[:, None].astype(np.float64), fx[None, :].astype(np.float64)
+    w00, w01, w10, w11 = (1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx
+    sq = (w00 ** 2 * S[a0, b0] + w01 ** 2 * S[a0, b1] + w10 ** 2 * S[a1, b0] + w11 ** 2 * S[a1, b1]
+          + 2 * (w00 * w01 * R[a0, b0] + w10 * w11 * R[a1, b0] + w00 * w10 * Dn[a0, b0]
+                 + w01 * w11 * Dn[a0, b1] + w00 * w11 * E[a0, b0] + w01 * w10 * Fd[a0, b0]))
+    return np.maximum(sq, 1e-24)
+
+
 def cluster_log_probs(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, int],
-                      alpha: float = DEFAULT_ALPHA, chunk_values: int = 1 << 22) -> np.ndarray:
+                      alpha: float = DEFAULT_ALPHA) -> np.ndarray:
     """(K, H, W) float32 log-probabilities of each cluster at every pixel.
 
-    codes (h, w, D) at inference resolution are upsampled bilinearly to ``out_hw``,
-    L2-normalised per pixel, compared with the unit centroids by cosine similarity, and
-    turned into log-probabilities by ``log_softmax(alpha * similarity)``. Works in row
-    chunks of about ``chunk_values`` upsampled values, so memory stays small and flat.
+    Equivalent to: upsample the codes (h, w, D) bilinearly to ``out_hw``, L2-normalise each
+    pixel's code, take its cosine similarity to each unit centroid, and apply
+    ``log_softmax(alpha * similarity)`` over clusters. Computed without building the
+    (H, W, D) map: the dot products with the centroids are linear, so they are taken at
+    the low resolution and upsampled (K channels instead of D), and the per-pixel norms of
+    the upsampled codes come exactly from neighbouring cells' inner products.
     """
     h, w, d = codes.shape
     cent = _normalize(centroids)
     if cent.shape[1] != d:
         raise ValueError(f"codes have {d} channels but centroids {cent.shape[1]}")
     H, W = int(out_hw[0]), int(out_hw[1])
-    cols = _resize_cols(np.asarray(codes, dtype=np.float32), W)   # (h, W, D)
-    out = np.empty((cent.shape[0], H, W), dtype=np.float32)
-    rows = max(1, chunk_values // max(W * d, 1))
-    for r0 in range(0, H, rows):
-        up = _resize_rows(cols, slice(r0, r0 + rows), H)
-        up /= np.maximum(np.linalg.norm(up, axis=-1, keepdims=True), 1e-12)
-        logits = alpha * (up @ cent.T)  # (r, W, K)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        out[:, r0:r0 + rows] = np.moveaxis(logits, -1, 0)
-    return out
+    dots = np.asarray(codes, dtype=np.float32) @ cent.T                  # (h, w, K)
+    up = upsample_bilinear(dots, (H, W))                                 # (H, W, K)
+    logits = np.moveaxis(up, -1, 0)                                      # (K, H, W) view
+    logits = logits * (alpha / np.sqrt(_upsampled_sq_norms(codes, H, W))).astype(np.float32)
+    logits -= logits.max(axis=0, keepdims=True)
+    logits -= np.log(np.exp(logits).sum(axis=0, keepdims=True))
+    return np.ascontiguousarray(logits, dtype=np.float32)
+
+
+def _cluster_log_probs_direct(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, int],
+                              alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Reference implementation of cluster_log_probs (builds the full (H, W, D) map)."""
+    up = upsample_bilinear(codes, out_hw)
+    up /= np.maximum(np.linalg.norm(up, axis=-1, keepdims=True), 1e-12)
+    logits = alpha * (up @ _normalize(centroids).T)
+    logits -= logits.max(axis=-1, keepdims=True)
+    logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return np.moveaxis(logits, -1, 0).astype(np.float32)
 
 
 def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int = 0,

@@ -1,6 +1,10 @@
 """Dense CRF refinement (pydensecrf) with the STEGO paper's parameters, run in parallel.
 
-This module imports neither torch nor anything heavy, so worker processes start fast.
+Also the per-image job the pipeline and the evaluation hand to worker processes
+(``ClusterMapJob`` -> ``cluster_map``: codes at inference resolution to full-resolution
+cluster labels, optionally CRF-refined). This module imports neither torch nor anything
+heavy, so spawned workers start fast (they do re-import the program's main module, so
+scripts should keep heavy imports inside their main function).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
-from core.clustering import (CosineKMeans, bilinear_matrix, cluster_log_probs, sample_tokens,
-                             upsample_bilinear)
+from core.clustering import (CosineKMeans, _cluster_log_probs_direct, bilinear_matrix, cluster_log_probs,
+                             sample_tokens, upsample_bilinear)
 from core.tokens import ArrayFeatures
 
 
@@ -69,7 +69,7 @@ def test_bilinear_matrix_matches_torch_interpolate(n_out, n_in):
     np.testing.assert_allclose(bilinear_matrix(n_out, n_in).sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_cluster_log_probs_full_resolution_and_chunk_independent():
+def test_cluster_log_probs_full_resolution_and_equal_to_upsampling_the_codes():
     rng = np.random.default_rng(0)
     cent = np.eye(3, 5, dtype=np.float32)
     codes = np.zeros((4, 6, 5), dtype=np.float32)
@@ -81,8 +81,13 @@ def test_cluster_log_probs_full_resolution_and_chunk_independent():
     np.testing.assert_allclose(np.exp(lp).sum(axis=0), 1.0, atol=1e-5)
     labels = lp.argmax(axis=0)
     assert (labels[:, :25] == 0).all() and (labels[:, 35:] == 2).all()
-    small_chunks = cluster_log_probs(codes, cent, (40, 60), alpha=10.0, chunk_values=100)
-    np.testing.assert_allclose(small_chunks, lp, atol=1e-5)
+    # same as building the full-resolution code map, normalising it and comparing (the slow way)
+    np.testing.assert_allclose(_cluster_log_probs_direct(codes, cent, (40, 60), alpha=10.0), lp, atol=1e-5)
+    for shape, size in [((23, 30, 70), (360, 480)), ((3, 2, 6), (3, 2)), ((1, 1, 4), (5, 3)), ((4, 9, 8), (2, 5))]:
+        c = rng.normal(size=shape).astype(np.float32)
+        cen = rng.normal(size=(7, shape[2])).astype(np.float32)
+        np.testing.assert_allclose(cluster_log_probs(c, cen, size), _cluster_log_probs_direct(c, cen, size),
+                                   atol=1e-5)
     with pytest.raises(ValueError, match="channels"):
         cluster_log_probs(codes, np.eye(3, 4, dtype=np.float32), (8, 8))
 
