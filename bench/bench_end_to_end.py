@@ -6,7 +6,8 @@ cache (only the converted weights are reused: converting them is a one-time inst
 < 5 minutes) and the peak RSS of the main process and of the worker processes.
 Results: bench/results/end_to_end.json and end_to_end.md.
 
-    .venv/bin/python bench/bench_end_to_end.py [--steps 500] [--keep DIR]
+    .venv/bin/python bench/bench_end_to_end.py [--steps 500] [--precision auto|float32|bfloat16]
+        [--crf-resolution N] [--out NAME] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500, help="training steps (the app's default run)")
     ap.add_argument("--clusters", type=int, default=11)
     ap.add_argument("--resolution", type=int, default=322)
+    ap.add_argument("--precision", default="auto", help="backbone precision (auto, float32, bfloat16)")
+    ap.add_argument("--crf-resolution", type=int, default=None,
+                    help="CRF short side (default: the features' resolution; 0: full 480x360)")
+    ap.add_argument("--out", default="end_to_end", help="result file name (without extension) in bench/results")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run and cache here instead of a temp dir")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -79,6 +84,7 @@ def main() -> None:
 
     from core.features import FeatureConfig
     from core.pipeline import STAGES, PipelineConfig, StegoPipeline
+    from core.precision import resolve_precision
     from core.training import TrainConfig
     from core.weights import default_cache_dir, weights_dir
 
@@ -92,9 +98,10 @@ def main() -> None:
         raise SystemExit(f"no converted dinov2_vits14 weights in {src}: run the app once (or "
                          "`python -c \"from core.backbones import create_backbone; create_backbone('dinov2_vits14')\"`)")
     shutil.copytree(src, cache / "weights")
-    config = PipelineConfig(features=FeatureConfig(backbone="dinov2_vits14", resolution=args.resolution),
+    config = PipelineConfig(features=FeatureConfig(backbone="dinov2_vits14", resolution=args.resolution,
+                                                   precision=args.precision),
                             train=TrainConfig(steps=args.steps), n_clusters=args.clusters, crf=True,
-                            device="cpu", n_jobs=2)
+                            crf_resolution=args.crf_resolution, device="cpu", n_jobs=2)
     load_start = os.getloadavg()
     sampler = RssSampler()
     sampler.start()
@@ -112,6 +119,7 @@ def main() -> None:
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "images": len(paths), "backbone": "dinov2_vits14", "weights_source": result.weights_source,
         "resolution": args.resolution, "steps": args.steps, "clusters": args.clusters,
+        "precision": resolve_precision(config.features.precision, "cpu"), "crf_short_side": config.crf_short_side,
         "stages_s": {s: round(result.timings.get(s, 0.0), 1) for s in STAGES},
         "stages_share": {s: round(result.timings.get(s, 0.0) / stage_total, 3) for s in STAGES},
         "total_s": round(total, 1), "target_s": TARGET_S, "passed": total < TARGET_S,
@@ -120,7 +128,7 @@ def main() -> None:
         "shifts": result.shifts,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "end_to_end.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1))
     rows = [f"| {s} | {report['stages_s'][s]:.1f} | {100 * report['stages_share'][s]:.1f} % |" for s in STAGES]
     md = [
         "# End to end: 468 CamVid frames, raw files to CRF-refined segments",
@@ -129,7 +137,12 @@ def main() -> None:
         f"{report['load_average_end']} (shared machine: other jobs ran alongside, so times are noisy).",
         f"DINOv2 ViT-S/14 at short side {args.resolution} - weights: {result.weights_source}.",
         f"{len(paths)} images (CamVid train + val, 480x360 JPEG), fresh feature cache, {args.steps} training steps, "
-        f"{args.clusters} clusters, CRF with the paper's parameters, 2 worker processes.",
+        f"{args.clusters} clusters, 2 worker processes. Backbone forward in {report['precision']} "
+        + ("(`precision='auto'`: bfloat16 autocast on CPUs with native bfloat16 matrix units, float32 elsewhere); "
+           if args.precision == "auto" else f"(`--precision {args.precision}`); ")
+        + (f"CRF with the paper's parameters on the image at the inference size (short side "
+           f"{report['crf_short_side']}, as the paper does), its marginals upsampled bilinearly to 480x360."
+           if report["crf_short_side"] else "CRF with the paper's parameters at the full 480x360 resolution."),
         "",
         "| stage | seconds | share |",
         "| --- | --- | --- |",
@@ -142,11 +155,12 @@ def main() -> None:
         "pass (one decode, one probability map per image), so the CRF cost is in the segments row; the crf "
         "stage only checks that every refined map exists.",
         "",
-        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py`",
+        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py` (the earlier configuration, float32 and the CRF "
+        "at full resolution: `--precision float32 --crf-resolution 0 --out end_to_end_fp32_fullres_crf`)",
         "",
     ]
-    (RESULTS / "end_to_end.md").write_text("\n".join(md))
-    log.info("total %.1f s; wrote %s", total, RESULTS / "end_to_end.md")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(md))
+    log.info("total %.1f s; wrote %s", total, RESULTS / f"{args.out}.md")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

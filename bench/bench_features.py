@@ -38,6 +38,7 @@ import torch
 
 from core.backbones import create_backbone
 from core.features import FeatureConfig, extract_features
+from core.precision import autocast, resolve_precision
 from core.images import load_image, resize_rgb, target_size
 
 log = logging.getLogger("bench_features")
@@ -91,10 +92,11 @@ def corpus(n: int, tmp: Path) -> tuple[list[Path], str]:
     return synthetic_images(tmp / "synthetic", n), "synthetic 480x360 JPEGs"
 
 
-def bare_loop(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of the bare forward loop."""
+def bare_loop(model: torch.nn.Module, batches: list[torch.Tensor], precision: str = "float32"
+              ) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of the bare forward loop, in the pipeline's precision."""
     t0, c0 = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast("cpu", precision):
         for x in batches:
             model.forward_features(x)
     return time.perf_counter() - t0, time.process_time() - c0
@@ -114,14 +116,15 @@ def throughput(backbone, paths: list[Path], resolutions: list[int], batch_size: 
         if len(shapes) != 1:
             raise RuntimeError(f"benchmark corpus must have one image size, got {shapes}")
         batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
-        bare_loop(backbone.model, batches[:1])  # warm-up
         cfg = FeatureConfig(backbone=backbone.spec.name, resolution=res, batch_size=batch_size)
+        precision = resolve_precision(cfg.precision, backbone.device)   # both sides compute alike
+        bare_loop(backbone.model, batches[:1], precision)  # warm-up
         bare_t, pipe_t, bare_cpu, pipe_cpu, loads = [], [], [], [], []
         for r in range(repeats):
             order = ("bare", "pipe") if r % 2 == 0 else ("pipe", "bare")
             for kind in order:
                 if kind == "bare":
-                    wall, cpu = bare_loop(backbone.model, batches)
+                    wall, cpu = bare_loop(backbone.model, batches, precision)
                     bare_t.append(wall)
                     bare_cpu.append(cpu)
                 else:
@@ -135,7 +138,7 @@ def throughput(backbone, paths: list[Path], resolutions: list[int], batch_size: 
                      bare_t[-1], bare_cpu[-1], pipe_t[-1], pipe_cpu[-1], loads[-1])
         n = len(paths)
         row = {
-            "resolution": res, "input_hw": list(shapes.pop()[1:]), "n_images": n, "batch_size": batch_size,
+            "resolution": res, "precision": precision, "input_hw": list(shapes.pop()[1:]), "n_images": n, "batch_size": batch_size,
             "bare_s": bare_t, "pipeline_s": pipe_t, "bare_cpu_s": bare_cpu, "pipeline_cpu_s": pipe_cpu,
             "loadavg_1min": loads,
             "overhead_cpu_best": min(pipe_cpu) / min(bare_cpu) - 1.0,
@@ -202,13 +205,14 @@ def write_results(result: dict) -> None:
         f"Backbone: {result['backbone']} - weights: {result['weights_source']}.",
         f"Corpus: {result['corpus']}.", "",
         "## Throughput: pipeline vs bare `forward_features` loop (target overhead < 10 %)", "",
-        ("| short side | input | images | bare img/s (best / median) | pipeline img/s (best / median) | "
+        ("| short side | input | precision | images | bare img/s (best / median) | pipeline img/s (best / median) | "
          "wall overhead (best / median) | CPU-time overhead (best / median) |"),
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["throughput"]:
         lines.append(
-            f"| {r['resolution']} | {r['input_hw'][0]}x{r['input_hw'][1]} | {r['n_images']} | "
+            f"| {r['resolution']} | {r['input_hw'][0]}x{r['input_hw'][1]} | {r.get('precision', 'float32')} | "
+            f"{r['n_images']} | "
             f"{r['bare_img_per_s_best']:.2f} / {r['bare_img_per_s_median']:.2f} | "
             f"{r['pipeline_img_per_s_best']:.2f} / {r['pipeline_img_per_s_median']:.2f} | "
             f"{100 * r['overhead_best']:+.1f} % / {100 * r['overhead_median']:+.1f} % | "

@@ -37,7 +37,7 @@ class CosineKMeans:
     for a given ``seed``.
     """
 
-    def __init__(self, n_clusters: int, n_init: int = 5, max_iter: int = 100, tol: float = 1e-5,
+    def __init__(self, n_clusters: int, n_init: int = 20, max_iter: int = 100, tol: float = 1e-5,
                  seed: int = 0):
         self.n_clusters = n_clusters
         self.n_init = n_init

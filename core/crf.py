@@ -19,8 +19,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CRFParams", "dense_crf", "crf_batch", "iter_crf", "ordered_map", "ClusterMapJob", "ClusterMap",
-           "cluster_map"]
+__all__ = ["CRFParams", "dense_crf", "crf_marginals", "crf_size", "crf_batch", "iter_crf", "ordered_map",
+           "ClusterMapJob", "ClusterMap", "cluster_map", "refine_labels"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,10 +45,11 @@ class CRFParams:
                 raise ValueError(f"CRFParams.{name} must be > 0")
 
 
-def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
-    """Refine per-pixel class log-probabilities (K, H, W) on an (H, W, 3) uint8 image.
+def crf_marginals(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Mean-field marginals (K, H, W) float32 of the dense CRF on an (H, W, 3) uint8 image.
 
-    Unary = -log p. Returns (H, W) int32 labels (the argmax of the CRF marginals).
+    ``log_probs`` (K, H, W) are per-pixel class log-probabilities; the unary is ``-log p``.
+    The spatial parameters (sxy) are in pixels of ``image``.
     """
     import pydensecrf.densecrf as dcrf
 
@@ -60,7 +61,7 @@ def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFP
         raise ValueError(f"log_probs must be (K, H, W) with H, W = {image.shape[:2]}, got {log_probs.shape}")
     k, h, w = log_probs.shape
     if k == 1:
-        return np.zeros((h, w), dtype=np.int32)
+        return np.ones((1, h, w), dtype=np.float32)
     unary = np.ascontiguousarray(np.minimum(-log_probs, 1e4).reshape(k, -1))
     unary[~np.isfinite(unary)] = 1e4
     crf = dcrf.DenseCRF2D(w, h, k)
@@ -68,8 +69,29 @@ def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFP
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
                              rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
-    q = np.asarray(crf.inference(params.iterations), dtype=np.float32)
-    return q.reshape(k, h, w).argmax(axis=0).astype(np.int32)
+    return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(k, h, w)
+
+
+def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Refine per-pixel class log-probabilities (K, H, W) on an (H, W, 3) uint8 image.
+
+    Unary = -log p. Returns (H, W) int32 labels (the argmax of the CRF marginals).
+    """
+    return crf_marginals(image, log_probs, params).argmax(axis=0).astype(np.int32)
+
+
+def crf_size(height: int, width: int, resolution: int | None) -> tuple[int, int]:
+    """(h, w) the CRF runs at: the image scaled so its short side is ``resolution``, never enlarged.
+
+    ``None`` means full resolution. The paper runs its CRF on the inference-size image (short
+    side 320), where its pixel parameters (bilateral sxy 67, Gaussian sxy 1) were chosen.
+    """
+    if resolution is None or min(height, width) <= resolution:
+        return int(height), int(width)
+    if resolution < 1:
+        raise ValueError(f"CRF resolution must be >= 1 pixel, got {resolution}")
+    scale = resolution / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _crf_job(args: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
@@ -122,6 +144,7 @@ class ClusterMapJob:
     alpha: float = 2.0                # softmax temperature on cosine similarities
     image_path: str | None = None     # needed when crf is True
     crf: bool = False
+    crf_resolution: int | None = None # short side the CRF runs at (see crf_size); None = full size
     argmax: bool = True               # also return the plain argmax labels
     params: CRFParams = CRFParams()
 
@@ -154,8 +177,31 @@ def cluster_map(job: ClusterMapJob) -> ClusterMap:
         if image.shape[:2] != tuple(job.size):
             raise ValueError(f"{job.image_path} is {image.shape[:2]}, expected {tuple(job.size)}; "
                              "did the file change since its features were extracted?")
-        refined = dense_crf(image, lp, job.params).astype(np.uint16)
+        refined = refine_labels(image, job.codes, job.centroids, job.alpha, job.crf_resolution, job.params, lp)
     return ClusterMap(labels.astype(np.uint16) if job.argmax else None, refined, pixels, confidence)
+
+
+def refine_labels(image: np.ndarray, codes: np.ndarray, centroids: np.ndarray, alpha: float,
+                  resolution: int | None, params: CRFParams = CRFParams(),
+                  full_log_probs: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) uint16 CRF-refined cluster labels of ``image`` from its low-resolution ``codes``.
+
+    The CRF runs at ``crf_size(H, W, resolution)``: on the downscaled image with the cluster
+    probabilities computed at that size; its marginals are then upsampled bilinearly to (H, W).
+    At full size it reuses ``full_log_probs`` when given.
+    """
+    from core.clustering import cluster_log_probs, upsample_bilinear
+
+    H, W = image.shape[:2]
+    h, w = crf_size(H, W, resolution)
+    if (h, w) == (H, W):
+        lp = full_log_probs if full_log_probs is not None else cluster_log_probs(codes, centroids, (H, W), alpha)
+        return crf_marginals(image, lp, params).argmax(axis=0).astype(np.uint16)
+    from PIL import Image
+
+    small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    q = crf_marginals(small, cluster_log_probs(codes, centroids, (h, w), alpha), params)
+    return upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(axis=-1).astype(np.uint16)
 
 
 def crf_batch(images: Sequence[np.ndarray], log_probs_list: Sequence[np.ndarray], n_jobs: int = 2,

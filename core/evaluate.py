@@ -35,6 +35,7 @@ from core.crf import ClusterMapJob, cluster_map, ordered_map
 from core.features import FeatureConfig, FeatureStore, extract_features
 from core.metrics import ConfusionMatrix, LinearProbe, downsample_labels
 from core.pipeline import item_codes, peak_rss_mb
+from core.precision import PRECISIONS, resolve_precision
 from core.shifts import ShiftEstimator
 from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig
 
@@ -68,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="auto")
     m.add_argument("--resolution", type=int, default=322, help="short side of the images for the backbone")
     m.add_argument("--flip", action="store_true", help="average codes with the flipped image at inference")
+    m.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="backbone compute precision (auto: bfloat16 on CPUs with native bfloat16, else float32)")
     m.add_argument("--n-clusters", type=int, default=None, help="clusters (default: --classes)")
     m.add_argument("--steps", type=int, default=2000)
     m.add_argument("--batch-size", type=int, default=16)
@@ -82,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="cluster softmax temperature")
     m.add_argument("--cluster-samples", type=int, default=100_000)
     m.add_argument("--no-crf", action="store_true", help="skip the CRF rows")
+    m.add_argument("--crf-resolution", type=int, default=None,
+                   help="short side (px) the CRF runs at (default: --resolution, as in the paper; 0: full size)")
     m.add_argument("--jobs", type=int, default=2, help="worker processes for scoring and CRF")
     o = parser.add_argument_group("output")
     o.add_argument("--cache-dir", type=Path, default=None,
@@ -173,7 +178,8 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     backbone = create_backbone(args.backbone, checkpoint=args.weights, device=args.device, cache_dir=args.cache_dir)
-    fcfg = FeatureConfig(backbone=args.backbone, resolution=args.resolution, flip=bool(args.flip))
+    fcfg = FeatureConfig(backbone=args.backbone, resolution=args.resolution, flip=bool(args.flip),
+                         precision=getattr(args, "precision", "auto"))
     from core.weights import default_cache_dir
 
     feat_root = Path(args.cache_dir or default_cache_dir()) / "features"
@@ -181,6 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     val = train if val_imgs == train_imgs else extract_features(val_imgs, backbone, fcfg, feat_root)
     timings["features"] = time.perf_counter() - t
     weights_source = backbone.weights_source
+    precision = resolve_precision(fcfg.precision, backbone.device)
     del backbone
 
     t = time.perf_counter()
@@ -228,6 +235,8 @@ def run(args: argparse.Namespace) -> dict:
     cms.update({f"linear_probe_{n}": ConfusionMatrix(C, C, args.ignore) for n in probes})
 
     sizes = val.image_sizes()
+    crf_res = getattr(args, "crf_resolution", None)
+    crf_side = args.resolution if crf_res is None else (crf_res or None)
 
     def jobs() -> Iterator[tuple[str, ClusterMapJob]]:
         for i in range(len(val)):
@@ -241,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
                 suffix = "" if name == "auto" else "_paper_shifts"
                 yield ("stego" + suffix, ClusterMapJob(item_codes(tr.head, val, i), code_km[name].centroids_, size,
                                                        args.alpha, image_path=str(val_imgs[i]),
-                                                       crf=not args.no_crf))
+                                                       crf=not args.no_crf, crf_resolution=crf_side))
 
     t = time.perf_counter()
     job_list = jobs()
@@ -283,7 +292,9 @@ def run(args: argparse.Namespace) -> dict:
         ratio = results["stego_crf"]["miou"] / results["kmeans_raw"]["miou"]
     report = {
         "backbone": args.backbone, "weights_source": weights_source, "resolution": args.resolution,
-        "flip": bool(args.flip), "n_train_images": len(train_imgs), "n_val_images": len(val_imgs),
+        "flip": bool(args.flip), "precision": precision,
+        "crf_short_side": None if args.no_crf else crf_side,
+        "n_train_images": len(train_imgs), "n_val_images": len(val_imgs),
         "classes": C, "class_names": class_names, "n_clusters": K, "ignore": args.ignore,
         "train_config": dataclasses.asdict(tcfg), "alpha": args.alpha,
         "shifts": {name: tr.shifts for name, tr in stego.items()},
@@ -319,7 +330,9 @@ def markdown_report(r: dict) -> str:
              "",
              f"Fit on {r['n_train_images']} images, scored on {r['n_val_images']} images; {r['classes']} classes, "
              f"{r['n_clusters']} clusters, {r['train_config']['steps']} training steps; "
-             f"flip averaging {'on' if r['flip'] else 'off'}.",
+             f"flip averaging {'on' if r['flip'] else 'off'}; backbone precision {r.get('precision', 'float32')}"
+             + (f"; CRF at short side {r.get('crf_short_side') or 'full size'}." if "stego_crf" in r["results"]
+                else "."),
              "",
              "| method | mIoU | pixel accuracy |",
              "| --- | --- | --- |"]

@@ -36,6 +36,7 @@ import torch
 
 from core.errors import Cancelled, ImageLoadError
 from core.images import crop, five_crop_boxes, image_size, load_image, resize_rgb, target_size
+from core.precision import PRECISIONS, autocast, resolve_precision
 
 if TYPE_CHECKING:
     from core.backbones import Backbone
@@ -70,6 +71,7 @@ class FeatureConfig:
     flip: bool = False           # also store features of the h-flipped image, flipped back
     max_long_side: int = 1024
     batch_size: int = 8
+    precision: str = "auto"      # forward-pass precision, see core.precision.resolve_precision
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolution, int) or self.resolution < 1:
@@ -77,6 +79,8 @@ class FeatureConfig:
                              f"got {self.resolution!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not isinstance(self.max_long_side, int) or self.max_long_side < self.resolution:
@@ -90,10 +94,17 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha1").hexdigest()
 
 
-def cache_key(backbone_name: str, weights_id: str, config: FeatureConfig, image_hashes: Sequence[str]) -> str:
-    """The store directory name: sha1 of everything that changes the stored numbers."""
-    payload = json.dumps([FORMAT_VERSION, backbone_name, weights_id, config.resolution, config.crop_mode,
-                          bool(config.flip), config.max_long_side, list(image_hashes)])
+def cache_key(backbone_name: str, weights_id: str, config: FeatureConfig, image_hashes: Sequence[str],
+              precision: str = "float32") -> str:
+    """The store directory name: sha1 of everything that changes the stored numbers.
+
+    ``precision`` is the resolved compute precision (float32 stores keep their earlier keys).
+    """
+    fields: list = [FORMAT_VERSION, backbone_name, weights_id, config.resolution, config.crop_mode,
+                    bool(config.flip), config.max_long_side, list(image_hashes)]
+    if precision != "float32":
+        fields.append(precision)
+    payload = json.dumps(fields)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -312,7 +323,8 @@ def _create_store(root: Path, paths: Sequence[Path], hashes: list[str], sizes: n
     meta = {
         "format": FORMAT_VERSION, "config": asdict(config), "backbone": backbone.spec.name,
         "weights_id": backbone.weights_id, "weights_source": backbone.weights_source,
-        "embed_dim": C, "patch_size": backbone.patch_size, "n_images": len(paths),
+        "precision": resolve_precision(config.precision, backbone.device), "embed_dim": C,
+        "patch_size": backbone.patch_size, "n_images": len(paths),
         "n_items": len(index), "total_tokens": total, "image_hashes": hashes,
         "image_paths": [str(p) for p in paths], "created": time.time(),
     }
@@ -506,9 +518,10 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
                          f"{backbone.spec.name!r}; create the backbone named in the config")
     if config.resolution < backbone.patch_size:
         raise ValueError(f"resolution {config.resolution} is smaller than the patch size {backbone.patch_size}")
+    precision = resolve_precision(config.precision, backbone.device)
     t0 = time.perf_counter()
     hashes, sizes = _scan(paths)
-    root = Path(cache_root) / cache_key(backbone.spec.name, backbone.weights_id, config, hashes)
+    root = Path(cache_root) / cache_key(backbone.spec.name, backbone.weights_id, config, hashes, precision)
     with _locked(root):
         store = _open_or_create(root, paths, hashes, sizes, backbone, config)
         n = len(store)
@@ -521,9 +534,9 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
         if pending.size < n:
             log.info("Resuming features in %s: %d of %d items left", root, pending.size, n)
         else:
-            log.info("Extracting %s features of %d images (%d items) into %s",
-                     backbone.spec.name, len(paths), n, root)
-        _run_extraction(store, paths, sizes, backbone, config, pending, progress, cancel)
+            log.info("Extracting %s features (%s) of %d images (%d items) into %s",
+                     backbone.spec.name, precision, len(paths), n, root)
+        _run_extraction(store, paths, sizes, backbone, config, pending, progress, cancel, precision)
         meta = dict(store.meta, completed=time.time(), seconds=round(time.perf_counter() - t0, 3))
         _write_json_atomic(root / META, meta)
     return FeatureStore.open(root)
@@ -531,7 +544,7 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
 
 def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarray, backbone: Backbone,
                     config: FeatureConfig, pending: np.ndarray, progress: Callable[[int, int], None] | None,
-                    cancel: Callable[[], bool] | None) -> None:
+                    cancel: Callable[[], bool] | None, precision: str = "float32") -> None:
     index = store._index
     boxes = np.load(store.root / BOXES)
     n = len(index)
@@ -542,7 +555,7 @@ def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarra
     writer = _Writer(store.root, backbone.embed_dim, config.flip)
     device = backbone.device
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, precision):
             for items, x in loader:
                 if cancel is not None and cancel():
                     raise Cancelled(f"feature extraction cancelled after {done_count} of {n} items")
@@ -550,7 +563,7 @@ def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarra
                 B = x.shape[0]
                 if config.flip:
                     x = torch.cat([x, x.flip(-1)])
-                f = backbone(x).permute(0, 2, 3, 1).to(torch.float16)  # (B', h, w, C)
+                f = backbone(x).float().permute(0, 2, 3, 1).to(torch.float16)  # (B', h, w, C)
                 main = np.ascontiguousarray(f[:B].cpu().numpy())
                 flipped = np.ascontiguousarray(f[B:].flip(2).cpu().numpy()) if config.flip else None
                 pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)

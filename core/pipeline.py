@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 
 from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens
-from core.crf import ClusterMap, ClusterMapJob, CRFParams, cluster_map, dense_crf, ordered_map
+from core.crf import ClusterMap, ClusterMapJob, CRFParams, cluster_map, ordered_map, refine_labels
 from core.errors import Cancelled
 from core.features import FeatureConfig, FeatureStore, extract_features
 from core.head import SegmentationHead
+from core.precision import autocast, resolve_precision
 from core.training import StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     n_clusters: int = 12
     crf: bool = True
+    crf_resolution: int | None = None      # short side the CRF runs at: None = features' (paper), 0 = full size
     checkpoint: str | None = None          # explicit backbone weights file
     device: str = "auto"
     knn_k: int = 30                         # KNN table size (training draws from the top num_neighbors)
     cluster_samples: int = 100_000          # code vectors the k-means is fitted on
-    cluster_n_init: int = 5
+    cluster_n_init: int = 20               # k-means restarts (best objective kept; 5 was not enough to be stable)
     alpha: float = DEFAULT_ALPHA            # cluster-probe softmax temperature on cosine similarity
     n_jobs: int = 2                         # worker processes for segments and CRF
 
@@ -68,7 +70,16 @@ class PipelineConfig:
             raise ValueError("knn_k and cluster_n_init must be >= 1 and cluster_samples >= n_clusters")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.crf_resolution is not None and self.crf_resolution < 0:
+            raise ValueError(f"crf_resolution must be >= 0 (0 = full image size), got {self.crf_resolution}")
         self.train.validate()
+
+    @property
+    def crf_short_side(self) -> int | None:
+        """Short side the CRF runs at (None = each image's full size)."""
+        if self.crf_resolution is None:
+            return self.features.resolution
+        return self.crf_resolution or None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,6 +189,8 @@ class StegoPipeline:
         cfg_path, img_path = self.run_dir / "config.json", self.run_dir / "images.json"
         if cfg_path.is_file() or img_path.is_file():
             old_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+            if old_cfg is not None:  # settings added since that run was written take their defaults
+                old_cfg = json.loads(json.dumps(PipelineConfig.from_dict(old_cfg).to_dict()))
             old_img = json.loads(img_path.read_text()) if img_path.is_file() else None
             if old_cfg != json.loads(json.dumps(cfg)) or old_img != images:
                 raise ValueError(f"{self.run_dir} holds a run with other settings or images; "
@@ -365,7 +378,8 @@ class StegoPipeline:
                     raise RuntimeError("inference features must hold one whole-image item per image")
                 yield ClusterMapJob(codes=item_codes(self.head, store, i), centroids=self.centroids,
                                     size=(int(sizes[i][0]), int(sizes[i][1])), alpha=self.config.alpha,
-                                    image_path=str(paths[i]), crf=want_crf, argmax=want_argmax)
+                                    image_path=str(paths[i]), crf=want_crf, argmax=want_argmax,
+                                    crf_resolution=self.config.crf_short_side)
 
         finished = n - len(todo)
         threads = torch.get_num_threads()
@@ -453,9 +467,9 @@ class StegoPipeline:
         H, W = rgb.shape[:2]
         oh, ow = target_size(H, W, cfg.resolution, backbone.patch_size, cfg.max_long_side)
         x = backbone.preprocess(resize_rgb(rgb, (oh, ow)))[None].to(backbone.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(backbone.device, resolve_precision(cfg.precision, backbone.device)):
             batch = torch.cat([x, x.flip(-1)]) if cfg.flip else x
-            f = backbone(batch).permute(0, 2, 3, 1).float().cpu()
+            f = backbone(batch).float().permute(0, 2, 3, 1).cpu()
         h, w = f.shape[1:3]
         codes = encode_tokens(self.head, f[0].reshape(h * w, -1).numpy())
         if cfg.flip:
@@ -464,7 +478,5 @@ class StegoPipeline:
                                                     size=(H, W), alpha=self.config.alpha))
         if not crf:
             return res.labels.astype(np.int32)
-        from core.clustering import cluster_log_probs
-
-        lp = cluster_log_probs(codes.reshape(h, w, -1), self.centroids, (H, W), alpha=self.config.alpha)
-        return dense_crf(rgb, lp, CRFParams()).astype(np.int32)
+        return refine_labels(rgb, codes.reshape(h, w, -1), self.centroids, self.config.alpha,
+                             self.config.crf_short_side, CRFParams()).astype(np.int32)

@@ -64,6 +64,9 @@ def _add_run_params(p: argparse.ArgumentParser) -> None:
                    help="number of clusters to discover")
     g.add_argument("--crop-mode", choices=("none", "five"), default=dflt.crop_mode)
     g.add_argument("--no-crf", action="store_true", help="skip the CRF refinement")
+    g.add_argument("--crf-resolution", type=int, default=None,
+                   help="short side (px) the CRF runs at; default: the features' resolution (the paper's "
+                        "choice, fast); 0: each image's full size (slow on large photos)")
     g.add_argument("--no-flip", action="store_true",
                    help="do not average codes with the flipped image (halves feature time)")
     g.add_argument("--steps", type=int, default=dflt.steps, help="training steps")
@@ -278,7 +281,7 @@ def _params(args: argparse.Namespace):
 
     return RunParams(backbone=None, resolution=args.resolution, n_clusters=args.n_clusters,
                      crop_mode=args.crop_mode, flip=not args.no_flip, crf=not args.no_crf,
-                     steps=args.steps,
+                     crf_resolution=args.crf_resolution, steps=args.steps,
                      batch_size=args.batch_size, code_dim=args.code_dim, lr=args.lr,
                      shift_self=args.shift_self, shift_knn=args.shift_knn, shift_neg=args.shift_neg,
                      weight_self=args.weight_self, weight_knn=args.weight_knn,

@@ -9,6 +9,7 @@ from typing import Mapping
 from stego_app.errors import UserError
 
 ENV_PREFIX = "STEGO_"
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")   # core.precision.PRECISIONS (kept torch-free here)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -53,6 +54,7 @@ class AppConfig:
     demo: bool = True
     worker: bool = True                      # start the background run worker
     pipeline_jobs: int = 2                   # processes for the segments/CRF stages (1 = in-process)
+    precision: str = "auto"                  # backbone compute precision (core.precision.PRECISIONS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "AppConfig":
@@ -75,6 +77,10 @@ class AppConfig:
         cfg.weights = get("WEIGHTS")
         if (v := get("DEVICE")) is not None:
             cfg.device = v
+        if (v := get("PRECISION")) is not None:
+            if v not in PRECISIONS:
+                raise UserError(f"STEGO_PRECISION must be one of {', '.join(PRECISIONS)}, got {v!r}")
+            cfg.precision = v
         if (v := get("HOST")) is not None:
             cfg.host = v
         try:

@@ -37,6 +37,7 @@ class RunParams:
     crop_mode: str = "none"
     flip: bool = True                    # average codes with the h-flipped image (paper's inference)
     crf: bool = True
+    crf_resolution: int | None = None    # short side the CRF runs at; None = resolution, 0 = full size
     steps: int = 500
     batch_size: int = 16
     code_dim: int = 70
@@ -64,6 +65,8 @@ class RunParams:
 
         if not 28 <= self.resolution <= 2048:
             bad(f"resolution {self.resolution} must be between 28 and 2048")
+        if self.crf_resolution is not None and not 0 <= self.crf_resolution <= 16384:
+            bad(f"CRF resolution {self.crf_resolution} must be between 0 (full size) and 16384")
         if not 2 <= self.n_clusters <= 128:
             bad(f"number of clusters {self.n_clusters} must be between 2 and 128")
         if self.crop_mode not in CROP_MODES:

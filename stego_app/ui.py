@@ -196,6 +196,9 @@ def build_ui(ctx) -> gr.Blocks:
                         flip = gr.Checkbox(label="Average with the flipped image", value=defaults.flip,
                                            elem_id="flip")
                         seed = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed")
+                        crf_res = gr.Textbox(label="CRF resolution (short side, px)", value="",
+                                             placeholder="same as resolution; 0 = full size",
+                                             elem_id="crf-resolution")
                     gr.Markdown("Loss shifts: leave empty to choose them automatically from feature statistics.")
                     with gr.Row():
                         shift_self = gr.Textbox(label="Shift (self)", value="", placeholder="auto",
@@ -520,14 +523,15 @@ def build_ui(ctx) -> gr.Blocks:
 
         @_guard
         def on_start(pid, bb, res, k, use_crf, n_steps, bs, cdim, rate, crops, use_flip, sd, s_self, s_knn,
-                     s_neg, w_self, w_knn, w_neg):
+                     s_neg, w_self, w_knn, w_neg, crf_side):
             pid = H.as_id(pid, "project")
             if pid is None:
                 raise UserError("create or choose a project with images first")
             params = H.params_from_form(runs.RunParams, dict(
                 backbone=bb or None, resolution=res, n_clusters=k, crf=use_crf, steps=n_steps,
                 batch_size=bs, code_dim=cdim, lr=rate, crop_mode=crops, flip=use_flip, seed=sd, shift_self=s_self,
-                shift_knn=s_knn, shift_neg=s_neg, weight_self=w_self, weight_knn=w_knn, weight_neg=w_neg))
+                shift_knn=s_knn, shift_neg=s_neg, weight_self=w_self, weight_knn=w_knn, weight_neg=w_neg,
+                crf_resolution=crf_side))
             info = runs.start_run(ctx, pid, params)
             gr.Info(f"Run {info.id} started on {info.n_images} images.")
             return {run_dd: gr.update(choices=H.run_choices(runs.list_runs(ctx, pid)), value=info.id)}
@@ -730,7 +734,7 @@ def build_ui(ctx) -> gr.Blocks:
         folder_btn.click(on_ingest_folder, [project_dd, folder], ingest_outputs)
         start_btn.click(on_start, [project_dd, backbone_dd, resolution, n_clusters, crf, steps, batch_size,
                                    code_dim, lr, crop_mode, flip, seed, shift_self, shift_knn, shift_neg,
-                                   weight_self, weight_knn, weight_neg], [run_dd])
+                                   weight_self, weight_knn, weight_neg, crf_res], [run_dd])
         cancel_btn.click(on_cancel, [project_dd, run_dd], [status_html, loss_plot, sig_state, run_dd])
         resume_btn.click(on_resume, [project_dd, run_dd], [status_html, loss_plot, sig_state, run_dd])
         timer.tick(on_tick, [project_dd, run_dd, sig_state], run_outputs, show_progress="hidden")

@@ -283,7 +283,7 @@ def params_from_form(params_cls: type, values: Mapping[str, Any]) -> Any:
         try:
             if isinstance(default, bool):
                 kwargs[f.name] = bool(v)
-            elif isinstance(default, int):
+            elif isinstance(default, int) or str(f.type).startswith("int"):
                 kwargs[f.name] = int(round(float(v)))
             elif isinstance(default, float) or f.name.startswith("shift_"):
                 kwargs[f.name] = float(v)

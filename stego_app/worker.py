@@ -87,13 +87,14 @@ def build_pipeline_config(params: RunParams, backbone: str, config: AppConfig):
     from core.training import TrainConfig
 
     features = FeatureConfig(backbone=backbone, resolution=params.resolution, crop_mode=params.crop_mode,
-                             flip=params.flip)
+                             flip=params.flip, precision=config.precision)
     train = TrainConfig(code_dim=params.code_dim, steps=params.steps, batch_size=params.batch_size,
                         lr=params.lr, weight_self=params.weight_self, weight_knn=params.weight_knn,
                         weight_neg=params.weight_neg, shift_self=params.shift_self,
                         shift_knn=params.shift_knn, shift_neg=params.shift_neg, seed=params.seed,
                         device=config.device)
     return PipelineConfig(features=features, train=train, n_clusters=params.n_clusters, crf=params.crf,
+                          crf_resolution=params.crf_resolution,
                           checkpoint=config.weights, device=config.device,
                           n_jobs=max(1, config.pipeline_jobs))
 

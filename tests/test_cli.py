@@ -111,7 +111,7 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("STEGO_PIPELINE_JOBS", "1")
     code, out, err = _main(capsys, "run", "--project", "field", "--resolution", "32", "--clusters", "3",
-                           "--steps", "5", "--batch-size", "4", "--code-dim", "8", *data)
+                           "--steps", "5", "--batch-size", "4", "--code-dim", "8", "--crf-resolution", "24", *data)
     assert code == 0, err
     assert "run 1: done" in out and "training" in out and "100.0%" in out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
+from stego_app import config as config_mod
 from stego_app import projects
 from stego_app.config import AppConfig
 from stego_app.context import create_context
@@ -33,6 +34,12 @@ def test_config_reads_env_then_flags(tmp_path):
         AppConfig.from_env({"STEGO_AUTH": "nocolon"})
     with pytest.raises(UserError, match="number"):
         AppConfig.from_env({"STEGO_PORT": "eighty"})
+    assert AppConfig.from_env({"STEGO_PRECISION": "float32"}).precision == "float32"
+    with pytest.raises(UserError, match="STEGO_PRECISION must be one of"):
+        AppConfig.from_env({"STEGO_PRECISION": "half"})
+    from core.precision import PRECISIONS   # the app's copy of the list stays in step with core
+
+    assert config_mod.PRECISIONS == PRECISIONS
 
 
 def test_create_context_makes_folders_and_database(app_config):

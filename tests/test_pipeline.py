@@ -118,6 +118,15 @@ def test_cancel_then_resume_skips_finished_stages_and_continues_training(tmp_pat
     with pytest.raises(ValueError, match="new run directory"):
         StegoPipeline(_config(steps=7), run, tmp_path / "cache").fit(paths)
 
+    # a run written before a setting existed (here crf_resolution and the features' precision)
+    # still resumes: the missing settings take their defaults
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["crf_resolution"], cfg["features"]["precision"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    events = []
+    StegoPipeline(_config(), run, tmp_path / "cache").fit(paths, progress=lambda s, f, i: events.append((s, i)))
+    assert events == [(stage, {"skipped": True}) for stage in STAGES]
+
 
 def test_loaded_pipeline_segments_a_new_image_like_the_run_did(tmp_path):
     paths = _write_images(tmp_path / "imgs")
@@ -135,7 +144,16 @@ def test_loaded_pipeline_segments_a_new_image_like_the_run_did(tmp_path):
 def test_invalid_configuration_is_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match="n_clusters"):
         StegoPipeline(PipelineConfig(n_clusters=1), tmp_path / "run", tmp_path / "cache")
+    with pytest.raises(ValueError, match="crf_resolution"):
+        StegoPipeline(PipelineConfig(crf_resolution=-1), tmp_path / "run", tmp_path / "cache")
     with pytest.raises(ValueError, match="at least 2 images"):
         StegoPipeline(_config(), tmp_path / "run", tmp_path / "cache").fit([tmp_path / "a.png"])
     with pytest.raises(FileNotFoundError, match="has not finished"):
         StegoPipeline.load(tmp_path / "nothing")
+
+
+def test_crf_runs_at_the_features_resolution_unless_told_otherwise():
+    cfg = PipelineConfig(features=FeatureConfig(resolution=224))
+    assert cfg.crf_short_side == 224                   # the paper's choice: the inference-size image
+    assert PipelineConfig(crf_resolution=0).crf_short_side is None       # each image's full size
+    assert PipelineConfig(crf_resolution=500).crf_short_side == 500

@@ -135,6 +135,8 @@ def test_start_run_refuses_bad_requests(lab, app_ctx):
         runs.start_run(ctx, project.id, runs.RunParams(backbone="resnet9000"))
     with pytest.raises(UserError, match="crop mode"):
         runs.start_run(ctx, project.id, runs.RunParams(crop_mode="ten"))
+    with pytest.raises(UserError, match="CRF resolution"):
+        runs.start_run(ctx, project.id, runs.RunParams(crf_resolution=-5))
     with pytest.raises(NotFound):
         runs.start_run(ctx, 999)
     lonely = projects.create_project(ctx, "lonely")

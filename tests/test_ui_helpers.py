@@ -148,6 +148,10 @@ def test_params_from_form_uses_defaults_for_blanks_and_rounds_integers():
                           lr=0.001, shift_self=None, shift_knn=0.2, shift_neg=None, weight_self=0.5,
                           crop_mode="five")
     assert isinstance(p.resolution, int) and isinstance(p.shift_knn, float)
+    # the CRF resolution box: blank = the features' resolution, a number of pixels, 0 = full size
+    assert H.params_from_form(RunParams, dict(crf_resolution="")).crf_resolution is None
+    assert H.params_from_form(RunParams, dict(crf_resolution=" 480 ")).crf_resolution == 480
+    assert H.params_from_form(RunParams, dict(crf_resolution="0")).crf_resolution == 0
 
 
 # ---------------------------------------------------------------- clusters and legend
@@ -219,6 +223,8 @@ def test_params_from_form_names_a_field_that_is_not_a_number():
         H.params_from_form(RunParams, dict(shift_self="abc"))
     with pytest.raises(UserError, match="steps"):
         H.params_from_form(RunParams, dict(steps="many"))
+    with pytest.raises(UserError, match="crf resolution: 'big' is not a number"):
+        H.params_from_form(RunParams, dict(crf_resolution="big"))
 
 
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), (3, 3), (3.0, 3), ("12", 12)])
