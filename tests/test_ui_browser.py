@@ -368,6 +368,7 @@ def test_03_discovery_run_shows_progress_and_finishes(page, db, shots):
     clusters_box.fill(str(RUN_CLUSTERS))
     clusters_box.press("Enter")
     expect(page.locator("#shift-self textarea, #shift-self input").first).to_have_value("")
+    page.locator("#crf-resolution textarea, #crf-resolution input").first.fill("48")
     page.locator("#btn-start").click()
     seen = wait_status(page, {"done", "failed"})
     assert seen[-1][0] == "done", page.locator("#run-status-box").inner_text()
@@ -387,6 +388,7 @@ def test_03_discovery_run_shows_progress_and_finishes(page, db, shots):
     assert (params["steps"], params["resolution"], params["n_clusters"], params["batch_size"]) == \
         (RUN_STEPS, RUN_RESOLUTION, RUN_CLUSTERS, 4)
     assert params["shift_self"] is None          # the empty box means "automatic"
+    assert params["crf_resolution"] == 48        # the CRF ran on images scaled to short side 48
     assert len(json.loads(history)) > 0
     assert db("SELECT COUNT(*) FROM clusters WHERE run_id = 1")[0][0] == RUN_CLUSTERS
     shoot(page, shots / "discover.png")
