@@ -38,12 +38,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="score only the first N val frames")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    import pydensecrf.densecrf as dcrf
     from PIL import Image
 
     from core.backbones import create_backbone
-    from core.clustering import CosineKMeans, cluster_log_probs, sample_tokens, upsample_bilinear
-    from core.crf import CRFParams, crf_marginals
+    from core.clustering import DEFAULT_ALPHA, CosineKMeans, cluster_log_probs, sample_tokens
+    from core.crf import CRFParams, crf_model, refine_labels
     from core.evaluate import _checkpoint_path, _fit_stego, _load_mask, pair_images_and_masks
     from core.features import FeatureConfig, extract_features
     from core.metrics import ConfusionMatrix
@@ -65,12 +64,7 @@ def main() -> None:
     params = CRFParams()
 
     def changes_per_iteration(image: np.ndarray, lp: np.ndarray) -> list[float]:
-        k, h, w = lp.shape
-        crf = dcrf.DenseCRF2D(w, h, k)
-        crf.setUnaryEnergy(np.ascontiguousarray(-lp.reshape(k, -1)))
-        crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-        crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                                 rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+        crf = crf_model(image, lp, params)
         q, t1, t2 = crf.startInference()
         prev, out = np.asarray(q).argmax(0), []
         for _ in range(params.iterations):
@@ -93,27 +87,21 @@ def main() -> None:
         for name, spec in VARIANTS.items():
             t = time.perf_counter()
             if spec is None:
-                lab = cluster_log_probs(codes, km.centroids_, (H, W)).argmax(0)
+                lab = cluster_log_probs(codes, km.centroids_, (H, W), DEFAULT_ALPHA).argmax(0)
             else:
                 where, iters = spec
                 p = CRFParams(iterations=iters)
-                if where == "full":
-                    lab = crf_marginals(image, cluster_log_probs(codes, km.centroids_, (H, W)), p).argmax(0)
-                else:
-                    s = 322 / min(H, W) if where == "inference" else 0.5
-                    h, w = round(H * s), round(W * s)
-                    if where == "half":
-                        p = CRFParams(iterations=iters, gaussian_sxy=params.gaussian_sxy * s,
-                                      bilateral_sxy=params.bilateral_sxy * s)
-                    small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-                    q = crf_marginals(small, cluster_log_probs(codes, km.centroids_, (h, w)), p)
-                    lab = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(-1)
+                side = {"full": None, "inference": 322, "half": min(H, W) // 2}[where]
+                if where == "half":
+                    p = CRFParams(iterations=iters, gaussian_sxy=params.gaussian_sxy / 2,
+                                  bilateral_sxy=params.bilateral_sxy / 2)
+                lab = refine_labels(image, codes, km.centroids_, DEFAULT_ALPHA, side, p)
             seconds[name] += time.perf_counter() - t
             labels[name] = lab
             cms[name].update(lab, mask)
         for name in VARIANTS:
             agree[name].append(float((labels[name] == labels["full_10"]).mean()))
-        changes.append(changes_per_iteration(image, cluster_log_probs(codes, km.centroids_, (H, W))))
+        changes.append(changes_per_iteration(image, cluster_log_probs(codes, km.centroids_, (H, W), DEFAULT_ALPHA)))
         if i % 20 == 0:
             log.info("%d / %d images", i + 1, len(val))
     n = len(val)

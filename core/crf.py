@@ -19,7 +19,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CRFParams", "dense_crf", "crf_marginals", "crf_size", "crf_batch", "iter_crf", "ordered_map",
+__all__ = ["CRFParams", "dense_crf", "crf_model", "crf_marginals", "crf_short_side", "crf_size", "crf_batch", "iter_crf", "ordered_map",
            "ClusterMapJob", "ClusterMap", "cluster_map", "refine_labels"]
 
 T = TypeVar("T")
@@ -45,23 +45,20 @@ class CRFParams:
                 raise ValueError(f"CRFParams.{name} must be > 0")
 
 
-def crf_marginals(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
-    """Mean-field marginals (K, H, W) float32 of the dense CRF on an (H, W, 3) uint8 image.
-
-    ``log_probs`` (K, H, W) are per-pixel class log-probabilities; the unary is ``-log p``.
-    The spatial parameters (sxy) are in pixels of ``image``.
-    """
-    import pydensecrf.densecrf as dcrf
-
+def _checked(image: np.ndarray, log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     log_probs = np.asarray(log_probs, dtype=np.float32)
     if log_probs.ndim != 3 or log_probs.shape[1:] != image.shape[:2]:
         raise ValueError(f"log_probs must be (K, H, W) with H, W = {image.shape[:2]}, got {log_probs.shape}")
+    return image, log_probs
+
+
+def _build(image: np.ndarray, log_probs: np.ndarray, params: CRFParams):
+    import pydensecrf.densecrf as dcrf
+
     k, h, w = log_probs.shape
-    if k == 1:
-        return np.ones((1, h, w), dtype=np.float32)
     unary = np.ascontiguousarray(np.minimum(-log_probs, 1e4).reshape(k, -1))
     unary[~np.isfinite(unary)] = 1e4
     crf = dcrf.DenseCRF2D(w, h, k)
@@ -69,7 +66,27 @@ def crf_marginals(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = 
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
                              rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
-    return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(k, h, w)
+    return crf
+
+
+def crf_model(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()):
+    """The pydensecrf ``DenseCRF2D`` of an (H, W, 3) uint8 image and (K, H, W) log-probabilities,
+    with the unary and both pairwise terms set, ready for ``inference`` or ``stepInference``."""
+    return _build(*_checked(image, log_probs), params)
+
+
+def crf_marginals(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Mean-field marginals (K, H, W) float32 of the dense CRF on an (H, W, 3) uint8 image.
+
+    ``log_probs`` (K, H, W) are per-pixel class log-probabilities; the unary is ``-log p``.
+    The spatial parameters (sxy) are in pixels of ``image``.
+    """
+    image, log_probs = _checked(image, log_probs)
+    k, h, w = log_probs.shape
+    if k == 1:
+        return np.ones((1, h, w), dtype=np.float32)
+    return np.asarray(_build(image, log_probs, params).inference(params.iterations),
+                      dtype=np.float32).reshape(k, h, w)
 
 
 def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
@@ -78,6 +95,14 @@ def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFP
     Unary = -log p. Returns (H, W) int32 labels (the argmax of the CRF marginals).
     """
     return crf_marginals(image, log_probs, params).argmax(axis=0).astype(np.int32)
+
+
+def crf_short_side(crf_resolution: int | None, features_resolution: int) -> int | None:
+    """The CRF's short side from a ``crf_resolution`` setting: None = the features' resolution
+    (the paper's choice), 0 = each image's full size (returned as None), else that many pixels."""
+    if crf_resolution is None:
+        return features_resolution
+    return crf_resolution or None
 
 
 def crf_size(height: int, width: int, resolution: int | None) -> tuple[int, int]:

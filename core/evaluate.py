@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens, upsample_bilinear
-from core.crf import ClusterMapJob, cluster_map, ordered_map
+from core.crf import ClusterMapJob, cluster_map, crf_short_side, ordered_map
 from core.features import FeatureConfig, FeatureStore, extract_features
 from core.metrics import ConfusionMatrix, LinearProbe, downsample_labels
 from core.pipeline import item_codes, peak_rss_mb
-from core.precision import PRECISIONS, resolve_precision
+from core.precision import PRECISIONS
 from core.shifts import ShiftEstimator
 from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig
 
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     backbone = create_backbone(args.backbone, checkpoint=args.weights, device=args.device, cache_dir=args.cache_dir)
     fcfg = FeatureConfig(backbone=args.backbone, resolution=args.resolution, flip=bool(args.flip),
-                         precision=getattr(args, "precision", "auto"))
+                         precision=args.precision)
     from core.weights import default_cache_dir
 
     feat_root = Path(args.cache_dir or default_cache_dir()) / "features"
@@ -187,7 +187,6 @@ def run(args: argparse.Namespace) -> dict:
     val = train if val_imgs == train_imgs else extract_features(val_imgs, backbone, fcfg, feat_root)
     timings["features"] = time.perf_counter() - t
     weights_source = backbone.weights_source
-    precision = resolve_precision(fcfg.precision, backbone.device)
     del backbone
 
     t = time.perf_counter()
@@ -235,8 +234,7 @@ def run(args: argparse.Namespace) -> dict:
     cms.update({f"linear_probe_{n}": ConfusionMatrix(C, C, args.ignore) for n in probes})
 
     sizes = val.image_sizes()
-    crf_res = getattr(args, "crf_resolution", None)
-    crf_side = args.resolution if crf_res is None else (crf_res or None)
+    crf_side = crf_short_side(args.crf_resolution, args.resolution)
 
     def jobs() -> Iterator[tuple[str, ClusterMapJob]]:
         for i in range(len(val)):
@@ -292,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         ratio = results["stego_crf"]["miou"] / results["kmeans_raw"]["miou"]
     report = {
         "backbone": args.backbone, "weights_source": weights_source, "resolution": args.resolution,
-        "flip": bool(args.flip), "precision": precision,
+        "flip": bool(args.flip), "precision": val.meta.get("precision", "float32"),
         "crf_short_side": None if args.no_crf else crf_side,
         "n_train_images": len(train_imgs), "n_val_images": len(val_imgs),
         "classes": C, "class_names": class_names, "n_clusters": K, "ignore": args.ignore,

@@ -307,7 +307,7 @@ def _allocate(path: Path, nbytes: int) -> None:
 
 
 def _create_store(root: Path, paths: Sequence[Path], hashes: list[str], sizes: np.ndarray,
-                  backbone: Backbone, config: FeatureConfig) -> None:
+                  backbone: Backbone, config: FeatureConfig, precision: str) -> None:
     index, boxes = plan_items(sizes, config, backbone.patch_size)
     total = int(index[-1, 0] + index[-1, 1] * index[-1, 2])
     C = backbone.embed_dim
@@ -323,7 +323,7 @@ def _create_store(root: Path, paths: Sequence[Path], hashes: list[str], sizes: n
     meta = {
         "format": FORMAT_VERSION, "config": asdict(config), "backbone": backbone.spec.name,
         "weights_id": backbone.weights_id, "weights_source": backbone.weights_source,
-        "precision": resolve_precision(config.precision, backbone.device), "embed_dim": C,
+        "precision": precision, "embed_dim": C,
         "patch_size": backbone.patch_size, "n_images": len(paths),
         "n_items": len(index), "total_tokens": total, "image_hashes": hashes,
         "image_paths": [str(p) for p in paths], "created": time.time(),
@@ -333,7 +333,7 @@ def _create_store(root: Path, paths: Sequence[Path], hashes: list[str], sizes: n
 
 
 def _open_or_create(root: Path, paths: Sequence[Path], hashes: list[str], sizes: np.ndarray,
-                    backbone: Backbone, config: FeatureConfig) -> FeatureStore:
+                    backbone: Backbone, config: FeatureConfig, precision: str) -> FeatureStore:
     try:
         store = FeatureStore.open(root)
         ok = (store.meta.get("image_hashes") == hashes and store.embed_dim == backbone.embed_dim
@@ -344,7 +344,7 @@ def _open_or_create(root: Path, paths: Sequence[Path], hashes: list[str], sizes:
     except (FileNotFoundError, ValueError, KeyError, OSError, TypeError) as exc:
         if (root / META).exists():
             log.warning("Feature store %s is unreadable (%s); rebuilding it", root, exc)
-    _create_store(root, paths, hashes, sizes, backbone, config)
+    _create_store(root, paths, hashes, sizes, backbone, config, precision)
     return FeatureStore.open(root)
 
 
@@ -523,7 +523,7 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
     hashes, sizes = _scan(paths)
     root = Path(cache_root) / cache_key(backbone.spec.name, backbone.weights_id, config, hashes, precision)
     with _locked(root):
-        store = _open_or_create(root, paths, hashes, sizes, backbone, config)
+        store = _open_or_create(root, paths, hashes, sizes, backbone, config, precision)
         n = len(store)
         pending = np.flatnonzero(~store._done)
         if pending.size == 0:
@@ -544,7 +544,7 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
 
 def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarray, backbone: Backbone,
                     config: FeatureConfig, pending: np.ndarray, progress: Callable[[int, int], None] | None,
-                    cancel: Callable[[], bool] | None, precision: str = "float32") -> None:
+                    cancel: Callable[[], bool] | None, precision: str) -> None:
     index = store._index
     boxes = np.load(store.root / BOXES)
     n = len(index)

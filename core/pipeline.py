@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens
-from core.crf import ClusterMap, ClusterMapJob, CRFParams, cluster_map, ordered_map, refine_labels
+from core.crf import (ClusterMap, ClusterMapJob, CRFParams, cluster_map, crf_short_side, ordered_map,
+                      refine_labels)
 from core.errors import Cancelled
 from core.features import FeatureConfig, FeatureStore, extract_features
 from core.head import SegmentationHead
@@ -77,9 +78,7 @@ class PipelineConfig:
     @property
     def crf_short_side(self) -> int | None:
         """Short side the CRF runs at (None = each image's full size)."""
-        if self.crf_resolution is None:
-            return self.features.resolution
-        return self.crf_resolution or None
+        return crf_short_side(self.crf_resolution, self.features.resolution)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -474,9 +473,10 @@ class StegoPipeline:
         codes = encode_tokens(self.head, f[0].reshape(h * w, -1).numpy())
         if cfg.flip:
             codes = 0.5 * (codes + encode_tokens(self.head, f[1].flip(1).reshape(h * w, -1).numpy()))
-        res: ClusterMap = cluster_map(ClusterMapJob(codes=codes.reshape(h, w, -1), centroids=self.centroids,
-                                                    size=(H, W), alpha=self.config.alpha))
-        if not crf:
-            return res.labels.astype(np.int32)
-        return refine_labels(rgb, codes.reshape(h, w, -1), self.centroids, self.config.alpha,
-                             self.config.crf_short_side, CRFParams()).astype(np.int32)
+        codes = codes.reshape(h, w, -1)
+        if crf:
+            return refine_labels(rgb, codes, self.centroids, self.config.alpha, self.config.crf_short_side,
+                                 CRFParams()).astype(np.int32)
+        res: ClusterMap = cluster_map(ClusterMapJob(codes=codes, centroids=self.centroids, size=(H, W),
+                                                    alpha=self.config.alpha))
+        return res.labels.astype(np.int32)
