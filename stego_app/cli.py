@@ -347,13 +347,14 @@ def _run_line(r) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from stego_app import labels, projects, runs
+    from stego_app import projects, runs
+    from stego_app.labels import mapping
 
     ctx = _context(args)
     try:
         if args.run_id is not None:
             info = runs.get_run(ctx, args.run_id)
-            clusters = labels.list_clusters(ctx, info.id) if info.status == "done" else []
+            clusters = mapping.list_clusters(ctx, info.id) if info.status == "done" else []
             if args.json:
                 _out(json.dumps({"run": _plain(info), "clusters": _plain(clusters)}, indent=2))
                 return EXIT_OK
@@ -386,31 +387,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from stego_app import labels
+    from stego_app.labels import annotations, mapping
 
     ctx = _context(args)
     try:
         act = args.action
         rid = args.run_id
         if act == "list":
-            clusters = labels.list_clusters(ctx, rid)
+            clusters = mapping.list_clusters(ctx, rid)
         elif act == "name":
-            clusters = labels.name_cluster(ctx, rid, args.index, args.name)
+            clusters = mapping.name_cluster(ctx, rid, args.index, args.name)
         elif act == "rename":
-            clusters = labels.rename_label(ctx, rid, args.old, args.new)
+            clusters = mapping.rename_label(ctx, rid, args.old, args.new)
         elif act == "merge":
-            clusters = labels.merge_clusters(ctx, rid, args.indices, args.name)
+            clusters = mapping.merge_clusters(ctx, rid, args.indices, args.name)
         elif act == "unmerge":
-            clusters = labels.unmerge_cluster(ctx, rid, args.index)
+            clusters = mapping.unmerge_cluster(ctx, rid, args.index)
         elif act == "ignore":
-            clusters = labels.ignore_cluster(ctx, rid, args.index, not args.undo)
+            clusters = mapping.ignore_cluster(ctx, rid, args.index, not args.undo)
         elif act in ("colour", "color"):
-            clusters = labels.set_label_colour(ctx, rid, args.name, args.colour)
+            clusters = mapping.set_label_colour(ctx, rid, args.name, args.colour)
         elif act == "confirm":
             for image_id in args.image_ids:
-                labels.confirm_image(ctx, rid, image_id, not args.undo)
+                annotations.confirm_image(ctx, rid, image_id, not args.undo)
             _out(f"{len(args.image_ids)} image(s) {'un' if args.undo else ''}confirmed in run {rid}; "
-                 f"{labels.confirmed_count(ctx, rid)} confirmed in total")
+                 f"{annotations.confirmed_count(ctx, rid)} confirmed in total")
             return EXIT_OK
         else:  # pragma: no cover - argparse restricts the choices
             raise UserError(f"unknown action {act}")

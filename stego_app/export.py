@@ -36,7 +36,7 @@ from sqlalchemy import select, update
 from stego_app import coco
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
-from stego_app.labels import read_segments
+from stego_app.labels.views import read_segments
 from stego_app.models import (
     RUN_DONE,
     Cluster,

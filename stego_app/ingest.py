@@ -77,6 +77,13 @@ class IngestReport:
         return (f"{len(self.added)} added, {n(len(self.duplicates), 'duplicate')}, "
                 f"{len(self.rejected)} rejected")
 
+    @classmethod
+    def merge(cls, reports: Sequence["IngestReport"]) -> "IngestReport":
+        """Several reports (uploads + zips) as one, in order."""
+        return cls(added=[a for r in reports for a in r.added],
+                   duplicates=[d for r in reports for d in r.duplicates],
+                   rejected=[p for r in reports for p in r.rejected])
+
 
 class Rejected(Exception):
     """A file that cannot be ingested; the message is the reason shown to the user."""

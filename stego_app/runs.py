@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sqlalchemy import select, update
 
@@ -57,6 +57,40 @@ class RunParams:
     def from_dict(cls, data: dict[str, Any]) -> "RunParams":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_form(cls, values: Mapping[str, Any]) -> "RunParams":
+        """Build RunParams from form values: blank numbers mean the default (None = automatic).
+
+        Integer fields are rounded from the float a gr.Number gives; a value that is not a
+        number raises UserError naming the field.
+        """
+        defaults = cls()
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            default = getattr(defaults, f.name)
+            if isinstance(v, str):
+                v = v.strip()
+                if v == "" or v.lower() in ("auto", "default"):
+                    v = None
+            if v is None:
+                kwargs[f.name] = default
+                continue
+            try:
+                if isinstance(default, bool):
+                    kwargs[f.name] = bool(v)
+                elif isinstance(default, int) or str(f.type).startswith("int"):
+                    kwargs[f.name] = int(round(float(v)))
+                elif isinstance(default, float) or f.name.startswith("shift_"):
+                    kwargs[f.name] = float(v)
+                else:
+                    kwargs[f.name] = v
+            except (TypeError, ValueError):
+                raise UserError(f"{f.name.replace('_', ' ')}: {v!r} is not a number") from None
+        return cls(**kwargs)
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""

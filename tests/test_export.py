@@ -16,7 +16,8 @@ from PIL import Image as PILImage
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from stego_app import coco, labels
+from stego_app import coco
+from stego_app.labels import annotations, mapping
 from stego_app.config import AppConfig
 from stego_app.context import create_context
 from stego_app.errors import UserError
@@ -76,16 +77,16 @@ def app(tmp_path):
         for k in range(N_CLUSTERS):
             s.add(Cluster(run_id=run.id, index=k, colour=f"#0000{k:02x}"))
         run_id = run.id
-    labels.name_cluster(ctx, run_id, 0, "sky")
-    labels.merge_clusters(ctx, run_id, [1, 2], "tree")
-    labels.ignore_cluster(ctx, run_id, 3)
-    labels.name_cluster(ctx, run_id, 5, "road")
+    mapping.name_cluster(ctx, run_id, 0, "sky")
+    mapping.merge_clusters(ctx, run_id, [1, 2], "tree")
+    mapping.ignore_cluster(ctx, run_id, 3)
+    mapping.name_cluster(ctx, run_id, 5, "road")
     yield ctx, run_id, raw, crf
     ctx.close()
 
 
 def _label_ids(ctx, run_id) -> dict[str, int]:
-    return {c.label_name: c.label_id for c in labels.list_clusters(ctx, run_id) if c.label_id}
+    return {c.label_name: c.label_id for c in mapping.list_clusters(ctx, run_id) if c.label_id}
 
 
 def _expected(seg: np.ndarray, ids: dict[str, int]) -> np.ndarray:
@@ -148,8 +149,8 @@ def test_export_is_byte_identical_and_recorded(app):
 def test_category_ids_stay_stable_when_labels_are_renamed_or_added(app):
     ctx, run_id, _, _ = app
     first = json.loads(export_run(ctx, run_id).json_path.read_text())["categories"]
-    labels.rename_label(ctx, run_id, "tree", "vegetation")
-    labels.name_cluster(ctx, run_id, 4, "car")
+    mapping.rename_label(ctx, run_id, "tree", "vegetation")
+    mapping.name_cluster(ctx, run_id, 4, "car")
     second = json.loads(export_run(ctx, run_id).json_path.read_text())["categories"]
     before = {c["name"]: c["id"] for c in first}
     after = {c["name"]: c["id"] for c in second}
@@ -163,7 +164,7 @@ def test_confirmed_only_exports_just_the_confirmed_images(app):
     with pytest.raises(UserError, match="confirmed"):
         export_run(ctx, run_id, ExportOptions(confirmed_only=True))
     chosen = sorted(raw)[1]
-    labels.confirm_image(ctx, run_id, chosen)
+    annotations.confirm_image(ctx, run_id, chosen)
     info = export_run(ctx, run_id, ExportOptions(confirmed_only=True))
     data = json.loads(info.json_path.read_text())
     assert [i["id"] for i in data["images"]] == [chosen] and info.n_images == 1
@@ -264,7 +265,7 @@ def test_images_without_annotations_are_reported(app):
 def test_nothing_named_or_unfinished_run_is_a_user_error(app):
     ctx, run_id, _, _ = app
     for k in (0, 1, 2, 5):
-        labels.unmerge_cluster(ctx, run_id, k)
+        mapping.unmerge_cluster(ctx, run_id, k)
     with pytest.raises(UserError, match="name at least one cluster"):
         export_run(ctx, run_id)
     with pytest.raises(UserError, match="style"):

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image as PILImage
 from pycocotools import mask as mask_utils
 
-from stego_app import ingest, labels, projects
+from stego_app import ingest, projects
+from stego_app.labels import annotations, mapping, views
 from stego_app.context import create_context
 from stego_app.errors import NotFound, UserError
 from stego_app.models import RUN_DONE, Cluster, Run, RunImage
@@ -69,85 +70,85 @@ def _by_index(clusters):
 
 def test_initial_clusters_are_unnamed_with_distinct_colours(done_run):
     ctx, run_id, _ = done_run
-    cl = labels.list_clusters(ctx, run_id)
+    cl = mapping.list_clusters(ctx, run_id)
     assert [c.index for c in cl] == list(range(K))
     assert all(c.label_name is None and not c.ignored for c in cl)
     assert len({c.colour for c in cl}) == K
-    leg = labels.legend(ctx, run_id)
+    leg = mapping.legend(ctx, run_id)
     assert [e.name for e in leg] == [f"cluster {i}" for i in range(K)]
 
 
 def test_name_merge_rename_unmerge(done_run):
     ctx, run_id, _ = done_run
-    cl = _by_index(labels.name_cluster(ctx, run_id, 0, "  sky "))
+    cl = _by_index(mapping.name_cluster(ctx, run_id, 0, "  sky "))
     assert cl[0].label_name == "sky" and cl[0].colour == PALETTE[0]   # keeps the colour it showed
     # naming another cluster with an existing name merges it (case-insensitive)
-    cl = _by_index(labels.name_cluster(ctx, run_id, 3, "Sky"))
+    cl = _by_index(mapping.name_cluster(ctx, run_id, 3, "Sky"))
     assert cl[3].label_id == cl[0].label_id and cl[3].colour == cl[0].colour
     assert cl[0].merged_with == (3,) and cl[3].merged_with == (0,)
-    leg = {e.name: e for e in labels.legend(ctx, run_id)}
+    leg = {e.name: e for e in mapping.legend(ctx, run_id)}
     assert leg["Sky"].cluster_indices == (0, 3)                    # the name typed last is shown
     assert leg["Sky"].share == pytest.approx(cl[0].share + cl[3].share)
     # a cluster alone under its label renames the label and keeps its colour
-    labels.name_cluster(ctx, run_id, 1, "grass")
-    grass_colour = _by_index(labels.list_clusters(ctx, run_id))[1].colour
-    cl = _by_index(labels.name_cluster(ctx, run_id, 1, "meadow"))
+    mapping.name_cluster(ctx, run_id, 1, "grass")
+    grass_colour = _by_index(mapping.list_clusters(ctx, run_id))[1].colour
+    cl = _by_index(mapping.name_cluster(ctx, run_id, 1, "meadow"))
     assert cl[1].label_name == "meadow" and cl[1].colour == grass_colour
     # renaming a merged cluster moves only that cluster to a new label
-    cl = _by_index(labels.name_cluster(ctx, run_id, 3, "cloud"))
+    cl = _by_index(mapping.name_cluster(ctx, run_id, 3, "cloud"))
     assert cl[0].label_name == "Sky" and cl[3].label_name == "cloud" and cl[0].merged_with == ()
     # rename_label onto an existing name merges the labels
-    cl = _by_index(labels.rename_label(ctx, run_id, "cloud", "SKY"))
+    cl = _by_index(mapping.rename_label(ctx, run_id, "cloud", "SKY"))
     assert cl[3].label_id == cl[0].label_id
-    assert {e.name for e in labels.legend(ctx, run_id)} >= {"SKY", "meadow"}  # new capitalisation kept
-    cl = _by_index(labels.unmerge_cluster(ctx, run_id, 3))
+    assert {e.name for e in mapping.legend(ctx, run_id)} >= {"SKY", "meadow"}  # new capitalisation kept
+    cl = _by_index(mapping.unmerge_cluster(ctx, run_id, 3))
     assert cl[3].label_name is None and cl[0].label_name == "SKY"
-    cl = _by_index(labels.unmerge_cluster(ctx, run_id, 0))
+    cl = _by_index(mapping.unmerge_cluster(ctx, run_id, 0))
     assert all(c.label_name != "SKY" for c in cl.values())
-    assert "SKY" not in {e.name for e in labels.legend(ctx, run_id)}  # empty labels are removed
+    assert "SKY" not in {e.name for e in mapping.legend(ctx, run_id)}  # empty labels are removed
     assert len({c.colour for c in cl.values()}) == K
 
 
 def test_merge_clusters_and_ignore(done_run):
     ctx, run_id, _ = done_run
-    cl = _by_index(labels.merge_clusters(ctx, run_id, [2, 4, 2], "road"))
+    cl = _by_index(mapping.merge_clusters(ctx, run_id, [2, 4, 2], "road"))
     assert cl[2].label_id == cl[4].label_id and cl[2].merged_with == (4,)
-    cl = _by_index(labels.ignore_cluster(ctx, run_id, 4))
+    cl = _by_index(mapping.ignore_cluster(ctx, run_id, 4))
     assert cl[4].ignored and cl[4].label_name is None and cl[4].colour == IGNORED_COLOUR
     assert cl[2].label_name == "road"
-    leg = labels.legend(ctx, run_id)
+    leg = mapping.legend(ctx, run_id)
     assert leg[-1].name == "ignored" and leg[-1].cluster_indices == (4,)
-    cl = _by_index(labels.ignore_cluster(ctx, run_id, 4, ignored=False))
+    cl = _by_index(mapping.ignore_cluster(ctx, run_id, 4, ignored=False))
     assert not cl[4].ignored and cl[4].label_name is None
     # naming an ignored cluster un-ignores it
-    labels.ignore_cluster(ctx, run_id, 5)
-    cl = _by_index(labels.name_cluster(ctx, run_id, 5, "road"))
+    mapping.ignore_cluster(ctx, run_id, 5)
+    cl = _by_index(mapping.name_cluster(ctx, run_id, 5, "road"))
     assert not cl[5].ignored and cl[5].label_name == "road"
 
 
 def test_bad_edits_are_refused_and_change_nothing(done_run):
     ctx, run_id, _ = done_run
-    labels.name_cluster(ctx, run_id, 0, "sky")
-    labels.name_cluster(ctx, run_id, 1, "grass")
-    before = labels.list_clusters(ctx, run_id)
+    mapping.name_cluster(ctx, run_id, 0, "sky")
+    mapping.name_cluster(ctx, run_id, 1, "grass")
+    before = mapping.list_clusters(ctx, run_id)
     with pytest.raises(UserError, match="empty"):
-        labels.name_cluster(ctx, run_id, 2, "   ")
+        mapping.name_cluster(ctx, run_id, 2, "   ")
     with pytest.raises(NotFound, match="no cluster 17"):
-        labels.name_cluster(ctx, run_id, 17, "x")
+        mapping.name_cluster(ctx, run_id, 17, "x")
     with pytest.raises(UserError, match="rrggbb"):
-        labels.set_label_colour(ctx, run_id, "sky", "blue")
+        mapping.set_label_colour(ctx, run_id, "sky", "blue")
     grass = next(c.colour for c in before if c.label_name == "grass")
     with pytest.raises(UserError, match="already the colour of 'grass'"):
-        labels.set_label_colour(ctx, run_id, "sky", grass.upper())
+        mapping.set_label_colour(ctx, run_id, "sky", grass.upper())
     with pytest.raises(UserError, match="reserved"):
-        labels.set_label_colour(ctx, run_id, "sky", IGNORED_COLOUR)
+        mapping.set_label_colour(ctx, run_id, "sky", IGNORED_COLOUR)
     with pytest.raises(NotFound):
-        labels.set_label_colour(ctx, run_id, "nothing", "#123456")
+        mapping.set_label_colour(ctx, run_id, "nothing", "#123456")
     with pytest.raises(UserError, match="at least one"):
-        labels.merge_clusters(ctx, run_id, [], "x")
-    assert labels.list_clusters(ctx, run_id) == before
+        mapping.merge_clusters(ctx, run_id, [], "x")
+    assert mapping.list_clusters(ctx, run_id) == before
     with pytest.raises(NotFound):
-        labels.list_clusters(ctx, 999)
+        mapping.list_clusters(ctx, 999)
 
 
 def test_run_must_be_done(app_ctx):
@@ -158,15 +159,15 @@ def test_run_must_be_done(app_ctx):
         s.flush()
         rid = run.id
     with pytest.raises(UserError, match="running"):
-        labels.name_cluster(app_ctx, rid, 0, "sky")
+        mapping.name_cluster(app_ctx, rid, 0, "sky")
 
 
 def test_render_overlay_colours_hidden_and_crf(done_run):
     ctx, run_id, image_ids = done_run
-    labels.name_cluster(ctx, run_id, 0, "sky")
-    labels.set_label_colour(ctx, run_id, "sky", "#ff0000")
-    labels.ignore_cluster(ctx, run_id, 1)
-    view = labels.render_segmentation(ctx, run_id, image_ids[0], crf=False, opacity=1.0)
+    mapping.name_cluster(ctx, run_id, 0, "sky")
+    mapping.set_label_colour(ctx, run_id, "sky", "#ff0000")
+    mapping.ignore_cluster(ctx, run_id, 1)
+    view = views.render_segmentation(ctx, run_id, image_ids[0], crf=False, opacity=1.0)
     seg = _segments(0)
     assert view.original.shape == (H, W, 3) and view.overlay.shape == (H, W, 3)
     assert np.array_equal(view.segmentation, seg)
@@ -177,21 +178,21 @@ def test_render_overlay_colours_hidden_and_crf(done_run):
                                              "cluster 5"}
     assert sum(e.share for e in view.legend) == pytest.approx(1.0)
     # half opacity blends; hidden clusters keep the original pixels
-    half = labels.render_segmentation(ctx, run_id, image_ids[0], opacity=0.5, hidden=[0])
+    half = views.render_segmentation(ctx, run_id, image_ids[0], opacity=0.5, hidden=[0])
     assert np.array_equal(half.overlay[seg == 0], half.original[seg == 0])
     expect = (0.5 * half.original[seg == 2].astype(float) + 0.5 * np.array(hex_to_rgb(PALETTE[2])))
     assert np.abs(half.overlay[seg == 2].astype(float) - expect).max() <= 1
-    crf = labels.render_segmentation(ctx, run_id, image_ids[0], crf=True)
+    crf = views.render_segmentation(ctx, run_id, image_ids[0], crf=True)
     assert crf.crf and np.array_equal(crf.segmentation, np.roll(seg, 2, axis=1))
     # image 1 has no cluster 5: it is not in that image's legend
-    assert "cluster 5" not in {e.name for e in labels.render_segmentation(ctx, run_id, image_ids[1]).legend}
+    assert "cluster 5" not in {e.name for e in views.render_segmentation(ctx, run_id, image_ids[1]).legend}
     with pytest.raises(NotFound):
-        labels.render_segmentation(ctx, run_id, 10_000)
+        views.render_segmentation(ctx, run_id, 10_000)
 
 
 def test_cluster_examples_are_thumbnails(done_run):
     ctx, run_id, image_ids = done_run
-    ex = labels.cluster_examples(ctx, run_id, 2, n=2, size=32)
+    ex = views.cluster_examples(ctx, run_id, 2, n=2, size=32)
     assert [i for i, _ in ex] == [image_ids[2], image_ids[0]]
     assert all(t.dtype == np.uint8 and max(t.shape[:2]) <= 32 for _, t in ex)
 
@@ -200,10 +201,10 @@ def test_render_downscales_large_images_for_display(done_run):
     """max_side: the photo is area-averaged, the cluster map sampled by nearest pixel; the
     legend still counts the full-size map."""
     ctx, run_id, image_ids = done_run
-    labels.name_cluster(ctx, run_id, 0, "sky")
-    labels.set_label_colour(ctx, run_id, "sky", "#ff0000")
-    full = labels.render_segmentation(ctx, run_id, image_ids[0], opacity=1.0, max_side=None)
-    small = labels.render_segmentation(ctx, run_id, image_ids[0], opacity=1.0, max_side=32)
+    mapping.name_cluster(ctx, run_id, 0, "sky")
+    mapping.set_label_colour(ctx, run_id, "sky", "#ff0000")
+    full = views.render_segmentation(ctx, run_id, image_ids[0], opacity=1.0, max_side=None)
+    small = views.render_segmentation(ctx, run_id, image_ids[0], opacity=1.0, max_side=32)
     assert small.original.shape == (24, 32, 3) and small.overlay.shape == (24, 32, 3)
     assert np.array_equal(small.segmentation, _segments(0)[1::2, 1::2])   # ids stay ids, no blending
     assert (small.overlay[small.segmentation == 0] == (255, 0, 0)).all()
@@ -211,25 +212,25 @@ def test_render_downscales_large_images_for_display(done_run):
     assert np.abs(small.original.astype(float) - area).max() <= 1
     assert [(e.name, e.share) for e in small.legend] == [(e.name, e.share) for e in full.legend]
     # the default limit leaves small images alone; a nonsense limit is refused
-    assert labels.render_segmentation(ctx, run_id, image_ids[0]).original.shape == (H, W, 3)
-    assert labels.render_segmentation(ctx, run_id, image_ids[0], max_side=64).original.shape == (H, W, 3)
+    assert views.render_segmentation(ctx, run_id, image_ids[0]).original.shape == (H, W, 3)
+    assert views.render_segmentation(ctx, run_id, image_ids[0], max_side=64).original.shape == (H, W, 3)
     with pytest.raises(UserError, match="display size"):
-        labels.render_segmentation(ctx, run_id, image_ids[0], max_side=0)
+        views.render_segmentation(ctx, run_id, image_ids[0], max_side=0)
 
 
 def test_cluster_examples_follow_edits_without_decoding_again(done_run, monkeypatch):
     ctx, run_id, image_ids = done_run
-    labels._EXAMPLE_CACHE.clear()
+    views._EXAMPLE_CACHE.clear()
     decoded = []
-    real = labels.load_rgb_fit
-    monkeypatch.setattr(labels, "load_rgb_fit", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    real = views.load_rgb_fit
+    monkeypatch.setattr(views, "load_rgb_fit", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
     for k in range(K):
-        labels.cluster_examples(ctx, run_id, k, n=2, size=64)
+        views.cluster_examples(ctx, run_id, k, n=2, size=64)
     assert len(decoded) == 3                        # each example image decoded once for all clusters
 
-    labels.name_cluster(ctx, run_id, 0, "sky")
-    labels.set_label_colour(ctx, run_id, "sky", "#ff0000")
-    [(first_id, thumb), (second_id, _)] = labels.cluster_examples(ctx, run_id, 0, n=2, size=64)
+    mapping.name_cluster(ctx, run_id, 0, "sky")
+    mapping.set_label_colour(ctx, run_id, "sky", "#ff0000")
+    [(first_id, thumb), (second_id, _)] = views.cluster_examples(ctx, run_id, 0, n=2, size=64)
     assert len(decoded) == 3 and (first_id, second_id) == (image_ids[0], image_ids[1])
     rgb = ingest.load_rgb(ctx, image_ids[0]).astype(float)
     mask = _segments(0) == 0
@@ -242,7 +243,7 @@ def test_cluster_examples_follow_edits_without_decoding_again(done_run, monkeypa
     moved = np.roll(_segments(0), 10, axis=0)
     PILImage.fromarray(moved).save(run_dir / "segments" / "000000.png")
     os.utime(run_dir / "segments" / "000000.png", ns=(1, 1))
-    [(_, thumb), _] = labels.cluster_examples(ctx, run_id, 0, n=2, size=64)
+    [(_, thumb), _] = views.cluster_examples(ctx, run_id, 0, n=2, size=64)
     assert len(decoded) == 4
     assert np.abs(thumb[moved == 0] - tinted[moved == 0]).max() <= 1
 
@@ -253,11 +254,11 @@ def _decode(ann) -> np.ndarray:
 
 def test_seed_annotations_follow_the_mapping(done_run):
     ctx, run_id, image_ids = done_run
-    assert labels.seed_annotations(ctx, run_id) == []            # nothing named yet
-    labels.merge_clusters(ctx, run_id, [0, 1], "sky")
-    labels.name_cluster(ctx, run_id, 2, "tree")
-    labels.ignore_cluster(ctx, run_id, 3)
-    anns = labels.seed_annotations(ctx, run_id, crf=False)
+    assert annotations.seed_annotations(ctx, run_id) == []            # nothing named yet
+    mapping.merge_clusters(ctx, run_id, [0, 1], "sky")
+    mapping.name_cluster(ctx, run_id, 2, "tree")
+    mapping.ignore_cluster(ctx, run_id, 3)
+    anns = annotations.seed_annotations(ctx, run_id, crf=False)
     assert {(a.image_id, a.label_name) for a in anns} == {(i, n) for i in image_ids for n in ("sky", "tree")}
     for a in anns:
         pos = image_ids.index(a.image_id)
@@ -268,11 +269,11 @@ def test_seed_annotations_follow_the_mapping(done_run):
         ys, xs = np.nonzero(expect)
         assert a.bbox == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     # a mapping change makes the stored rows stale: they are recomputed
-    labels.unmerge_cluster(ctx, run_id, 1)
-    sky = [a for a in labels.seed_annotations(ctx, run_id, image_ids=[image_ids[0]], crf=False)
+    mapping.unmerge_cluster(ctx, run_id, 1)
+    sky = [a for a in annotations.seed_annotations(ctx, run_id, image_ids=[image_ids[0]], crf=False)
            if a.label_name == "sky"][0]
     assert np.array_equal(_decode(sky), _segments(0) == 0)
-    crf = labels.seed_annotations(ctx, run_id, image_ids=[image_ids[0]])      # the run's default: CRF
+    crf = annotations.seed_annotations(ctx, run_id, image_ids=[image_ids[0]])      # the run's default: CRF
     assert all(a.crf for a in crf)
     assert np.array_equal(_decode([a for a in crf if a.label_name == "sky"][0]),
                           np.roll(_segments(0), 2, axis=1) == 0)
@@ -280,19 +281,19 @@ def test_seed_annotations_follow_the_mapping(done_run):
 
 def test_confirm_image(done_run):
     ctx, run_id, image_ids = done_run
-    labels.name_cluster(ctx, run_id, 0, "sky")
-    labels.confirm_image(ctx, run_id, image_ids[1])
-    assert labels.render_segmentation(ctx, run_id, image_ids[1]).confirmed
-    confirmed = labels.seed_annotations(ctx, run_id, confirmed_only=True)
+    mapping.name_cluster(ctx, run_id, 0, "sky")
+    annotations.confirm_image(ctx, run_id, image_ids[1])
+    assert views.render_segmentation(ctx, run_id, image_ids[1]).confirmed
+    confirmed = annotations.seed_annotations(ctx, run_id, confirmed_only=True)
     assert {a.image_id for a in confirmed} == {image_ids[1]} and all(a.confirmed for a in confirmed)
-    assert labels.confirmed_count(ctx, run_id) == 1
+    assert annotations.confirmed_count(ctx, run_id) == 1
     # confirmation survives a mapping change
-    labels.name_cluster(ctx, run_id, 2, "tree")
-    assert {a.label_name for a in labels.seed_annotations(ctx, run_id, confirmed_only=True)} == {"sky", "tree"}
-    labels.confirm_image(ctx, run_id, image_ids[1], confirmed=False)
-    assert labels.seed_annotations(ctx, run_id, confirmed_only=True) == []
+    mapping.name_cluster(ctx, run_id, 2, "tree")
+    assert {a.label_name for a in annotations.seed_annotations(ctx, run_id, confirmed_only=True)} == {"sky", "tree"}
+    annotations.confirm_image(ctx, run_id, image_ids[1], confirmed=False)
+    assert annotations.seed_annotations(ctx, run_id, confirmed_only=True) == []
     with pytest.raises(NotFound):
-        labels.confirm_image(ctx, run_id, 10_000)
+        annotations.confirm_image(ctx, run_id, 10_000)
 
 
 def test_concurrent_edits_from_many_tabs_lose_nothing(done_run):
@@ -304,7 +305,7 @@ def test_concurrent_edits_from_many_tabs_lose_nothing(done_run):
     def tab(i):
         try:
             barrier.wait()
-            labels.name_cluster(ctx, run_id, i, f"class {i}")
+            mapping.name_cluster(ctx, run_id, i, f"class {i}")
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -314,7 +315,7 @@ def test_concurrent_edits_from_many_tabs_lose_nothing(done_run):
     for t in threads:
         t.join()
     assert not errors
-    cl = labels.list_clusters(ctx, run_id)
+    cl = mapping.list_clusters(ctx, run_id)
     assert [c.label_name for c in cl] == [f"class {i}" for i in range(K)]
     assert len({c.colour for c in cl}) == K
     from stego_app.runs import get_run
@@ -336,16 +337,16 @@ def test_concurrent_random_edits_keep_the_mapping_consistent(done_run):
             for _ in range(12):
                 op = rng.choice(["name", "merge", "unmerge", "ignore", "rename"])
                 if op == "name":
-                    labels.name_cluster(c, run_id, rng.randrange(K), rng.choice(["a", "b", "c"]))
+                    mapping.name_cluster(c, run_id, rng.randrange(K), rng.choice(["a", "b", "c"]))
                 elif op == "merge":
-                    labels.merge_clusters(c, run_id, rng.sample(range(K), 2), rng.choice(["a", "b", "c"]))
+                    mapping.merge_clusters(c, run_id, rng.sample(range(K), 2), rng.choice(["a", "b", "c"]))
                 elif op == "unmerge":
-                    labels.unmerge_cluster(c, run_id, rng.randrange(K))
+                    mapping.unmerge_cluster(c, run_id, rng.randrange(K))
                 elif op == "ignore":
-                    labels.ignore_cluster(c, run_id, rng.randrange(K), rng.random() < 0.7)
+                    mapping.ignore_cluster(c, run_id, rng.randrange(K), rng.random() < 0.7)
                 else:
                     try:
-                        labels.rename_label(c, run_id, rng.choice(["a", "b", "c"]), rng.choice(["a", "b", "c"]))
+                        mapping.rename_label(c, run_id, rng.choice(["a", "b", "c"]), rng.choice(["a", "b", "c"]))
                     except NotFound:
                         continue     # that label does not exist right now: nothing changed
                 with lock:
@@ -361,10 +362,10 @@ def test_concurrent_random_edits_keep_the_mapping_consistent(done_run):
     second.close()
     assert not errors
     assert get_run(ctx, run_id).mapping_version == done[0]   # every successful edit was applied once
-    cl = labels.list_clusters(ctx, run_id)
+    cl = mapping.list_clusters(ctx, run_id)
     named = [c for c in cl if c.label_id is not None]
     assert all(not c.ignored for c in named)
-    leg = labels.legend(ctx, run_id)
+    leg = mapping.legend(ctx, run_id)
     label_entries = [e for e in leg if e.label_id is not None]
     assert all(e.cluster_indices for e in label_entries)          # no label without clusters
     assert len({e.name.lower() for e in label_entries}) == len(label_entries)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from stego_app import ingest, labels, projects, runs
+from stego_app import ingest, projects, runs
+from stego_app.labels import mapping, views
 from stego_app.config import AppConfig
 from stego_app.context import create_context
 from stego_app.errors import NotFound, UserError
@@ -62,7 +63,7 @@ def test_finished_run_is_stored_with_its_clusters(lab):
     assert run.history and "loss" in run.history[-1] and run.history[-1]["step"] == 10
     assert run.metrics["n_images"] == 4 and run.started_at <= run.finished_at
     assert (run.run_dir / "clusters.json").is_file() and run.run_dir == ctx.config.runs_dir / str(run.id)
-    clusters = labels.list_clusters(ctx, run.id)
+    clusters = mapping.list_clusters(ctx, run.id)
     assert [c.index for c in clusters] == [0, 1, 2]
     assert sum(c.share for c in clusters) == pytest.approx(1.0, abs=1e-3)
     image_ids = {i.id for i in ingest.list_images(ctx, project.id)}
@@ -70,7 +71,7 @@ def test_finished_run_is_stored_with_its_clusters(lab):
     assert [r.id for r in runs.list_runs(ctx, project.id)][-1] == run.id
     items = runs.run_images(ctx, run.id)
     assert [i.position for i in items] == [0, 1, 2, 3] and {i.image_id for i in items} == image_ids
-    view = labels.render_segmentation(ctx, run.id, items[0].image_id, crf=True)
+    view = views.render_segmentation(ctx, run.id, items[0].image_id, crf=True)
     assert view.crf and view.segmentation.shape == (48, 64) and view.overlay.shape == (48, 64, 3)
     assert set(np.unique(view.segmentation)) <= {0, 1, 2}
 
@@ -94,7 +95,7 @@ def test_progress_is_visible_elsewhere_and_cancel_resume(lab):
         assert resumed.status == "queued"
         done = runs.wait_for_run(ctx, run.id, timeout=300)
         assert done.status == "done", done.error
-        assert len(labels.list_clusters(ctx, run.id)) == 3
+        assert len(mapping.list_clusters(ctx, run.id)) == 3
         assert runs.get_run(ctx, queued.id).status == "cancelled"
         assert runs.get_run(ctx, queued.id).started_at is None
         # the feature cache of the first attempt was reused, not extracted again
@@ -108,8 +109,8 @@ def test_progress_is_visible_elsewhere_and_cancel_resume(lab):
 
 def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     ctx, project, first = lab
-    labels.name_cluster(ctx, first.id, 0, "sky")
-    before = labels.list_clusters(ctx, first.id)
+    mapping.name_cluster(ctx, first.id, 0, "sky")
+    before = mapping.list_clusters(ctx, first.id)
     extra = ingest.ingest_files(ctx, project.id, write_scene_images(tmp_path, n=1, seed=7)).added[0]
     extra.path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))     # the disk copy goes bad later
     run = runs.start_run(ctx, project.id, runs.RunParams(steps=5, crf=False, **FAST))
@@ -118,8 +119,8 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     assert "ImageLoadError" in failed.error and extra.path.name in failed.error
     assert failed.is_resumable
     assert runs.get_run(ctx, first.id).status == "done"
-    assert labels.list_clusters(ctx, first.id) == before
-    view = labels.render_segmentation(ctx, first.id, runs.run_images(ctx, first.id)[0].image_id)
+    assert mapping.list_clusters(ctx, first.id) == before
+    view = views.render_segmentation(ctx, first.id, runs.run_images(ctx, first.id)[0].image_id)
     assert "sky" in {e.name for e in view.legend} or view.legend
     # the unreadable image is marked; the next run leaves it out
     bad = ingest.get_image(ctx, extra.id)
@@ -189,7 +190,7 @@ def test_run_of_a_killed_process_is_interrupted_and_resumable(tmp_path):
         done = runs.wait_for_run(ctx, run_id, timeout=300)
         assert done.status == "done", done.error
         assert done.history[-1]["step"] == 150
-        assert len(labels.list_clusters(ctx, run_id)) == 3
+        assert len(mapping.list_clusters(ctx, run_id)) == 3
     finally:
         ctx.close()
 

@@ -1,4 +1,5 @@
-"""The UI's pure formatting helpers (stego_app/ui_helpers.py), on the services' real dataclasses."""
+"""The UI's pure formatting helpers (stego_app/ui/formatting.py), on the services' real dataclasses;
+also the form -> RunParams and report-merging service helpers the UI calls."""
 from __future__ import annotations
 
 import base64
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stego_app import ui_helpers as H
+from stego_app.ui import formatting as H
 from stego_app.ingest import FileProblem, IngestReport
-from stego_app.labels import ClusterInfo, LegendEntry
+from stego_app.labels.mapping import ClusterInfo, LegendEntry
 from stego_app.runs import RunInfo, RunParams
 
 
@@ -68,8 +69,8 @@ def test_ingest_summary_and_problem_rows_merge_several_reports():
     r1 = IngestReport(added=["a", "b"], duplicates=[FileProblem("c.png", "same content as a.png")],
                       rejected=[FileProblem("notes.txt", "not an image")])
     r2 = IngestReport(added=["d"], duplicates=[], rejected=[FileProblem("big.zip/x.jpg", "truncated")])
-    merged = H.merge_reports([r1, r2])
-    assert len(merged["added"]) == 3
+    merged = IngestReport.merge([r1, r2])
+    assert len(merged.added) == 3
     text = H.ingest_summary(merged)
     assert "**3** images added" in text and "**1** duplicate skipped" in text
     assert "**2** files rejected" in text and "listed below" in text
@@ -141,7 +142,7 @@ def test_status_signature_changes_with_progress_but_not_with_nothing():
 
 
 def test_params_from_form_uses_defaults_for_blanks_and_rounds_integers():
-    p = H.params_from_form(RunParams, dict(backbone=None, resolution=112.0, n_clusters=4.0, crf=False,
+    p = RunParams.from_form(dict(backbone=None, resolution=112.0, n_clusters=4.0, crf=False,
                                            steps="", lr=0.001, shift_self=None, shift_knn=0.2,
                                            shift_neg="auto", weight_self=0.5, crop_mode="five"))
     assert p == RunParams(backbone=None, resolution=112, n_clusters=4, crf=False, steps=RunParams().steps,
@@ -149,9 +150,9 @@ def test_params_from_form_uses_defaults_for_blanks_and_rounds_integers():
                           crop_mode="five")
     assert isinstance(p.resolution, int) and isinstance(p.shift_knn, float)
     # the CRF resolution box: blank = the features' resolution, a number of pixels, 0 = full size
-    assert H.params_from_form(RunParams, dict(crf_resolution="")).crf_resolution is None
-    assert H.params_from_form(RunParams, dict(crf_resolution=" 480 ")).crf_resolution == 480
-    assert H.params_from_form(RunParams, dict(crf_resolution="0")).crf_resolution == 0
+    assert RunParams.from_form(dict(crf_resolution="")).crf_resolution is None
+    assert RunParams.from_form(dict(crf_resolution=" 480 ")).crf_resolution == 480
+    assert RunParams.from_form(dict(crf_resolution="0")).crf_resolution == 0
 
 
 # ---------------------------------------------------------------- clusters and legend
@@ -220,11 +221,11 @@ def test_params_from_form_names_a_field_that_is_not_a_number():
     from stego_app.errors import UserError
 
     with pytest.raises(UserError, match="shift self: 'abc' is not a number"):
-        H.params_from_form(RunParams, dict(shift_self="abc"))
+        RunParams.from_form(dict(shift_self="abc"))
     with pytest.raises(UserError, match="steps"):
-        H.params_from_form(RunParams, dict(steps="many"))
+        RunParams.from_form(dict(steps="many"))
     with pytest.raises(UserError, match="crf resolution: 'big' is not a number"):
-        H.params_from_form(RunParams, dict(crf_resolution="big"))
+        RunParams.from_form(dict(crf_resolution="big"))
 
 
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), (3, 3), (3.0, 3), ("12", 12)])

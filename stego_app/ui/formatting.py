@@ -1,14 +1,12 @@
-"""Pure formatting helpers for the Gradio UI (stego_app/ui.py).
+"""Pure formatting helpers for the Gradio UI (the stego_app.ui tab modules).
 
 Everything here turns service dataclasses into what a component displays (markdown,
-HTML, table rows, data frames, dropdown choices) or turns form values into service
-arguments. No I/O, no database, no Gradio: tested directly in tests/test_ui_helpers.py.
+HTML, table rows, data frames, dropdown choices) or parses a dropdown value. No I/O, no database, no Gradio: tested directly in tests/test_ui_helpers.py.
 """
 from __future__ import annotations
 
 import html
 import math
-from dataclasses import fields
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from stego_app.errors import UserError
@@ -106,15 +104,6 @@ def project_choices(projects: Iterable[Any]) -> list[tuple[str, int]]:
         suffix = f" ({n} images)" if n is not None else ""
         out.append((f"{p.name}{suffix}", int(p.id)))
     return out
-
-
-def merge_reports(reports: Sequence[Any]) -> dict[str, list]:
-    """Several IngestReports (uploads + zips) -> one {'added', 'duplicates', 'rejected'}."""
-    merged: dict[str, list] = {"added": [], "duplicates": [], "rejected": []}
-    for r in reports:
-        for key in merged:
-            merged[key].extend(getattr(r, key))
-    return merged
 
 
 def ingest_summary(report: Any) -> str:
@@ -258,40 +247,6 @@ def status_signature(run: Any | None) -> tuple:
         return (None,)
     return (run.id, run.status, run.stage, round(float(run.stage_progress or 0), 3),
             len(run.history or []), run.cancel_requested, run.error)
-
-
-def params_from_form(params_cls: type, values: Mapping[str, Any]) -> Any:
-    """Build RunParams from form values: blank numbers mean the default (None = automatic).
-
-    Integer fields are rounded from the float a gr.Number gives; a value that is not a
-    number raises UserError naming the field.
-    """
-    defaults = params_cls()
-    kwargs: dict[str, Any] = {}
-    for f in fields(params_cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        default = getattr(defaults, f.name)
-        if isinstance(v, str):
-            v = v.strip()
-            if v == "" or v.lower() in ("auto", "default"):
-                v = None
-        if v is None:
-            kwargs[f.name] = default
-            continue
-        try:
-            if isinstance(default, bool):
-                kwargs[f.name] = bool(v)
-            elif isinstance(default, int) or str(f.type).startswith("int"):
-                kwargs[f.name] = int(round(float(v)))
-            elif isinstance(default, float) or f.name.startswith("shift_"):
-                kwargs[f.name] = float(v)
-            else:
-                kwargs[f.name] = v
-        except (TypeError, ValueError):
-            raise UserError(f"{f.name.replace('_', ' ')}: {v!r} is not a number") from None
-    return params_cls(**kwargs)
 
 
 # ---------------------------------------------------------------- clusters and legend

@@ -1,0 +1,190 @@
+"""What a person sees of a run's segmentation: coloured overlays and cluster example thumbnails.
+
+Example thumbnails are cached per process (downscaled photo + supersampled cluster map),
+so after a name/merge/colour edit only the tint is redone.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from stego_app.errors import NotFound, UserError
+from stego_app.labels.mapping import LegendEntry, get_done_run, legend_entries, snapshot
+from stego_app.models import Image, RunImage
+from stego_app.render import blend, colourize, hex_to_rgb, highlight, resize_nearest
+from stego_app.thumbnails import load_rgb_fit
+
+log = logging.getLogger(__name__)
+
+DISPLAY_MAX_SIDE = 1024          # render_segmentation's default size limit (long side, pixels)
+MIN_DISPLAY_SIDE = 16
+EXAMPLE_SUPERSAMPLE = 4          # segment map samples per thumbnail pixel and axis (soft edges)
+EXAMPLE_CACHE_BYTES = 64 << 20   # memory for cached example thumbnails (per process)
+
+
+@dataclass(frozen=True)
+class SegmentationView:
+    image_id: int
+    original: np.ndarray
+    overlay: np.ndarray
+    segmentation: np.ndarray
+    legend: list[LegendEntry]
+    crf: bool
+    confirmed: bool
+
+
+# ---------------------------------------------------------------- segment maps and overlays
+
+def _position(s, run_id: int, image_id: int) -> tuple[int, Image, bool]:
+    row = s.execute(select(RunImage, Image).join(Image, RunImage.image_id == Image.id)
+                    .where(RunImage.run_id == run_id, RunImage.image_id == image_id)).first()
+    if row is None:
+        raise NotFound(f"image {image_id} is not part of run {run_id}")
+    ri, img = row
+    return ri.position, img, ri.confirmed
+
+
+def read_segments(run_dir: Path, position: int, crf: bool, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) int32 cluster ids of run item `position` (nearest-resized to size=(w, h) if given)."""
+    path = run_dir / ("segments_crf" if crf else "segments") / f"{position:06d}.png"
+    if not path.is_file():
+        raise UserError(f"the segment map {path.name} of this run is missing ({path.parent})")
+    with PILImage.open(path) as im:
+        if size is not None and im.size != size:
+            im = im.resize(size, PILImage.NEAREST)
+        return np.asarray(im).astype(np.int32)
+
+
+def render_segmentation(ctx, run_id: int, image_id: int, crf: bool = False, opacity: float = 0.5,
+                        hidden: Collection[int] = (), max_side: int | None = DISPLAY_MAX_SIDE) -> SegmentationView:
+    """The image, its coloured overlay (hidden clusters left uncoloured) and its legend.
+
+    `max_side` limits the long side of `original`, `overlay` and `segmentation` (the photo
+    is area-downscaled, the cluster map resampled by nearest pixel); None = full size.
+    Legend shares are always counted on the full-size segment map.
+    """
+    if max_side is not None and (isinstance(max_side, bool) or int(max_side) < MIN_DISPLAY_SIDE):
+        raise UserError(f"the display size {max_side!r} must be at least {MIN_DISPLAY_SIDE} pixels")
+    with ctx.db.read() as s:
+        mapping = snapshot(s, get_done_run(s, run_id))
+        position, img, confirmed = _position(s, run_id, image_id)
+        path = Path(img.path)
+    if not path.is_file():
+        raise UserError(f"the file of image {img.name} is missing: {path}")
+    original = load_rgb_fit(path, None if max_side is None else int(max_side), ctx.config.max_image_pixels)
+    h, w = original.shape[:2]
+    use_crf = bool(crf and mapping.has_crf)
+    full = read_segments(mapping.run_dir, position, use_crf)
+    counts = np.bincount(full.ravel(), minlength=max(len(mapping.clusters), int(full.max()) + 1))
+    shares = {i: float(n) / full.size for i, n in enumerate(counts) if n}
+    seg = resize_nearest(full, (h, w))
+    colour_img = colourize(seg, {k: hex_to_rgb(v) for k, v in mapping.colours().items()})
+    mask = ~np.isin(seg, np.fromiter((int(i) for i in hidden), dtype=np.int32)) if hidden else None
+    overlay = blend(original, colour_img, mask, opacity)
+    entries = [e for e in legend_entries(mapping, shares) if e.share > 0]
+    return SegmentationView(image_id=image_id, original=original, overlay=overlay, segmentation=seg,
+                            legend=entries, crf=use_crf, confirmed=confirmed)
+
+
+class _ByteLRU:
+    """A thread-safe least-recently-used cache of numpy arrays, bounded by their total bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[np.ndarray, ...]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[np.ndarray, ...] | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: tuple[np.ndarray, ...]) -> None:
+        size = sum(a.nbytes for a in value)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= sum(a.nbytes for a in old)
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= sum(a.nbytes for a in dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+# Downscaled photo + supersampled cluster map per (segment file, image file, size). Neither
+# depends on names, merges or colours, so edits re-tint cached pieces instead of decoding
+# images again; a changed file (new mtime or size) is a new key.
+_EXAMPLE_CACHE = _ByteLRU(EXAMPLE_CACHE_BYTES)
+
+
+def _example_base(run_dir: Path, position: int, path: Path, size: int,
+                  max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(photo with long side <= size, raw cluster map at EXAMPLE_SUPERSAMPLE x its size)."""
+    seg_path = run_dir / "segments" / f"{position:06d}.png"
+    try:
+        seg_stat, img_stat = seg_path.stat(), path.stat()
+    except OSError as exc:
+        raise UserError(f"a file of example item {position} is missing: {exc.filename}") from None
+    key = (str(seg_path), seg_stat.st_mtime_ns, seg_stat.st_size,
+           str(path), img_stat.st_mtime_ns, img_stat.st_size, size)
+    cached = _EXAMPLE_CACHE.get(key)
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    rgb = load_rgb_fit(path, size, max_pixels)
+    h, w = rgb.shape[:2]
+    full = read_segments(run_dir, position, False)
+    seg = resize_nearest(full, (h * EXAMPLE_SUPERSAMPLE, w * EXAMPLE_SUPERSAMPLE))
+    seg = seg.astype(np.uint8 if int(seg.max(initial=0)) < 256 else np.uint16)
+    _EXAMPLE_CACHE.put(key, (rgb, seg))
+    return rgb, seg
+
+
+def cluster_examples(ctx, run_id: int, cluster_index: int, n: int = 4,
+                     size: int = 192) -> list[tuple[int, np.ndarray]]:
+    """Thumbnails of the cluster's best example images, the cluster tinted, the rest dimmed.
+
+    The downscaled images are cached per process, so after a name/merge/colour edit only
+    the tint is redone (milliseconds, not a decode of every example photo).
+    """
+    if isinstance(size, bool) or int(size) < MIN_DISPLAY_SIDE:
+        raise UserError(f"the thumbnail size {size!r} must be at least {MIN_DISPLAY_SIDE} pixels")
+    with ctx.db.read() as s:
+        mapping = snapshot(s, get_done_run(s, run_id))
+        cluster = next((c for c in mapping.clusters if c.index == cluster_index), None)
+        if cluster is None:
+            raise NotFound(f"run {run_id} has no cluster {cluster_index}")
+        items = []
+        for image_id in cluster.example_image_ids[:max(0, n)]:
+            position, img, _ = _position(s, run_id, image_id)
+            items.append((image_id, position, Path(img.path)))
+    out = []
+    k = EXAMPLE_SUPERSAMPLE
+    for image_id, position, path in items:
+        try:
+            rgb, seg = _example_base(mapping.run_dir, position, path, int(size), ctx.config.max_image_pixels)
+        except (UserError, OSError) as exc:
+            log.warning("example image %s of cluster %s unavailable: %s", image_id, cluster_index, exc)
+            continue
+        h, w = rgb.shape[:2]
+        coverage = (seg == cluster_index).reshape(h, k, w, k).mean(axis=(1, 3))
+        out.append((image_id, highlight(rgb, coverage, cluster.colour)))
+    return out

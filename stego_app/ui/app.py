@@ -1,0 +1,224 @@
+"""The app's page: header (project, run, refresh), the five tabs, and the events between them.
+
+Thin by design: every handler (in the tab modules stego_app.ui.project / discover /
+clusters / explore / export) reads its inputs, calls one or two service functions and
+formats the result with stego_app.ui.formatting. What the page shows always comes from
+the database, so a reload, a second tab or a restarted server shows the same projects,
+runs and names.
+
+Errors a person can fix (UserError) become a toast with the service's message;
+anything else is logged with its traceback on the server and shown as a short toast.
+"""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from stego_app import projects, runs
+from stego_app.labels import mapping
+from stego_app.ui import formatting as H
+from stego_app.ui.clusters import ClustersTab
+from stego_app.ui.common import guard
+from stego_app.ui.discover import DiscoverTab
+from stego_app.ui.explore import ExploreTab
+from stego_app.ui.export import ExportTab
+from stego_app.ui.project import ProjectTab
+
+log = logging.getLogger(__name__)
+
+CSS = """
+.stego-status table.stego-stages { border-collapse: collapse; width: 100%; max-width: 760px; }
+.stego-status table.stego-stages, .stego-status table.stego-stages tr,
+.stego-status table.stego-stages td { border: none !important; background: transparent !important; }
+.stego-status td { padding: 3px 8px; }
+.stego-stage-name { white-space: nowrap; width: 14em; }
+.stego-bar-cell { width: 55%; }
+.stego-bar { background: var(--neutral-200); border-radius: 4px; height: 12px; overflow: hidden; }
+.stego-bar-fill { background: var(--color-accent); height: 100%; transition: width .4s; }
+.stego-stage-done .stego-bar-fill { background: #2ca02c; }
+.stego-stage-stopped .stego-bar-fill { background: #d62728; }
+.stego-stage-pending .stego-stage-name { opacity: .6; }
+.stego-muted { opacity: .7; font-size: 90%; }
+.stego-error { color: #d62728; font-weight: 600; }
+.stego-state-done { color: #2ca02c; font-weight: 600; }
+.stego-state-failed, .stego-state-interrupted, .stego-state-cancelled { color: #d62728; font-weight: 600; }
+.stego-state-running, .stego-state-queued { color: var(--color-accent); font-weight: 600; }
+.stego-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 10px; }
+.stego-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px; }
+.stego-card-ignored { opacity: .55; }
+.stego-card-head { display: flex; align-items: center; gap: 6px; margin-bottom: 6px; }
+.stego-card-label { font-weight: 600; flex: 1; }
+.stego-card-share { font-variant-numeric: tabular-nums; }
+.stego-card-examples { display: flex; gap: 4px; flex-wrap: wrap; }
+.stego-card-examples img { height: 96px; max-width: 100%; object-fit: cover; border-radius: 4px; }
+.stego-swatch { display: inline-block; border-radius: 3px; border: 1px solid rgba(0,0,0,.3);
+                vertical-align: middle; margin-right: 4px; }
+.stego-legend { display: flex; flex-wrap: wrap; gap: 4px 16px; padding: 4px 0; }
+.stego-legend-item { white-space: nowrap; }
+.stego-legend-ignored { opacity: .6; }
+"""
+
+# A tab whose server went away (restart, deploy) reloads itself once the server answers
+# again: Gradio's own event stream does not recover when it breaks mid-event, and all
+# state lives in the database anyway.
+RECONNECT_JS = """
+() => {
+  let down = false;
+  const ping = async () => {
+    try {
+      await fetch(window.location.pathname + "?stego_ping=" + Date.now(), {method: "HEAD", cache: "no-store"});
+      if (down) { window.location.reload(); }
+    } catch (e) {
+      down = true;
+    }
+  };
+  setInterval(ping, 2500);
+}
+"""
+
+INTRO = """# STEGO class discovery
+Find the kinds of regions in your images without labelling anything first, then name them.
+**1 Project**: add images · **2 Discover**: run STEGO · **3 Clusters**: name, merge, ignore ·
+**4 Explore**: check images · **5 Export**: download COCO."""
+
+
+def _theme() -> gr.themes.Base:
+    """The Soft theme with system fonts: no font download, so it works on offline servers."""
+    return gr.themes.Soft(font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+
+
+class App:
+    """The page bound to one AppContext: the header, the tabs and the views spanning several tabs."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        boot_projects = projects.list_projects(ctx)
+        boot_runs = [r for p in boot_projects for r in runs.list_runs(ctx, p.id)]
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=True):
+            # Choices known at start-up are registered here, so a tab left open while the server
+            # restarts still passes Gradio's choice check; each page load replaces them.
+            self.project_dd = gr.Dropdown(label="Project", choices=H.project_choices(boot_projects), value=None,
+                                          interactive=True, elem_id="project-select", scale=2)
+            self.run_dd = gr.Dropdown(label="Discovery run", choices=H.run_choices(boot_runs), value=None,
+                                      interactive=True, elem_id="run-select", scale=3,
+                                      info="Runs of this project, newest first. Every tab works on this run.")
+            self.refresh_btn = gr.Button("↻ Refresh", elem_id="btn-refresh", scale=0, min_width=110)
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("1 · Project", id="project", elem_id="tab-project"):
+                self.project = ProjectTab(self)
+            with gr.Tab("2 · Discover", id="discover", elem_id="tab-discover") as discover_tab:
+                self.discover = DiscoverTab(self, discover_tab)
+            with gr.Tab("3 · Clusters", id="clusters", elem_id="tab-clusters"):
+                self.clusters = ClustersTab(self)
+            with gr.Tab("4 · Explore", id="explore", elem_id="tab-explore"):
+                self.explore = ExploreTab(self)
+            with gr.Tab("5 · Export", id="export", elem_id="tab-export"):
+                self.export = ExportTab(self)
+        ex = self.explore
+        # everything a mapping edit redraws
+        self.label_outputs = self.clusters.outputs + [ex.shown] + ex.render_outputs
+        # everything that shows the selected run
+        self.run_outputs = ([self.run_dd] + self.discover.status_outputs + self.clusters.outputs
+                            + [ex.image_dd, ex.gallery, ex.gallery_ids, ex.page, ex.shown] + ex.render_outputs
+                            + [ex.crf, ex.opacity] + self.export.outputs)
+
+    # ---------------------------------------------------------------- views spanning tabs
+    def project_choices_update(self, value):
+        return gr.update(choices=H.project_choices(projects.list_projects(self.ctx)), value=value)
+
+    def label_views(self, run_id, image_id, op, use_crf, visible, reset_visible: bool = False) -> dict:
+        """Everything that shows the cluster -> label mapping of a finished run."""
+        clusters = mapping.list_clusters(self.ctx, run_id)
+        indices = [c.index for c in clusters]
+        if reset_visible or visible is None:
+            visible = indices
+        else:
+            previous = set(visible)
+            visible = [i for i in indices if i in previous]
+        out = self.clusters.cluster_views(run_id, clusters)
+        out[self.explore.shown] = gr.update(choices=H.visible_cluster_choices(clusters), value=visible)
+        out.update(self.explore.render(run_id, image_id, op, use_crf, visible, indices))
+        return out
+
+    def _no_mapping(self, message: str) -> dict:
+        out = self.clusters.empty_views(message)
+        out[self.explore.shown] = gr.update(choices=[], value=[])
+        out.update(self.explore.empty_render())
+        out.update(self.explore.empty_gallery_views())
+        out.update(self.export.empty_views())
+        return out
+
+    def run_views(self, run_id) -> dict:
+        if run_id is None:
+            out = self.discover.status_views(None)
+            out.update(self._no_mapping("No run selected: start one in the Discover tab."))
+            return out
+        info = runs.get_run(self.ctx, run_id)
+        out = self.discover.status_views(info)
+        out[self.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)),
+                                     value=run_id)
+        if info.status != "done":
+            word = H.STATUS_WORDS.get(info.status, info.status).lower()
+            out.update(self._no_mapping(f"Run {info.id} is {word}: its clusters appear here "
+                                        "when it has finished."))
+            return out
+        ex = self.explore
+        items = runs.run_images(self.ctx, run_id)
+        first = items[0].image_id if items else None
+        out.update({ex.image_dd: gr.update(choices=[(it.name, it.image_id) for it in items], value=first),
+                    ex.opacity: 0.5,
+                    ex.crf: gr.update(value=bool(info.params.crf), interactive=bool(info.params.crf))})
+        out.update(ex.gallery_views(run_id, 1))
+        out.update(self.label_views(run_id, first, 0.5, info.params.crf, None, reset_visible=True))
+        out.update(self.export.export_views(run_id))
+        return out
+
+    # ---------------------------------------------------------------- header handlers
+    @guard
+    def on_load(self):
+        plist = projects.list_projects(self.ctx)
+        pid = plist[-1].id if plist else None
+        out = {self.project_dd: gr.update(choices=H.project_choices(plist), value=pid)}
+        out.update(self.project.project_views(pid))
+        return out
+
+    @guard
+    def on_project(self, pid):
+        return self.project.project_views(H.as_id(pid, "project"))
+
+    @guard
+    def on_refresh(self, pid, run_id):
+        pid = H.as_id(pid, "project")
+        run_id = H.as_id(run_id, "run")
+        out = {self.project_dd: self.project_choices_update(pid)}
+        if pid is not None:
+            run_list = runs.list_runs(self.ctx, pid)
+            ids = [r.id for r in run_list]
+            keep = run_id if run_id in ids else (ids[0] if ids else None)
+            out[self.run_dd] = gr.update(choices=H.run_choices(run_list), value=keep)
+            if keep == run_id:
+                out.update(self.run_views(run_id))
+        return out
+
+    @guard
+    def on_run(self, run_id):
+        return self.run_views(H.as_id(run_id, "run"))
+
+    def wire(self, demo: gr.Blocks) -> None:
+        demo.load(self.on_load, outputs=[self.project_dd] + self.project.outputs)
+        self.project_dd.change(self.on_project, self.project_dd, self.project.outputs)
+        self.run_dd.change(self.on_run, self.run_dd, self.run_outputs)
+        self.refresh_btn.click(self.on_refresh, [self.project_dd, self.run_dd], [self.project_dd] + self.run_outputs)
+        for tab in (self.project, self.discover, self.clusters, self.explore, self.export):
+            tab.wire()
+
+
+def build_ui(ctx) -> gr.Blocks:
+    """The whole app as a gr.Blocks bound to `ctx` (an AppContext)."""
+    with gr.Blocks(title="STEGO class discovery", css=CSS, analytics_enabled=False,
+                   theme=_theme(), js=RECONNECT_JS) as demo:
+        App(ctx).wire(demo)
+    return demo

@@ -1,0 +1,152 @@
+"""Tab 3 · Clusters: a card per cluster; name, merge, unmerge, ignore and recolour them."""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from stego_app.errors import UserError
+from stego_app.labels import mapping, views
+from stego_app.ui import formatting as H
+from stego_app.ui.common import guard
+
+log = logging.getLogger(__name__)
+
+N_EXAMPLES = 4              # example thumbnails per cluster card
+EXAMPLE_SIZE = 160
+
+
+def colour_hex(value: str | None) -> str:
+    """gr.ColorPicker gives '#rrggbb' or sometimes 'rgba(r, g, b, a)'."""
+    v = (value or "").strip()
+    if v.startswith("rgb"):
+        nums = [float(x) for x in v[v.index("(") + 1: v.index(")")].split(",")[:3]]
+        return "#" + "".join(f"{int(round(n)):02x}" for n in nums)
+    return v
+
+
+def _need_selection(run_id, selected) -> list[int]:
+    if run_id is None:
+        raise UserError("no run selected")
+    if not selected:
+        raise UserError("select one or more clusters first (tick them under the cards)")
+    return [int(i) for i in selected]
+
+
+class ClustersTab:
+    """The Clusters tab's components (built in the current gr.Tab) and handlers."""
+
+    def __init__(self, app):
+        self.app, self.ctx = app, app.ctx
+        gr.Markdown("Each card is a discovered cluster: its colour, its share of all pixels and the "
+                    "images where it is most confident (the cluster tinted). Select clusters below, "
+                    "then name them (one), merge them under one name (several), undo a merge or "
+                    "ignore them.")
+        self.cards_html = gr.HTML(H.cluster_cards_html([], lambda c, i: None), elem_id="clusters-html")
+        self.cluster_sel = gr.CheckboxGroup(label="Selected clusters", choices=[], elem_id="cluster-select")
+        with gr.Row(equal_height=True):
+            self.label_name = gr.Textbox(label="Label name", elem_id="label-name", scale=2,
+                                         placeholder="e.g. sky; an existing name merges into it")
+            self.name_btn = gr.Button("Name / merge selected", variant="primary", elem_id="btn-name")
+            self.unmerge_btn = gr.Button("Undo merge / unname", elem_id="btn-unmerge")
+            self.ignore_btn = gr.Button("Ignore", elem_id="btn-ignore")
+            self.unignore_btn = gr.Button("Stop ignoring", elem_id="btn-unignore")
+        with gr.Row(equal_height=True):
+            self.colour_label = gr.Dropdown(label="Label to recolour", choices=[], allow_custom_value=True,
+                                            elem_id="colour-label")
+            self.colour_pick = gr.ColorPicker(label="Colour", value="#1f77b4", elem_id="colour-picker")
+            self.colour_btn = gr.Button("Set colour", elem_id="btn-colour")
+        self.legend_html = gr.HTML(H.legend_html([], "clusters-legend-inner"), elem_id="clusters-legend")
+
+    @property
+    def outputs(self) -> list:
+        return [self.cards_html, self.cluster_sel, self.colour_label, self.legend_html]
+
+    # ---------------------------------------------------------------- views
+    def example_urls(self, run_id: int, clusters) -> dict[tuple[int, int], str]:
+        urls: dict[tuple[int, int], str] = {}
+        for c in clusters:
+            try:
+                thumbs = views.cluster_examples(self.ctx, run_id, c.index, n=N_EXAMPLES, size=EXAMPLE_SIZE)
+            except UserError as exc:
+                log.warning("no examples for cluster %s of run %s: %s", c.index, run_id, exc)
+                continue
+            for image_id, arr in thumbs:
+                urls[(c.index, image_id)] = H.image_data_uri(arr)
+        return urls
+
+    def cluster_views(self, run_id, clusters) -> dict:
+        urls = self.example_urls(run_id, clusters)
+        return {self.cards_html: H.cluster_cards_html(clusters, lambda c, i: urls.get((c.index, i)), N_EXAMPLES),
+                self.cluster_sel: gr.update(choices=H.cluster_choices(clusters), value=[]),
+                self.colour_label: gr.update(choices=H.label_names(clusters), value=None),
+                self.legend_html: H.legend_html(mapping.legend(self.ctx, run_id), "clusters-legend-inner")}
+
+    def empty_views(self, message: str) -> dict:
+        return {self.cards_html: f'<div class="stego-cards" id="cluster-cards"><p>{H.esc(message)}</p></div>',
+                self.cluster_sel: gr.update(choices=[], value=[]),
+                self.colour_label: gr.update(choices=[], value=None),
+                self.legend_html: H.legend_html([], "clusters-legend-inner")}
+
+    # ---------------------------------------------------------------- handlers
+    @guard
+    def on_name(self, run_id, selected, name, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        idx = _need_selection(run_id, selected)
+        if len(idx) == 1:
+            mapping.name_cluster(self.ctx, run_id, idx[0], name)
+            gr.Info(f"Cluster {idx[0]} is now '{' '.join((name or '').split())}'.")
+        else:
+            mapping.merge_clusters(self.ctx, run_id, idx, name)
+            gr.Info(f"Clusters {', '.join(map(str, idx))} merged into '{' '.join((name or '').split())}'.")
+        out = self.app.label_views(run_id, image_id, op, use_crf, visible)
+        out[self.label_name] = ""
+        return out
+
+    @guard
+    def on_unmerge(self, run_id, selected, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        for i in _need_selection(run_id, selected):
+            mapping.unmerge_cluster(self.ctx, run_id, i)
+        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+
+    @guard
+    def on_ignore(self, run_id, selected, image_id, op, use_crf, visible):
+        return self._set_ignored(True, run_id, selected, image_id, op, use_crf, visible)
+
+    @guard
+    def on_unignore(self, run_id, selected, image_id, op, use_crf, visible):
+        return self._set_ignored(False, run_id, selected, image_id, op, use_crf, visible)
+
+    def _set_ignored(self, flag, run_id, selected, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        for i in _need_selection(run_id, selected):
+            mapping.ignore_cluster(self.ctx, run_id, i, flag)
+        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+
+    @guard
+    def on_colour(self, run_id, label, colour, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        if run_id is None:
+            raise UserError("no run selected")
+        if not label:
+            raise UserError("choose the label to recolour (name a cluster first)")
+        mapping.set_label_colour(self.ctx, run_id, label, colour_hex(colour))
+        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+
+    def wire(self) -> None:
+        app = self.app
+        explore_inputs = app.explore.inputs
+        label_outputs = app.label_outputs
+        edit_inputs = [app.run_dd, self.cluster_sel]
+        self.name_btn.click(self.on_name, edit_inputs + [self.label_name] + explore_inputs,
+                            label_outputs + [self.label_name])
+        self.unmerge_btn.click(self.on_unmerge, edit_inputs + explore_inputs, label_outputs)
+        self.ignore_btn.click(self.on_ignore, edit_inputs + explore_inputs, label_outputs)
+        self.unignore_btn.click(self.on_unignore, edit_inputs + explore_inputs, label_outputs)
+        self.colour_btn.click(self.on_colour, [app.run_dd, self.colour_label, self.colour_pick] + explore_inputs,
+                              label_outputs)

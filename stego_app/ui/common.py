@@ -1,0 +1,53 @@
+"""What every tab module of the UI shares: the error guard, progress callbacks, sizes."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import gradio as gr
+
+from stego_app.errors import UserError
+from stego_app.ui import formatting as H
+
+log = logging.getLogger(__name__)
+
+GALLERY_PAGE = 100          # thumbnails per gallery page (the Explore dropdown lists every image)
+THUMB_SIZE = 256            # long side of gallery thumbnails (cached files, stego_app.thumbnails)
+
+
+def guard(fn: Callable) -> Callable:
+    """Show UserError messages as an error toast; log anything else, show a short toast."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as exc:
+            log.info("UI action %s refused: %s", fn.__name__, exc)
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:  # a bug: the trace goes to the server log, not the page
+            log.exception("UI action %s failed", fn.__name__)
+            raise gr.Error(f"Something went wrong ({type(exc).__name__}: {exc}). "
+                           "The details are in the server log.", print_exception=False) from None
+
+    return wrapper
+
+
+def progress_cb(progress, desc: str):
+    """A service progress callback (done, total) that drives a gr.Progress."""
+    def cb(done: int, total: int) -> None:
+        try:
+            progress((done, total) if total else 0.0, desc=desc)
+        except Exception:  # noqa: BLE001 - progress display is best effort
+            pass
+    return cb
+
+
+def page_views(gallery, slider, page) -> dict:
+    """A thumbnail gallery and its page slider (hidden while everything fits on one page)."""
+    return {gallery: [(str(path), info.name) for info, path in page.items],
+            slider: gr.update(maximum=page.n_pages, value=page.page, visible=page.n_pages > 1,
+                              info=H.page_caption(page.start, page.stop, page.total))}

@@ -1,0 +1,126 @@
+"""Tab 4 · Explore: one image with its coloured segmentation; check images as seed annotations."""
+from __future__ import annotations
+
+import gradio as gr
+
+from stego_app import runs, thumbnails
+from stego_app.errors import UserError
+from stego_app.labels import annotations, mapping, views
+from stego_app.ui import formatting as H
+from stego_app.ui.common import GALLERY_PAGE, THUMB_SIZE, guard, page_views
+
+DISPLAY_MAX_SIDE = 1024     # long side of the Explore original/overlay sent to the browser
+
+
+class ExploreTab:
+    """The Explore tab's components (built in the current gr.Tab) and handlers."""
+
+    def __init__(self, app):
+        self.app, self.ctx = app, app.ctx
+        self.gallery = gr.Gallery(label="Click an image", columns=10, height=200,
+                                  allow_preview=False, elem_id="explore-gallery",
+                                  object_fit="cover", show_download_button=False)
+        self.page = gr.Slider(label="Page", minimum=1, maximum=1, step=1, value=1,
+                              visible=False, elem_id="explore-page")
+        with gr.Row(equal_height=True):
+            self.image_dd = gr.Dropdown(label="Image", choices=[], allow_custom_value=True,
+                                        elem_id="explore-image", scale=2)
+            self.opacity = gr.Slider(label="Overlay opacity", minimum=0, maximum=1, step=0.05,
+                                     value=0.5, elem_id="opacity", scale=2)
+            self.crf = gr.Checkbox(label="CRF-refined", value=True, elem_id="explore-crf", scale=1)
+            self.confirm_cb = gr.Checkbox(label="Checked: use as seed annotation", value=False,
+                                          elem_id="explore-confirm", scale=1)
+        self.shown = gr.CheckboxGroup(label="Show clusters", choices=[], elem_id="explore-visible")
+        with gr.Row():
+            self.original_img = gr.Image(label="Original", interactive=False, elem_id="explore-original",
+                                         show_download_button=False, height=420)
+            self.overlay_img = gr.Image(label="Segmentation", interactive=False, elem_id="explore-overlay",
+                                        show_download_button=False, height=420)
+        self.legend = gr.HTML(H.legend_html([], "explore-legend-inner"), elem_id="explore-legend")
+        self.gallery_ids = gr.State([])      # image ids in the order the gallery shows them
+
+    @property
+    def inputs(self) -> list:
+        """The view settings every mapping edit re-renders with."""
+        return [self.image_dd, self.opacity, self.crf, self.shown]
+
+    @property
+    def render_outputs(self) -> list:
+        return [self.original_img, self.overlay_img, self.legend, self.confirm_cb]
+
+    # ---------------------------------------------------------------- views
+    def gallery_views(self, run_id, page) -> dict:
+        shown_page = thumbnails.run_gallery(self.ctx, run_id, page, GALLERY_PAGE, THUMB_SIZE)
+        out = page_views(self.gallery, self.page, shown_page)
+        out[self.gallery_ids] = [info.id for info, _ in shown_page.items]
+        return out
+
+    def empty_gallery_views(self) -> dict:
+        return {self.image_dd: gr.update(choices=[], value=None), self.gallery: [],
+                self.gallery_ids: [], self.page: gr.update(value=1, maximum=1, visible=False)}
+
+    def render(self, run_id, image_id, op, use_crf, visible, all_indices) -> dict:
+        if run_id is None or image_id is None:
+            return self.empty_render()
+        hidden = H.hidden_clusters(all_indices, visible)
+        view = views.render_segmentation(self.ctx, run_id, int(image_id), crf=bool(use_crf),
+                                         opacity=float(op if op is not None else 0.5), hidden=hidden,
+                                         max_side=DISPLAY_MAX_SIDE)
+        return {self.original_img: view.original, self.overlay_img: view.overlay,
+                self.legend: H.legend_html(view.legend, "explore-legend-inner"),
+                self.confirm_cb: gr.update(value=bool(view.confirmed), interactive=True)}
+
+    def empty_render(self) -> dict:
+        return {self.original_img: None, self.overlay_img: None,
+                self.legend: H.legend_html([], "explore-legend-inner"),
+                self.confirm_cb: gr.update(value=False, interactive=False)}
+
+    # ---------------------------------------------------------------- handlers
+    @guard
+    def on_render(self, run_id, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        if run_id is None or image_id is None:
+            return self.render(None, None, op, use_crf, visible, [])
+        info = runs.get_run(self.ctx, run_id)
+        if info.status != "done":
+            return self.render(None, None, op, use_crf, visible, [])
+        indices = [c.index for c in mapping.list_clusters(self.ctx, run_id)]
+        return self.render(run_id, image_id, op, use_crf, visible, indices)
+
+    @guard
+    def on_page(self, run_id, page):
+        run_id = H.as_id(run_id, "run")
+        if run_id is None:
+            return gr.skip()
+        return self.gallery_views(run_id, page)
+
+    @guard
+    def on_gallery_select(self, ids, evt: gr.SelectData):
+        if evt is None or evt.index is None or not ids:
+            return gr.skip()
+        i = evt.index if isinstance(evt.index, int) else evt.index[0]
+        if not 0 <= i < len(ids):
+            return gr.skip()
+        return gr.update(value=ids[i])
+
+    @guard
+    def on_confirm(self, run_id, image_id, checked):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        if run_id is None or image_id is None:
+            raise UserError("choose an image first")
+        annotations.confirm_image(self.ctx, run_id, int(image_id), bool(checked))
+        n = annotations.confirmed_count(self.ctx, run_id)
+        gr.Info(f"{'Checked' if checked else 'Unchecked'}; {n} image{'s' if n != 1 else ''} checked in this run.")
+
+    def wire(self) -> None:
+        run_dd = self.app.run_dd
+        self.page.input(self.on_page, [run_dd, self.page], [self.gallery, self.gallery_ids, self.page],
+                        trigger_mode="always_last")
+        self.image_dd.change(self.on_render, [run_dd] + self.inputs, self.render_outputs)
+        for control in (self.opacity, self.crf, self.shown):    # while dragging, only the last value renders
+            control.input(self.on_render, [run_dd] + self.inputs, self.render_outputs,
+                          trigger_mode="always_last", show_progress="hidden")
+        self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd])
+        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], None)

@@ -1,0 +1,151 @@
+"""Tab 1 · Project: create projects and add images (uploads, zips, a server folder)."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from stego_app import ingest, projects, runs, thumbnails
+from stego_app.errors import UserError
+from stego_app.ingest import FileProblem, IngestReport
+from stego_app.ui import formatting as H
+from stego_app.ui.common import GALLERY_PAGE, THUMB_SIZE, guard, page_views, progress_cb
+
+
+class ProjectTab:
+    """The Project tab's components (built in the current gr.Tab) and handlers."""
+
+    def __init__(self, app):
+        self.app, self.ctx = app, app.ctx
+        roots = [str(p) for p in self.ctx.config.allowed_roots]
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("### New project")
+                self.new_name = gr.Textbox(label="Name", elem_id="new-project-name",
+                                           placeholder="e.g. Street scenes, March")
+                self.new_desc = gr.Textbox(label="Description (optional)", elem_id="new-project-desc")
+                self.create_btn = gr.Button("Create project", elem_id="btn-create-project")
+                self.project_md = gr.Markdown(elem_id="project-info")
+            with gr.Column(scale=2):
+                gr.Markdown("### Add images to the selected project")
+                self.upload = gr.File(label="Images or .zip archives (drop files here)",
+                                      file_count="multiple", type="filepath", elem_id="upload-files",
+                                      height=150)
+                self.upload_btn = gr.Button("Add uploaded files", variant="primary",
+                                            elem_id="btn-ingest-upload")
+                with gr.Row(equal_height=True):
+                    self.folder = gr.Textbox(
+                        label="…or a folder on the server", elem_id="server-folder", scale=3,
+                        placeholder=roots[0] if roots else "no folders allowed on this server",
+                        info=("Allowed: " + ", ".join(roots)) if roots else
+                        "The administrator can allow folders with --allowed-root.")
+                    self.folder_btn = gr.Button("Add folder", elem_id="btn-ingest-folder", scale=1)
+        self.ingest_md = gr.Markdown(elem_id="ingest-summary")
+        self.problems_df = gr.Dataframe(headers=["File", "Problem", "Reason"], value=[],
+                                        label="Files that were not added", interactive=False,
+                                        elem_id="ingest-problems", wrap=True)
+        self.gallery = gr.Gallery(label="Images in this project", columns=10, height=260,
+                                  allow_preview=True, elem_id="project-images",
+                                  object_fit="cover", show_download_button=False)
+        self.page = gr.Slider(label="Page", minimum=1, maximum=1, step=1, value=1,
+                              visible=False, elem_id="project-page")
+
+    @property
+    def outputs(self) -> list:
+        """What project_views updates (with the header's run dropdown)."""
+        return [self.app.run_dd, self.project_md, self.gallery, self.page]
+
+    # ---------------------------------------------------------------- views
+    def gallery_views(self, pid, page) -> dict:
+        return page_views(self.gallery, self.page,
+                          thumbnails.project_gallery(self.ctx, pid, page, GALLERY_PAGE, THUMB_SIZE))
+
+    def project_views(self, pid, page=1) -> dict:
+        run_dd = self.app.run_dd
+        if pid is None:
+            return {run_dd: gr.update(choices=[], value=None),
+                    self.project_md: "No project yet: create one on the left.",
+                    self.gallery: [], self.page: gr.update(value=1, maximum=1, visible=False)}
+        p = projects.get_project(self.ctx, pid)
+        images = ingest.list_images(self.ctx, pid)
+        run_list = runs.list_runs(self.ctx, pid)
+        md = f"**{H.esc(p.name)}**" + (f": {H.esc(p.description)}" if p.description else "")
+        md += "\n\n" + H.images_summary(images)
+        out = {run_dd: gr.update(choices=H.run_choices(run_list),
+                                 value=run_list[0].id if run_list else None),
+               self.project_md: md}
+        out.update(self.gallery_views(pid, page))
+        return out
+
+    def ingest_result(self, pid, reports, extra) -> dict:
+        merged = IngestReport.merge(reports)
+        n = len(merged.added)
+        if n:
+            gr.Info(f"{n} image{'s' if n != 1 else ''} added.")
+        elif merged.rejected or merged.duplicates:
+            gr.Warning("No image was added; see the list of problems.")
+        out = {self.app.project_dd: self.app.project_choices_update(pid),
+               self.ingest_md: H.ingest_summary(merged),
+               self.problems_df: H.ingest_problem_rows(merged), **extra}
+        views = self.project_views(pid)
+        views.pop(self.app.run_dd)     # keep the selected run
+        out.update(views)
+        return out
+
+    # ---------------------------------------------------------------- handlers
+    @guard
+    def on_create(self, name, desc):
+        p = projects.create_project(self.ctx, name, desc or "")
+        gr.Info(f"Project '{p.name}' created. Now add images.")
+        return {self.app.project_dd: self.app.project_choices_update(p.id), self.new_name: "",
+                self.new_desc: ""}
+
+    @guard
+    def on_ingest_upload(self, pid, files, progress=gr.Progress()):
+        pid = H.as_id(pid, "project")
+        if pid is None:
+            raise UserError("create or choose a project first")
+        if not files:
+            raise UserError("drop some image files or .zip archives into the upload box first")
+        reports = []
+        archives = [Path(f) for f in files if zipfile.is_zipfile(f)]
+        plain = [Path(f) for f in files if Path(f) not in archives]
+        cb = progress_cb(progress, "Checking images")
+        if plain:
+            reports.append(ingest.ingest_files(self.ctx, pid, plain, [p.name for p in plain], progress=cb))
+        for z in archives:
+            try:
+                reports.append(ingest.ingest_zip(self.ctx, pid, z, progress=cb))
+            except UserError as exc:   # one bad archive does not hide the other files' reports
+                reports.append(IngestReport(rejected=[FileProblem(name=z.name, reason=str(exc))]))
+        return self.ingest_result(pid, reports, {self.upload: None})
+
+    @guard
+    def on_ingest_folder(self, pid, path, progress=gr.Progress()):
+        pid = H.as_id(pid, "project")
+        if pid is None:
+            raise UserError("create or choose a project first")
+        if not (path or "").strip():
+            raise UserError("type the path of a folder on the server")
+        report = ingest.ingest_folder(self.ctx, pid, path.strip(),
+                                      progress=progress_cb(progress, "Checking images"))
+        return self.ingest_result(pid, [report], {})
+
+    @guard
+    def on_page(self, pid, page):
+        pid = H.as_id(pid, "project")
+        if pid is None:
+            return gr.skip()
+        return self.gallery_views(pid, page)
+
+    def wire(self) -> None:
+        project_dd = self.app.project_dd
+        self.page.input(self.on_page, [project_dd, self.page], [self.gallery, self.page],
+                        trigger_mode="always_last")
+        self.create_btn.click(self.on_create, [self.new_name, self.new_desc],
+                              [project_dd, self.new_name, self.new_desc])
+        ingest_outputs = [project_dd, self.ingest_md, self.problems_df, self.project_md, self.gallery,
+                          self.page, self.upload]
+        self.upload_btn.click(self.on_ingest_upload, [project_dd, self.upload], ingest_outputs)
+        self.folder_btn.click(self.on_ingest_folder, [project_dd, self.folder], ingest_outputs)
