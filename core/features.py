@@ -25,18 +25,20 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from core.atomic import atomic_save_npy, atomic_write_json
+from core.constants import CROP_MODES, PRECISIONS
 from core.errors import Cancelled, ImageLoadError
 from core.images import crop, five_crop_boxes, image_size, load_image, resize_rgb, target_size
-from core.precision import PRECISIONS, autocast, resolve_precision
+from core.precision import autocast, resolve_precision
 
 if TYPE_CHECKING:
     from core.backbones import Backbone
@@ -44,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CROP_MODES = ("none", "five")
 FIVE_CROP_RATIO = 0.5
 SYNC_INTERVAL_S = 2.0   # how often finished items are synced to disk and marked done
 PREFETCH_BATCHES = 2
@@ -126,18 +127,6 @@ def plan_items(sizes: np.ndarray, config: FeatureConfig, patch_size: int
             boxes.append(box)
             offset += h * w
     return np.asarray(rows, dtype=np.int64).reshape(-1, 5), np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -259,7 +248,7 @@ class FeatureStore:
             if table.shape[0] == len(self) and table.shape[1] >= want:
                 return table[:, :want]
         table = compute_knn(self.pooled(), k=k)
-        _save_npy_atomic(path, table)
+        atomic_save_npy(path, table)
         return table
 
     def _require_complete(self, what: str) -> None:
@@ -317,9 +306,9 @@ def _create_store(root: Path, paths: Sequence[Path], hashes: list[str], sizes: n
     if config.flip:
         _allocate(root / TOKENS_FLIP, total * C * 2)
     _allocate(root / POOLED, len(index) * C * 4)
-    _save_npy_atomic(root / INDEX, index)
-    _save_npy_atomic(root / BOXES, boxes)
-    _save_npy_atomic(root / SIZES, sizes)
+    atomic_save_npy(root / INDEX, index)
+    atomic_save_npy(root / BOXES, boxes)
+    atomic_save_npy(root / SIZES, sizes)
     meta = {
         "format": FORMAT_VERSION, "config": asdict(config), "backbone": backbone.spec.name,
         "weights_id": backbone.weights_id, "weights_source": backbone.weights_source,
@@ -328,7 +317,7 @@ def _create_store(root: Path, paths: Sequence[Path], hashes: list[str], sizes: n
         "n_items": len(index), "total_tokens": total, "image_hashes": hashes,
         "image_paths": [str(p) for p in paths], "created": time.time(),
     }
-    _write_json_atomic(root / META, meta)
+    atomic_write_json(root / META, meta)
     _allocate(root / DONE, len(index))  # written last: its presence means the layout is ready
 
 
@@ -538,7 +527,7 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
                      backbone.spec.name, precision, len(paths), n, root)
         _run_extraction(store, paths, sizes, backbone, config, pending, progress, cancel, precision)
         meta = dict(store.meta, completed=time.time(), seconds=round(time.perf_counter() - t0, 3))
-        _write_json_atomic(root / META, meta)
+        atomic_write_json(root / META, meta)
     return FeatureStore.open(root)
 
 

@@ -7,14 +7,13 @@ training from its checkpoint and the per-image stages at the first missing image
 
 Run directory (read by the app without the backbone):
 ``config.json``, ``images.json``, ``head.pt``, ``centroids.npy``, ``train_history.json``,
-``segments/{i:06d}.png``, ``segments_crf/{i:06d}.png``, ``clusters.json``, ``result.json``.
+the files of a run directory (layout: core.rundir.RunDir).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -24,22 +23,23 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
+from core.atomic import atomic_path, atomic_write_json
 from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens
+from core.constants import STAGES
 from core.crf import (ClusterMap, ClusterMapJob, CRFParams, cluster_map, crf_short_side, ordered_map,
                       refine_labels)
 from core.errors import Cancelled
 from core.features import FeatureConfig, FeatureStore, extract_features
 from core.head import SegmentationHead
 from core.precision import autocast, resolve_precision
+from core.rundir import RunDir
 from core.training import StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineConfig", "StegoPipeline", "RunResult", "STAGES", "item_codes", "read_segments", "peak_rss_mb"]
+__all__ = ["PipelineConfig", "StegoPipeline", "RunResult", "STAGES", "item_codes", "peak_rss_mb"]
 
-STAGES = ("features", "knn", "training", "clustering", "segments", "crf")
 N_EXAMPLES = 8
 
 Progress = Callable[[str, float, dict], None]
@@ -118,24 +118,10 @@ def peak_rss_mb() -> float:
     return round(kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024, 1)
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
-def _save_png(path: Path, labels: np.ndarray) -> None:
-    """uint8 PNG when all ids fit, else 16-bit; written atomically."""
-    arr = labels.astype(np.uint8) if int(labels.max(initial=0)) < 256 else labels.astype(np.uint16)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
-def read_segments(path: Path) -> np.ndarray:
-    """(H, W) int32 cluster ids of a segments PNG."""
-    with Image.open(path) as im:
-        return np.asarray(im).astype(np.int32)
 
 
 def item_codes(head: SegmentationHead, store: FeatureStore, i: int) -> np.ndarray:
@@ -154,6 +140,7 @@ class StegoPipeline:
         config.validate()
         self.config = config
         self.run_dir = Path(run_dir)
+        self.dir = RunDir(self.run_dir)
         self.cache_root = Path(cache_root)
         self.head: SegmentationHead | None = None
         self.centroids: np.ndarray | None = None
@@ -162,7 +149,7 @@ class StegoPipeline:
     # ------------------------------------------------------------------ helpers
     @property
     def _state_path(self) -> Path:
-        return self.run_dir / "state.json"
+        return self.dir.state_json
 
     def _load_state(self) -> dict:
         if self._state_path.is_file():
@@ -170,7 +157,7 @@ class StegoPipeline:
         return {"done": [], "timings": {}, "cache_root": str(self.cache_root)}
 
     def _save_state(self, state: dict) -> None:
-        _write_json(self._state_path, state)
+        atomic_write_json(self._state_path, state)
 
     def backbone(self):
         """The backbone of this run's config (created on first use)."""
@@ -185,7 +172,7 @@ class StegoPipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
         images = [str(p) for p in paths]
-        cfg_path, img_path = self.run_dir / "config.json", self.run_dir / "images.json"
+        cfg_path, img_path = self.dir.config_json, self.dir.images_json
         if cfg_path.is_file() or img_path.is_file():
             old_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
             if old_cfg is not None:  # settings added since that run was written take their defaults
@@ -195,8 +182,8 @@ class StegoPipeline:
                 raise ValueError(f"{self.run_dir} holds a run with other settings or images; "
                                  "use a new run directory (or delete this one) to start over")
         else:
-            _write_json(cfg_path, cfg)
-            _write_json(img_path, images)
+            atomic_write_json(cfg_path, cfg)
+            atomic_write_json(img_path, images)
 
     # -------------------------------------------------------------------- stages
     def fit(self, image_paths: Sequence[Path], progress: Progress | None = None,
@@ -275,18 +262,17 @@ class StegoPipeline:
 
         def clustering() -> None:
             self.centroids = self._fit_clusters(infer_store, report)
-            tmp = self.run_dir / "centroids.tmp.npy"
-            np.save(tmp, self.centroids)
-            os.replace(tmp, self.run_dir / "centroids.npy")
+            with atomic_path(self.dir.centroids_npy, ".npy") as tmp:
+                np.save(tmp, self.centroids)
 
         timed("clustering", clustering)
-        self.centroids = np.load(self.run_dir / "centroids.npy")
+        self.centroids = np.load(self.dir.centroids_npy)
 
         timed("segments", lambda: self._segments(paths, infer_store, report, check, "segments"))
         if self.config.crf:
             timed("crf", lambda: self._segments(paths, infer_store, report, check, "crf"))
 
-        history = json.loads((self.run_dir / "train_history.json").read_text())
+        history = self.dir.read_json(self.dir.train_history_json)
         result = RunResult(
             run_dir=str(self.run_dir), backbone=self.config.features.backbone,
             weights_source=state.get("weights_source", ""), n_images=len(paths),
@@ -294,7 +280,7 @@ class StegoPipeline:
             resolution=self.config.features.resolution, shifts=state.get("shifts", {}),
             timings=dict(state["timings"]), final_loss=history[-1]["loss"] if history else None,
             crf=self.config.crf, peak_rss_mb=peak_rss_mb())
-        _write_json(self.run_dir / "result.json", result.to_dict())
+        atomic_write_json(self.dir.result_json, result.to_dict())
         return result
 
     def _extract(self, paths: list[Path], report: Progress, check: Callable[[], bool]) -> dict[str, FeatureStore]:
@@ -316,14 +302,13 @@ class StegoPipeline:
 
     def _save_head(self, trainer: StegoTrainer) -> None:
         head = trainer.head
-        tmp = self.run_dir / "head.pt.tmp"
-        torch.save({"state_dict": head.state_dict(), "in_dim": head.in_dim, "code_dim": head.code_dim,
-                    "shifts": trainer.shifts}, tmp)
-        os.replace(tmp, self.run_dir / "head.pt")
-        _write_json(self.run_dir / "train_history.json", trainer.history)
+        with atomic_path(self.dir.head_pt) as tmp:
+            torch.save({"state_dict": head.state_dict(), "in_dim": head.in_dim, "code_dim": head.code_dim,
+                        "shifts": trainer.shifts}, tmp)
+        atomic_write_json(self.dir.train_history_json, trainer.history)
 
     def _load_head(self) -> SegmentationHead:
-        saved = torch.load(self.run_dir / "head.pt", map_location="cpu", weights_only=False)
+        saved = torch.load(self.dir.head_pt, map_location="cpu", weights_only=False)
         head = SegmentationHead(saved["in_dim"], saved["code_dim"], dropout=0.0)
         head.load_state_dict(saved["state_dict"])
         return head.eval()
@@ -344,13 +329,13 @@ class StegoPipeline:
         completes images that lack a refined map (e.g. CRF switched on for an old run)."""
         want_argmax = stage == "segments"
         want_crf = stage == "crf" or self.config.crf
-        seg_dir, crf_dir = self.run_dir / "segments", self.run_dir / "segments_crf"
+        seg_dir, crf_dir = self.dir.segments_dir("plain"), self.dir.segments_dir("crf")
         seg_dir.mkdir(exist_ok=True)
         if want_crf:
             crf_dir.mkdir(exist_ok=True)
         n = len(paths)
         k = self.config.n_clusters
-        stats_path = self.run_dir / "segment_stats.npz"
+        stats_path = self.dir.segment_stats_npz
         stats = None
         if want_argmax:
             if stats_path.is_file():
@@ -362,10 +347,9 @@ class StegoPipeline:
         sizes = store.image_sizes()
 
         def done(i: int) -> bool:
-            name = f"{i:06d}.png"
-            if want_crf and not (crf_dir / name).is_file():
+            if want_crf and not self.dir.segment_path(i, "crf").is_file():
                 return False
-            return not want_argmax or ((seg_dir / name).is_file() and bool(stats["done"][i]))
+            return not want_argmax or (self.dir.segment_path(i, "plain").is_file() and bool(stats["done"][i]))
 
         todo = [i for i in range(n) if not done(i)]
 
@@ -405,9 +389,9 @@ class StegoPipeline:
         finished = n - len(todo)
         for i, res in zip(todo, ordered_map(cluster_map, jobs, self.config.n_jobs)):
             if want_crf:
-                _save_png(crf_dir / f"{i:06d}.png", res.labels_crf)
+                self.dir.write_segments(i, res.labels_crf, "crf")
             if want_argmax:
-                _save_png(seg_dir / f"{i:06d}.png", res.labels)
+                self.dir.write_segments(i, res.labels, "plain")
                 stats["pixels"][i], stats["confidence"][i], stats["done"][i] = res.pixels, res.confidence, True
                 if time.monotonic() - last_save > 5.0:
                     self._save_stats(stats_path, stats)
@@ -418,9 +402,8 @@ class StegoPipeline:
 
     @staticmethod
     def _save_stats(path: Path, stats: dict) -> None:
-        tmp = path.with_name("segment_stats.tmp.npz")
-        np.savez(tmp, **stats)
-        os.replace(tmp, path)
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, **stats)
 
     def _write_clusters(self, stats: dict) -> None:
         pixels = stats["pixels"]                    # (n_images, K)
@@ -434,24 +417,24 @@ class StegoPipeline:
             clusters.append({"id": c, "pixels": int(pixels[:, c].sum()),
                              "share": round(float(pixels[:, c].sum()) / total, 6),
                              "examples": order[:N_EXAMPLES]})
-        _write_json(self.run_dir / "clusters.json", clusters)
+        atomic_write_json(self.dir.clusters_json, clusters)
 
     # ------------------------------------------------------------ after fitting
     @classmethod
     def load(cls, run_dir: Path, cache_root: Path | None = None) -> "StegoPipeline":
         """A fitted pipeline from its run directory (head and centroids; backbone on demand)."""
         run_dir = Path(run_dir)
-        for name in ("config.json", "head.pt", "centroids.npy"):
-            if not (run_dir / name).is_file():
-                raise FileNotFoundError(f"{run_dir} has no {name}: the run has not finished clustering")
-        config = PipelineConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        rd = RunDir(run_dir)
+        for path in (rd.config_json, rd.head_pt, rd.centroids_npy):
+            if not path.is_file():
+                raise FileNotFoundError(f"{run_dir} has no {path.name}: the run has not finished clustering")
+        config = PipelineConfig.from_dict(rd.read_json(rd.config_json))
         if cache_root is None:
-            state_path = run_dir / "state.json"
-            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+            state = rd.read_json(rd.state_json) if rd.state_json.is_file() else {}
             cache_root = Path(state.get("cache_root", run_dir / "cache"))
         pipe = cls(config, run_dir, cache_root)
         pipe.head = pipe._load_head()
-        pipe.centroids = np.load(run_dir / "centroids.npy")
+        pipe.centroids = np.load(rd.centroids_npy)
         return pipe
 
     def segment(self, image_path: Path, crf: bool = False) -> np.ndarray:

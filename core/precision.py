@@ -6,9 +6,10 @@ import functools
 
 import torch
 
+from core.constants import PRECISIONS
+
 __all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "autocast"]
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from core.atomic import atomic_path
 from core.errors import Cancelled
 from core.head import ContrastiveCorrelationLoss, LossWeights, SegmentationHead
 from core.tokens import TokenFeatures
@@ -146,7 +146,9 @@ class StegoTrainer:
         manual = self.config.manual_shifts()
         if all(v is not None for v in manual.values()):
             return {k: float(v) for k, v in manual.items()}
-        from core.shifts import ShiftEstimator  # local import: shifts imports this module's config
+        from core.shifts import (
+            ShiftEstimator,  # local import: shifts imports this module's config
+        )
 
         cfg = self.config
         est = ShiftEstimator(attract_per_location=cfg.auto_shift_attract,
@@ -170,10 +172,8 @@ class StegoTrainer:
                  "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
                  "history": self.history, "shifts": self.shifts, "config": self._config_key(),
                  "signature": signature}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     # ---------------------------------------------------------------- training
     def fit(self, features: TokenFeatures, knn: np.ndarray, checkpoint_path: Path | None = None,

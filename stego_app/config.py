@@ -6,10 +6,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from core.constants import PRECISIONS
 from stego_app.errors import UserError
 
 ENV_PREFIX = "STEGO_"
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")   # core.precision.PRECISIONS (kept torch-free here)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -54,7 +54,7 @@ class AppConfig:
     demo: bool = True
     worker: bool = True                      # start the background run worker
     pipeline_jobs: int = 2                   # processes for the segments/CRF stages (1 = in-process)
-    precision: str = "auto"                  # backbone compute precision (core.precision.PRECISIONS)
+    precision: str = "auto"                  # backbone compute precision (core.constants.PRECISIONS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "AppConfig":

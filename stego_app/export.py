@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import select, update
 
+from core.rundir import RunDir
 from stego_app import coco
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
@@ -337,11 +338,10 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
         raise UserError("no image of this run is confirmed yet" if options.confirmed_only
                         else "the run has no images")
     for it in items:
-        if not (run_dir / "segments" / f"{it.position:06d}.png").is_file():
+        if not RunDir(run_dir).segment_path(it.position, "plain").is_file():
             raise UserError(f"run {run_id} has no segment map for image {it.name!r}; "
                             "resume the run before exporting")
-    crf_dir = run_dir / "segments_crf"
-    crf_used = options.crf and all((crf_dir / f"{it.position:06d}.png").is_file() for it in items)
+    crf_used = options.crf and all(RunDir(run_dir).segment_path(it.position, "crf").is_file() for it in items)
     crf_missing = options.crf and not crf_used and run_crf   # made with CRF, yet maps are missing
     if crf_missing:
         log.warning("run %s has no CRF segments for every exported image; using raw segments", run_id)

@@ -26,6 +26,7 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 from sqlalchemy import select
 
+from core.atomic import atomic_path
 from core.errors import ImageLoadError
 from core.images import load_image
 from stego_app.db import as_utc, lock_for_update
@@ -247,14 +248,8 @@ class _Ingest:
             dest = self.store_dir / f"{sha}.{_EXT.get(meta.format, meta.format.lower())}"
             created = not dest.exists()
             if created:
-                self.store_dir.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.store_dir, prefix=".part-")
-                os.close(fd)
-                try:
+                with atomic_path(dest) as tmp:
                     shutil.copyfile(cand.path, tmp)
-                    os.replace(tmp, dest)
-                finally:
-                    Path(tmp).unlink(missing_ok=True)
         self.pending.append(_Pending(cand.name, sha, dest, not cand.reference, meta, size, created))
 
     def _flush(self) -> None:

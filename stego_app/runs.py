@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from sqlalchemy import select, update
 
+from core.constants import CROP_MODES
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE,
@@ -23,7 +24,6 @@ from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLED, 
 
 log = logging.getLogger(__name__)
 
-CROP_MODES = ("none", "five")
 MIN_IMAGES = 2
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from core.atomic import atomic_path
 from core.errors import ImageLoadError
 from core.images import DEFAULT_MAX_PIXELS, image_size, load_image
 from stego_app.errors import NotFound, UserError
@@ -94,14 +94,8 @@ def thumbnail_file(config, image: ImageInfo, size: int = DEFAULT_SIZE) -> Path:
     if not source.is_file():
         raise UserError(f"the file of image {image.name} is missing: {source}")
     rgb = load_rgb_fit(source, size, config.max_image_pixels)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-", suffix=".jpg")
-    os.close(fd)
-    try:
+    with atomic_path(target, ".jpg") as tmp:   # a concurrent request sees a whole file or none
         PILImage.fromarray(rgb).save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-        os.replace(tmp, target)          # atomic: a concurrent request sees a whole file or none
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     log.debug("thumbnail %s (%dx%d) of image %s", target, rgb.shape[1], rgb.shape[0], image.id)
     return target
 

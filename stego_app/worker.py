@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from sqlalchemy import delete, select, update
 
 from core.errors import Cancelled, ImageLoadError
+from core.rundir import RunDir
 from stego_app.config import AppConfig
 from stego_app.db import Database
 from stego_app.models import (IMAGE_ERROR, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE, RUN_FAILED, RUN_INTERRUPTED, RUN_QUEUED,
@@ -351,7 +352,7 @@ class RunWorker:
 
     def _pipeline_config(self, params: RunParams, run_dir: Path):
         """A resumed run keeps the exact configuration it started with (run_dir/config.json)."""
-        saved = run_dir / "config.json"
+        saved = RunDir(run_dir).config_json
         if saved.is_file():
             from core.pipeline import PipelineConfig
 
@@ -360,8 +361,9 @@ class RunWorker:
 
     def _finish(self, run_id: int, run_dir: Path, result: Any, timings: dict[str, float]) -> None:
         """Store clusters and results; the run becomes 'done' in the same transaction."""
-        clusters = json.loads((run_dir / "clusters.json").read_text())
-        result_path = run_dir / "result.json"
+        rd = RunDir(run_dir)
+        clusters = rd.read_json(rd.clusters_json)
+        result_path = rd.result_json
         metrics: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {}
         if not metrics and result is not None:
             metrics = _as_dict(result)
@@ -385,7 +387,7 @@ class RunWorker:
             run.stage, run.finished_at, run.error = None, utcnow(), None
             run.metrics = _jsonable(metrics)
             run.timings = timings
-            history = _read_history(run_dir / "train_history.json")
+            history = _read_history(rd.train_history_json)
             if history:
                 run.history = history
             if weights_source:

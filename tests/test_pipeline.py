@@ -7,7 +7,8 @@ from PIL import Image
 
 from core.errors import Cancelled
 from core.features import FeatureConfig
-from core.pipeline import STAGES, PipelineConfig, StegoPipeline, read_segments
+from core.pipeline import STAGES, PipelineConfig, StegoPipeline
+from core.rundir import RunDir
 from core.training import TrainConfig
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 220]], dtype=np.uint8)
@@ -49,16 +50,16 @@ def test_fit_writes_every_artifact_the_app_reads(tmp_path):
         with Image.open(p) as im:
             w, h = im.size
         for sub in ("segments", "segments_crf"):
-            seg = read_segments(run / sub / f"{i:06d}.png")
+            seg = RunDir(run).read_segments(i, "crf" if sub == "segments_crf" else "plain")
             assert seg.shape == (h, w) and seg.min() >= 0 and seg.max() < 3
     clusters = json.loads((run / "clusters.json").read_text())
     assert [c["id"] for c in clusters] == [0, 1, 2]
     assert sum(c["share"] for c in clusters) == pytest.approx(1.0, abs=1e-4)
     total = sum(c["pixels"] for c in clusters)
-    assert total == sum(read_segments(run / "segments" / f"{i:06d}.png").size for i in range(len(paths)))
+    assert total == sum(RunDir(run).read_segments(i).size for i in range(len(paths)))
     for c in clusters:  # every example image really shows its cluster
         for img in c["examples"]:
-            assert (read_segments(run / "segments" / f"{img:06d}.png") == c["id"]).any()
+            assert (RunDir(run).read_segments(img) == c["id"]).any()
     assert np.load(run / "centroids.npy").shape == (3, 8)
     # progress: stages in order, fractions in [0, 1], loss terms during training
     stages_seen = list(dict.fromkeys(s for s, _, _ in events))
@@ -78,7 +79,7 @@ def test_clusters_follow_the_image_content(tmp_path):
     # the two halves of each image have different colours: they should get different clusters
     differs = 0
     for i, p in enumerate(paths):
-        seg = read_segments(tmp_path / "run" / "segments" / f"{i:06d}.png")
+        seg = RunDir(tmp_path / "run").read_segments(i)
         h = seg.shape[0]
         top = np.bincount(seg[: h // 3].ravel()).argmax()
         bottom = np.bincount(seg[-h // 3:].ravel()).argmax()
@@ -133,7 +134,7 @@ def test_loaded_pipeline_segments_a_new_image_like_the_run_did(tmp_path):
     StegoPipeline(_config(crf=False), tmp_path / "run", tmp_path / "cache").fit(paths)
     pipe = StegoPipeline.load(tmp_path / "run")
     seg = pipe.segment(paths[1])
-    stored = read_segments(tmp_path / "run" / "segments" / "000001.png")
+    stored = RunDir(tmp_path / "run").read_segments(1)
     assert seg.shape == stored.shape
     assert (seg == stored).mean() > 0.98
     new = _write_images(tmp_path / "new", n=1, seed=5)[0]

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from sqlalchemy import select
 
+from core.rundir import RunDir
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.models import RUN_DONE, Cluster, Label, Run
@@ -128,7 +129,7 @@ def snapshot(s, run: Run) -> Mapping:
         for c in clusters)
     run_dir = Path(run.run_dir)
     return Mapping(run_id=run.id, version=run.mapping_version, run_dir=run_dir,
-                    has_crf=(run_dir / "segments_crf").is_dir(),
+                    has_crf=RunDir(run_dir).has_segments("crf"),
                     crf_default=bool((run.params or {}).get("crf", True)),
                     clusters=infos, labels={k: (v.name, v.colour) for k, v in labels.items()})
 

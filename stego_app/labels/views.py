@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Collection
 
 import numpy as np
-from PIL import Image as PILImage
 from sqlalchemy import select
 
+from core.rundir import RunDir, SegmentsMissing, segment_kind
 from stego_app.errors import NotFound, UserError
 from stego_app.labels.mapping import LegendEntry, get_done_run, legend_entries, snapshot
 from stego_app.models import Image, RunImage
@@ -53,14 +53,11 @@ def _position(s, run_id: int, image_id: int) -> tuple[int, Image, bool]:
 
 
 def read_segments(run_dir: Path, position: int, crf: bool, size: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W) int32 cluster ids of run item `position` (nearest-resized to size=(w, h) if given)."""
-    path = run_dir / ("segments_crf" if crf else "segments") / f"{position:06d}.png"
-    if not path.is_file():
-        raise UserError(f"the segment map {path.name} of this run is missing ({path.parent})")
-    with PILImage.open(path) as im:
-        if size is not None and im.size != size:
-            im = im.resize(size, PILImage.NEAREST)
-        return np.asarray(im).astype(np.int32)
+    """RunDir.read_segments of the plain or CRF maps, a missing map as a UserError."""
+    try:
+        return RunDir(run_dir).read_segments(position, segment_kind(crf), size=size)
+    except SegmentsMissing as exc:
+        raise UserError(str(exc)) from None
 
 
 def render_segmentation(ctx, run_id: int, image_id: int, crf: bool = False, opacity: float = 0.5,
@@ -139,7 +136,7 @@ _EXAMPLE_CACHE = _ByteLRU(EXAMPLE_CACHE_BYTES)
 def _example_base(run_dir: Path, position: int, path: Path, size: int,
                   max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     """(photo with long side <= size, raw cluster map at EXAMPLE_SUPERSAMPLE x its size)."""
-    seg_path = run_dir / "segments" / f"{position:06d}.png"
+    seg_path = RunDir(run_dir).segment_path(position, "plain")
     try:
         seg_stat, img_stat = seg_path.stat(), path.stat()
     except OSError as exc:

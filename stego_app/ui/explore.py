@@ -6,10 +6,9 @@ import gradio as gr
 from stego_app import runs, thumbnails
 from stego_app.errors import UserError
 from stego_app.labels import annotations, mapping, views
+from stego_app.labels.views import DISPLAY_MAX_SIDE
 from stego_app.ui import formatting as H
 from stego_app.ui.common import GALLERY_PAGE, THUMB_SIZE, guard, page_views
-
-DISPLAY_MAX_SIDE = 1024     # long side of the Explore original/overlay sent to the browser
 
 
 class ExploreTab:

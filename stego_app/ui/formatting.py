@@ -9,10 +9,10 @@ import html
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from core.constants import STAGES
 from stego_app.errors import UserError
 
-# Pipeline stages in order, with the words a person sees (core.pipeline.STAGES).
-STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segments", "crf")
+# The words a person sees for each pipeline stage (core.constants.STAGES).
 STAGE_TITLES: dict[str, str] = {
     "features": "Backbone features",
     "knn": "Nearest neighbours",

@@ -1,0 +1,11 @@
+"""Names shared by core and the app, torch-free so the app can import them without the ML stack."""
+from __future__ import annotations
+
+__all__ = ["STAGES", "CROP_MODES", "PRECISIONS"]
+
+# Pipeline stages in the order StegoPipeline.fit runs them ("crf" only with CRF on).
+STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segments", "crf")
+# Feature extraction crops: the whole image, or its five crops (training corpus only).
+CROP_MODES: tuple[str, ...] = ("none", "five")
+# Backbone compute precisions ("auto" = bfloat16 on CPUs with native bf16, else float32).
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
