@@ -17,16 +17,14 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map  # noqa: E402  (torch-free: the spawned workers re-import this module)
+from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map  # torch-free: the spawned workers re-import this module
 
 log = logging.getLogger("bench_crf")
 CAMVID_VAL = ROOT.parent / "shared" / "data" / "camvid" / "val" / "images"

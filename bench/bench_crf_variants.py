@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("bench_crf_variants")
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"

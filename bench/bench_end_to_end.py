@@ -18,14 +18,12 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Heavy imports live in main(): the CRF worker processes (spawn) re-import this module.
 log = logging.getLogger("bench_end_to_end")
