@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,80 +20,15 @@ import core.tv_guard  # noqa: F401  (must precede timm)
 import timm
 
 from core import weights as weights_mod
+from core.digest import sha256_file
+from core.precision import resolve_device
+from core.registry import BACKBONES, DEFAULT_PREFERENCE, BackboneSpec, get_spec
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A named backbone: its timm model and what the pipeline needs to know about it."""
-
-    name: str
-    timm_name: str
-    patch_size: int
-    embed_dim: int
-    family: str  # "dino" | "dinov2" | "test"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    model_kwargs: tuple[tuple[str, Any], ...] = field(default=())  # extra timm.create_model kwargs
-    description: str = ""
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    s.name: s for s in (
-        BackboneSpec("dino_vits8", "vit_small_patch8_224.dino", 8, 384, "dino",
-                     description="DINO ViT-S/8 (STEGO paper)"),
-        BackboneSpec("dino_vits16", "vit_small_patch16_224.dino", 16, 384, "dino",
-                     description="DINO ViT-S/16"),
-        BackboneSpec("dino_vitb8", "vit_base_patch8_224.dino", 8, 768, "dino",
-                     description="DINO ViT-B/8 (STEGO paper)"),
-        BackboneSpec("dinov2_vits14", "vit_small_patch14_dinov2.lvd142m", 14, 384, "dinov2",
-                     description="DINOv2 ViT-S/14"),
-        BackboneSpec("dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m", 14, 768, "dinov2",
-                     description="DINOv2 ViT-B/14"),
-        BackboneSpec("test_tiny", "vit_small_patch8_224", 8, 32, "test",
-                     model_kwargs=(("embed_dim", 32), ("depth", 2), ("num_heads", 2), ("img_size", 64)),
-                     description="random-init tiny ViT for tests (never a default)"),
-    )
-}
-
-# "Best available" order for the default: DINOv2-S/14 gives better dense features than DINO
-# ViT-B/8 at a fraction of the cost (CPU-friendly); ViT-B/14 is better still but ~4x slower.
-DEFAULT_PREFERENCE = ("dinov2_vits14", "dinov2_vitb14", "dino_vits8", "dino_vitb8", "dino_vits16")
 TEST_SEED = 0
 
 
-def list_backbones() -> list[str]:
-    """Registry names, real backbones first."""
-    return [n for n in BACKBONES if BACKBONES[n].family != "test"] + \
-           [n for n in BACKBONES if BACKBONES[n].family == "test"]
-
-
-def get_spec(name: str) -> BackboneSpec:
-    """The spec of ``name``; a ValueError lists the valid names."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {list_backbones()}") from None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; a CUDA request without CUDA is an error."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device in ("auto", "", None):
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
 
 
 class Backbone(nn.Module):
@@ -178,7 +112,7 @@ def create_backbone(name: str, checkpoint: str | Path | None = None, device: str
         if checkpoint is not None:
             path = Path(checkpoint).expanduser()
             weights_mod.load_into(model, weights_mod.read_checkpoint(path), f"file {path}")
-            source, wid = f"file {path}", weights_mod.sha256_file(path)[:16]
+            source, wid = f"file {path}", sha256_file(path)[:16]
     else:
         resolved = weights_mod.resolve_weights(spec, checkpoint=checkpoint, cache_dir=cache_dir,
                                                options=options)

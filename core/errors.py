@@ -10,4 +10,15 @@ class WeightsNotFound(RuntimeError):
 
 
 class ImageLoadError(ValueError):
-    """An image file could not be decoded (corrupt, truncated, not an image, too large)."""
+    """An image file could not be decoded (corrupt, truncated, not an image, too large).
+
+    `path` is the file, `reason` the words without it; str() is "<path>: <reason>".
+    """
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):   # picklable across worker processes
+        return (type(self), (self.path, self.reason))

@@ -269,7 +269,7 @@ def _scan(paths: Sequence[Path]) -> tuple[list[str], np.ndarray]:
         try:
             digest = file_digest(p)
         except OSError as exc:
-            raise ImageLoadError(f"{p}: cannot read file: {exc}") from None
+            raise ImageLoadError(p, f"cannot read file: {exc}") from None
         return digest, image_size(p)
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -531,6 +531,18 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
     return FeatureStore.open(root)
 
 
+def backbone_forward(backbone: "Backbone", x: torch.Tensor, flip: bool, precision: str
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense features (B, h, w, C) float32 of a preprocessed batch on the backbone's device, and
+    those of its h-flipped copy flipped back (None without `flip`); no grad, autocast at `precision`."""
+    B = x.shape[0]
+    with torch.inference_mode(), autocast(backbone.device, precision):
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        f = backbone(x).float().permute(0, 2, 3, 1)
+    return f[:B], (f[B:].flip(2) if flip else None)
+
+
 def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarray, backbone: Backbone,
                     config: FeatureConfig, pending: np.ndarray, progress: Callable[[int, int], None] | None,
                     cancel: Callable[[], bool] | None, precision: str) -> None:
@@ -544,23 +556,21 @@ def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarra
     writer = _Writer(store.root, backbone.embed_dim, config.flip)
     device = backbone.device
     try:
-        with torch.inference_mode(), autocast(device, precision):
-            for items, x in loader:
-                if cancel is not None and cancel():
-                    raise Cancelled(f"feature extraction cancelled after {done_count} of {n} items")
-                x = x.to(device, non_blocking=True)
-                B = x.shape[0]
-                if config.flip:
-                    x = torch.cat([x, x.flip(-1)])
-                f = backbone(x).float().permute(0, 2, 3, 1).to(torch.float16)  # (B', h, w, C)
-                main = np.ascontiguousarray(f[:B].cpu().numpy())
-                flipped = np.ascontiguousarray(f[B:].flip(2).cpu().numpy()) if config.flip else None
-                pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)
-                pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-                writer.write(items, index, main, flipped, pooled)
-                done_count += B
-                if progress:
-                    progress(done_count, n)
+        for items, x in loader:
+            if cancel is not None and cancel():
+                raise Cancelled(f"feature extraction cancelled after {done_count} of {n} items")
+            x = x.to(device, non_blocking=True)
+            B = x.shape[0]
+            f, f_flip = backbone_forward(backbone, x, config.flip, precision)   # (B, h, w, C)
+            main = np.ascontiguousarray(f.to(torch.float16).cpu().numpy())
+            flipped = (np.ascontiguousarray(f_flip.to(torch.float16).cpu().numpy())
+                       if f_flip is not None else None)
+            pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            writer.write(items, index, main, flipped, pooled)
+            done_count += B
+            if progress:
+                progress(done_count, n)
         writer.sync()
         store._done[:] = True
         store.complete = True

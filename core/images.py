@@ -37,20 +37,20 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
     except FileNotFoundError:
-        raise ImageLoadError(f"{path}: file not found") from None
+        raise ImageLoadError(path, "file not found") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image (unrecognised file format)") from None
+        raise ImageLoadError(path, "not an image (unrecognised file format)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{path}: too many pixels (possible decompression bomb): {exc}") from None
+        raise ImageLoadError(path, f"too many pixels (possible decompression bomb): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(f"{path}: corrupt image: {exc}") from None
+        raise ImageLoadError(path, f"corrupt image: {exc}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         img.close()
-        raise ImageLoadError(f"{path}: image has no pixels")
+        raise ImageLoadError(path, "image has no pixels")
     if w * h > max_pixels:
         img.close()
-        raise ImageLoadError(f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+        raise ImageLoadError(path, f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
                              "(possible decompression bomb); downscale the image or raise max_pixels")
     return img
 
@@ -127,9 +127,9 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         try:
             img.load()
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-            raise ImageLoadError(f"{path}: corrupt or truncated image: {exc}") from None
+            raise ImageLoadError(path, f"corrupt or truncated image: {exc}") from None
         except MemoryError:
-            raise ImageLoadError(f"{path}: not enough memory to decode the image") from None
+            raise ImageLoadError(path, "not enough memory to decode the image") from None
         if orientation != 1:
             try:
                 img = ImageOps.exif_transpose(img)

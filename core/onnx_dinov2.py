@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import core.tv_guard  # noqa: F401  (must precede any timm import)
-from core.weights import sha256_file
+from core.digest import sha256_file
 
 log = logging.getLogger(__name__)
 

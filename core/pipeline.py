@@ -30,9 +30,9 @@ from core.constants import STAGES
 from core.crf import (ClusterMap, ClusterMapJob, CRFParams, cluster_map, crf_short_side, ordered_map,
                       refine_labels)
 from core.errors import Cancelled
-from core.features import FeatureConfig, FeatureStore, extract_features
+from core.features import FeatureConfig, FeatureStore, backbone_forward, extract_features
 from core.head import SegmentationHead
-from core.precision import autocast, resolve_precision
+from core.precision import resolve_precision
 from core.rundir import RunDir
 from core.training import StegoTrainer, TrainConfig, encode_tokens
 
@@ -449,13 +449,11 @@ class StegoPipeline:
         H, W = rgb.shape[:2]
         oh, ow = target_size(H, W, cfg.resolution, backbone.patch_size, cfg.max_long_side)
         x = backbone.preprocess(resize_rgb(rgb, (oh, ow)))[None].to(backbone.device)
-        with torch.inference_mode(), autocast(backbone.device, resolve_precision(cfg.precision, backbone.device)):
-            batch = torch.cat([x, x.flip(-1)]) if cfg.flip else x
-            f = backbone(batch).float().permute(0, 2, 3, 1).cpu()
+        f, f_flip = backbone_forward(backbone, x, cfg.flip, resolve_precision(cfg.precision, backbone.device))
         h, w = f.shape[1:3]
-        codes = encode_tokens(self.head, f[0].reshape(h * w, -1).numpy())
-        if cfg.flip:
-            codes = 0.5 * (codes + encode_tokens(self.head, f[1].flip(1).reshape(h * w, -1).numpy()))
+        codes = encode_tokens(self.head, f[0].cpu().reshape(h * w, -1).numpy())
+        if f_flip is not None:
+            codes = 0.5 * (codes + encode_tokens(self.head, f_flip[0].cpu().reshape(h * w, -1).numpy()))
         codes = codes.reshape(h, w, -1)
         if crf:
             return refine_labels(rgb, codes, self.centroids, self.config.alpha, self.config.crf_short_side,

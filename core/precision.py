@@ -1,4 +1,5 @@
-"""Compute precision of the backbone's forward pass (autocast), resolved per device."""
+"""Where and how torch computes: the device ("auto" -> CUDA if available) and the precision of
+the backbone's forward pass (autocast), resolved per device."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ import torch
 
 from core.constants import PRECISIONS
 
-__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "autocast"]
+__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "autocast", "resolve_device"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,3 +54,19 @@ def autocast(device: str | torch.device, precision: str):
     if precision == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=_DTYPES[precision])
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; a CUDA request without CUDA is an error."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device in ("auto", "", None):
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev

@@ -25,6 +25,7 @@ import torch
 from core.atomic import atomic_path
 from core.errors import Cancelled
 from core.head import ContrastiveCorrelationLoss, LossWeights, SegmentationHead
+from core.precision import resolve_device
 from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,6 @@ class TrainConfig:
     def manual_shifts(self) -> dict[str, float | None]:
         return {"self": self.shift_self, "knn": self.shift_knn, "neg": self.shift_neg}
 
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def encode_tokens(head: SegmentationHead, tokens: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -188,7 +184,7 @@ class StegoTrainer:
         cfg = self.config
         knn = self._check_inputs(features, knn)
         n = len(features)
-        device = _resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         signature = {"n_items": n, "embed_dim": int(features.embed_dim)}
         checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
 

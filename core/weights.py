@@ -13,7 +13,6 @@ unpickling. This module knows nothing about model code beyond timm's checkpoint 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,10 +27,12 @@ from urllib.parse import urlparse
 
 import torch
 
+from core.digest import sha256_file
 from core.errors import WeightsNotFound
+from core.registry import BACKBONES
 
 if TYPE_CHECKING:
-    from core.backbones import BackboneSpec
+    from core.registry import BackboneSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,6 @@ def weights_dir(cache_dir: Path | None = None) -> Path:
 def cached_weights_path(name: str, cache_dir: Path | None = None) -> Path:
     """Where the converted/downloaded weights of backbone ``name`` are cached."""
     return weights_dir(cache_dir) / f"{name}.safetensors"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- reading checkpoints
@@ -184,8 +176,6 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sourc
 
 def infer_backbone_name(path: str | Path) -> str | None:
     """Guess the registry name of a checkpoint from its tensor shapes (None if unknown)."""
-    from core.backbones import BACKBONES
-
     sd = read_checkpoint(path, mmap=True)
     w = sd["patch_embed.proj.weight"]
     if w.ndim != 4:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from stego_app.config import AppConfig, parse_auth
 from stego_app.errors import UserError
+from stego_app.models import RunStatus
 
 log = logging.getLogger("stego_app.cli")
 
@@ -305,10 +306,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _out(f"run {info.id}: {info.status}" + (f" - {info.error}" if info.error else ""))
     if info.timings:
         _out("  stage times: " + ", ".join(f"{stage} {secs:.1f}s" for stage, secs in info.timings.items()))
-    if info.status == "done":
+    if info.status == RunStatus.DONE:
         _out(f"next: app.py label {info.id} list   |   app.py export {info.id}")
         return EXIT_OK
-    return EXIT_RUN_FAILED if info.status == "failed" else EXIT_RUN_STOPPED
+    return EXIT_RUN_FAILED if info.status == RunStatus.FAILED else EXIT_RUN_STOPPED
 
 
 def _follow(ctx, run_id: int, quiet: bool = False, poll: float = 0.5):
@@ -341,7 +342,7 @@ def _follow(ctx, run_id: int, quiet: bool = False, poll: float = 0.5):
 
 def _run_line(r) -> str:
     when = r.created_at.strftime("%Y-%m-%d %H:%M") if r.created_at else ""
-    stage = f" {r.stage} {_pct(r.stage_progress).strip()}" if r.status == "running" and r.stage else ""
+    stage = f" {r.stage} {_pct(r.stage_progress).strip()}" if r.status == RunStatus.RUNNING and r.stage else ""
     return (f"  run {r.id:<4} {r.status:<11} {_pct(r.progress)}{stage}  {r.n_images} images, "
             f"K={r.params.n_clusters}, {r.backbone or 'auto'}  {when}")
 
@@ -354,7 +355,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         if args.run_id is not None:
             info = runs.get_run(ctx, args.run_id)
-            clusters = mapping.list_clusters(ctx, info.id) if info.status == "done" else []
+            clusters = mapping.list_clusters(ctx, info.id) if info.status == RunStatus.DONE else []
             if args.json:
                 _out(json.dumps({"run": _plain(info), "clusters": _plain(clusters)}, indent=2))
                 return EXIT_OK

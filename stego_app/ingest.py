@@ -8,7 +8,6 @@ Rows are committed in chunks, each chunk one transaction.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import select
 
 from core.atomic import atomic_path
+from core.digest import sha256_file
 from core.errors import ImageLoadError
 from core.images import load_image
 from stego_app.db import as_utc, lock_for_update
@@ -107,13 +107,6 @@ def image_info(row: Image) -> ImageInfo:
 
 # ---------------------------------------------------------------- checking one file
 
-def _reason(exc: Exception, path: Path) -> str:
-    """core.images messages start with the (temporary) path; keep only the reason."""
-    msg = str(exc)
-    prefix = f"{path}: "
-    return msg[len(prefix):] if msg.startswith(prefix) else msg
-
-
 def inspect_image(path: Path, max_pixels: int) -> ImageMeta:
     """Fully decode `path` (core.images.load_image) and describe it; raises Rejected."""
     try:
@@ -130,7 +123,7 @@ def inspect_image(path: Path, max_pixels: int) -> ImageMeta:
     try:
         rgb = load_image(path, max_pixels=max_pixels)
     except ImageLoadError as exc:
-        raise Rejected(_reason(exc, path)) from None
+        raise Rejected(exc.reason) from None
     h, w = rgb.shape[:2]
     return ImageMeta(width=w, height=h, mode=mode, format=fmt)
 
@@ -142,15 +135,7 @@ def load_rgb_path(path: Path, max_pixels: int | None = None) -> np.ndarray:
             return load_image(path)
         return load_image(path, max_pixels=max_pixels)
     except ImageLoadError as exc:
-        raise UserError(f"cannot read image {path.name}: {_reason(exc, path)}") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-    return h.hexdigest()
+        raise UserError(f"cannot read image {path.name}: {exc.reason}") from None
 
 
 # ---------------------------------------------------------------- the shared loop

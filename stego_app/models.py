@@ -15,6 +15,7 @@ Relations::
 """
 from __future__ import annotations
 
+import enum
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -41,13 +42,24 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-# Run.status values
-RUN_QUEUED = "queued"
-RUN_RUNNING = "running"
-RUN_CANCELLED = "cancelled"
-RUN_FAILED = "failed"
-RUN_INTERRUPTED = "interrupted"
-RUN_DONE = "done"
+class RunStatus(enum.StrEnum):
+    """Run.status values (str-valued: the database stores and returns the plain words)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    DONE = "done"
+
+
+# short names of the statuses, used throughout the services
+RUN_QUEUED = RunStatus.QUEUED
+RUN_RUNNING = RunStatus.RUNNING
+RUN_CANCELLED = RunStatus.CANCELLED
+RUN_FAILED = RunStatus.FAILED
+RUN_INTERRUPTED = RunStatus.INTERRUPTED
+RUN_DONE = RunStatus.DONE
 RUN_ACTIVE = (RUN_QUEUED, RUN_RUNNING)
 RUN_RESUMABLE = (RUN_CANCELLED, RUN_FAILED, RUN_INTERRUPTED)
 

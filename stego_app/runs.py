@@ -19,7 +19,7 @@ from core.constants import CROP_MODES
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE,
-                              RUN_QUEUED, RUN_RESUMABLE, RUN_RUNNING, Image, Project, Run,
+                              RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE, RUN_RUNNING, Image, Project, Run,
                               RunImage, utcnow)
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class RunParams:
                 bad(f"{name} must not be negative")
         if self.backbone is not None:
             try:
-                from core.backbones import list_backbones
+                from core.registry import list_backbones
             except ImportError:  # the registry is checked again when the run starts
                 return
             if self.backbone not in list_backbones():
@@ -191,7 +191,7 @@ def backbone_choices(ctx) -> list[tuple[str, str]]:
 
     Test backbones are offered only when the server is configured to use one.
     """
-    from core.backbones import BACKBONES, list_backbones
+    from core.registry import BACKBONES, list_backbones
 
     configured = ctx.config.backbone
     auto = (f"Automatic: {configured} (server setting)" if configured
@@ -267,7 +267,7 @@ def cancel_run(ctx, run_id: int) -> RunInfo:
         run = lock_for_update(s, Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
-        if run.status in (RUN_QUEUED, "interrupted"):
+        if run.status in (RUN_QUEUED, RUN_INTERRUPTED):
             run.status, run.finished_at = RUN_CANCELLED, utcnow()
         elif run.status == RUN_RUNNING:
             run.cancel_requested = True

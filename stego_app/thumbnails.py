@@ -71,8 +71,7 @@ def load_rgb_fit(path: Path, max_side: int | None, max_pixels: int = DEFAULT_MAX
         tw, th = fit_within(w, h, max_side)
         rgb = load_image(path, max_pixels=max_pixels, min_size=(th, tw))
     except ImageLoadError as exc:
-        reason = str(exc).removeprefix(f"{path}: ")
-        raise UserError(f"cannot read image {path.name}: {reason}") from None
+        raise UserError(f"cannot read image {path.name}: {exc.reason}") from None
     if rgb.shape[:2] == (th, tw):
         return rgb
     return np.asarray(PILImage.fromarray(rgb).resize((tw, th), PILImage.Resampling.BOX))

@@ -323,7 +323,7 @@ class RunWorker:
                 status, error = RUN_FAILED, f"{type(exc).__name__}: {exc}"
                 log.error("run %s failed: %s", run_id, error, exc_info=exc)
                 if isinstance(exc, ImageLoadError):
-                    self._mark_bad_image(run_id, str(exc))
+                    self._mark_bad_image(run_id, exc)
             try:
                 with self.db.write() as s:
                     s.execute(update(Run).where(Run.id == run_id).values(
@@ -338,14 +338,14 @@ class RunWorker:
             with self._lock:
                 self._cancel.pop(run_id, None)
 
-    def _mark_bad_image(self, run_id: int, message: str) -> None:
+    def _mark_bad_image(self, run_id: int, exc: ImageLoadError) -> None:
         """The image named in a load error gets status 'error', so later runs leave it out."""
         try:
             with self.db.write() as s:
                 run = s.get(Run, run_id)
                 for ri in run.images if run is not None else []:
-                    if message.startswith(f"{ri.image.path}:"):
-                        ri.image.status, ri.image.error = IMAGE_ERROR, message[len(ri.image.path) + 1:].strip()
+                    if str(ri.image.path) == str(exc.path):
+                        ri.image.status, ri.image.error = IMAGE_ERROR, exc.reason
                         log.warning("image %s marked unreadable: %s", ri.image.id, ri.image.error)
         except Exception:
             log.exception("could not mark the unreadable image of run %s", run_id)

@@ -9,8 +9,9 @@ import core.tv_guard  # noqa: F401  (before timm)
 import timm
 
 from core import weights
-from core.backbones import (BACKBONES, Backbone, create_backbone, default_backbone_name, list_backbones,
-                            resolve_device)
+from core.backbones import Backbone, create_backbone, default_backbone_name
+from core.precision import resolve_device
+from core.registry import BACKBONES, list_backbones
 
 
 def test_registry_lists_paper_and_dinov2_backbones():

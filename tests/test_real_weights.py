@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from core.backbones import BACKBONES, Backbone, _build_timm, create_backbone, default_backbone_name
+from core.backbones import Backbone, _build_timm, create_backbone, default_backbone_name
+from core.registry import BACKBONES
 from core.features import FeatureConfig, extract_features
 from core.weights import cached_weights_path
 

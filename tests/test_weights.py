@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from core import onnx_dinov2, weights
-from core.backbones import BACKBONES, _build_timm, create_backbone
+from core.backbones import _build_timm, create_backbone
+from core.registry import BACKBONES
 from core.errors import WeightsNotFound
 
 TINY = BACKBONES["test_tiny"]

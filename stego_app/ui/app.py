@@ -17,6 +17,7 @@ import gradio as gr
 
 from stego_app import projects, runs
 from stego_app.labels import mapping
+from stego_app.models import RunStatus
 from stego_app.ui import formatting as H
 from stego_app.ui.clusters import ClustersTab
 from stego_app.ui.common import guard
@@ -160,7 +161,7 @@ class App:
         out = self.discover.status_views(info)
         out[self.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)),
                                      value=run_id)
-        if info.status != "done":
+        if info.status != RunStatus.DONE:
             word = H.STATUS_WORDS.get(info.status, info.status).lower()
             out.update(self._no_mapping(f"Run {info.id} is {word}: its clusters appear here "
                                         "when it has finished."))

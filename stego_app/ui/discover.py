@@ -8,6 +8,7 @@ import pandas as pd
 
 from stego_app import runs
 from stego_app.errors import UserError
+from stego_app.models import RunStatus
 from stego_app.runs import RunParams
 from stego_app.ui import formatting as H
 from stego_app.ui.common import guard
@@ -126,7 +127,7 @@ class DiscoverTab:
         if run_id is None:
             raise UserError("no run selected")
         info = runs.cancel_run(self.ctx, run_id)
-        gr.Info(f"Run {info.id}: cancelling." if info.status == "running" else f"Run {info.id} cancelled.")
+        gr.Info(f"Run {info.id}: cancelling." if info.status == RunStatus.RUNNING else f"Run {info.id} cancelled.")
         return self._with_runs(info, pid, run_id)
 
     @guard
@@ -154,10 +155,10 @@ class DiscoverTab:
             if same_run and sig[1] != info.status:
                 out[self.app.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)),
                                                  value=run_id)
-                if info.status == "done":
+                if info.status == RunStatus.DONE:
                     out.update(self.app.run_views(run_id))
                     gr.Info(f"Run {info.id} finished: {info.params.n_clusters} clusters to name.")
-                elif info.status == "failed":
+                elif info.status == RunStatus.FAILED:
                     gr.Warning(f"Run {info.id} failed: {info.error}")
             return out
         except Exception as exc:  # noqa: BLE001 - shown in the status box, logged once per change

@@ -7,6 +7,7 @@ from stego_app import runs, thumbnails
 from stego_app.errors import UserError
 from stego_app.labels import annotations, mapping, views
 from stego_app.labels.views import DISPLAY_MAX_SIDE
+from stego_app.models import RunStatus
 from stego_app.ui import formatting as H
 from stego_app.ui.common import GALLERY_PAGE, THUMB_SIZE, guard, page_views
 
@@ -82,7 +83,7 @@ class ExploreTab:
         if run_id is None or image_id is None:
             return self.render(None, None, op, use_crf, visible, [])
         info = runs.get_run(self.ctx, run_id)
-        if info.status != "done":
+        if info.status != RunStatus.DONE:
             return self.render(None, None, op, use_crf, visible, [])
         indices = [c.index for c in mapping.list_clusters(self.ctx, run_id)]
         return self.render(run_id, image_id, op, use_crf, visible, indices)

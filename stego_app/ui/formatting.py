@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from core.constants import STAGES
 from stego_app.errors import UserError
+from stego_app.models import RUN_ACTIVE, RUN_RESUMABLE, RunStatus
 
 # The words a person sees for each pipeline stage (core.constants.STAGES).
 STAGE_TITLES: dict[str, str] = {
@@ -22,12 +23,12 @@ STAGE_TITLES: dict[str, str] = {
     "crf": "CRF refinement",
 }
 STATUS_WORDS: dict[str, str] = {
-    "queued": "Queued",
-    "running": "Running",
-    "cancelled": "Cancelled",
-    "failed": "Failed",
-    "interrupted": "Interrupted",
-    "done": "Finished",
+    RunStatus.QUEUED: "Queued",
+    RunStatus.RUNNING: "Running",
+    RunStatus.CANCELLED: "Cancelled",
+    RunStatus.FAILED: "Failed",
+    RunStatus.INTERRUPTED: "Interrupted",
+    RunStatus.DONE: "Finished",
 }
 LOSS_TERMS: tuple[str, ...] = ("loss", "self", "knn", "neg")
 
@@ -172,13 +173,13 @@ def stage_states(run: Any) -> list[tuple[str, str, float]]:
     cur_i = stages.index(current) if current else -1
     out = []
     for i, s in enumerate(stages):
-        if run.status == "done":
+        if run.status == RunStatus.DONE:
             out.append((s, "done", 1.0))
         elif current is not None and i < cur_i:
             out.append((s, "done", 1.0))
         elif s == current:
             frac = float(run.stage_progress or 0.0)
-            if run.status in ("queued", "running"):
+            if run.status in RUN_ACTIVE:
                 out.append((s, "done" if frac >= 1.0 and s in timings else "active", frac))
             else:
                 out.append((s, "stopped", frac))
@@ -199,7 +200,7 @@ def run_status_html(run: Any | None) -> str:
              f'<p class="stego-status-head"><b>Run {run.id}</b>: '
              f'<span class="stego-state stego-state-{esc(run.status)}">{esc(status)}</span>'
              f' · overall {100 * float(run.progress or 0):.0f}%']
-    if run.cancel_requested and run.status == "running":
+    if run.cancel_requested and run.status == RunStatus.RUNNING:
         lines.append(" · cancelling…")
     lines.append("</p>")
     if run.weights_source:
@@ -219,11 +220,11 @@ def run_status_html(run: Any | None) -> str:
             f'style="width:{pct:.1f}%"></div></div></td>'
             f'<td class="stego-stage-word">{esc(word)}</td><td class="stego-muted">{esc(t)}</td></tr>')
     lines.append("</table>")
-    if run.error and run.status in ("failed", "interrupted", "cancelled"):
+    if run.error and run.status in RUN_RESUMABLE:
         lines.append(f'<p class="stego-error">{esc(run.error)}</p>')
-    if run.status in ("failed", "interrupted", "cancelled"):
+    if run.status in RUN_RESUMABLE:
         lines.append('<p class="stego-muted">Press <b>Resume</b> to continue; finished stages are reused.</p>')
-    if run.status == "done":
+    if run.status == RunStatus.DONE:
         lines.append('<p>Open the <b>Clusters</b> tab to name what was found.</p>')
     lines.append("</div>")
     return "".join(lines)
