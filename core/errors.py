@@ -11,3 +11,12 @@ class WeightsNotFound(RuntimeError):
 
 class ImageLoadError(ValueError):
     """An image file could not be decoded (corrupt, truncated, not an image, too large)."""
+
+
+class PixelLimitError(ImageLoadError):
+    """An image with more pixels than allowed (a possible decompression bomb)."""
+
+    def __init__(self, message: str, pixels: int | None, limit: int):
+        super().__init__(message)
+        self.pixels = pixels      # None when the decoder refused before telling the size
+        self.limit = limit
