@@ -57,7 +57,7 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _add_run_params(p: argparse.ArgumentParser) -> None:
-    from stego_app.runs import RunParams
+    from stego_app.runs import AUTO_STEPS_HELP, RunParams
 
     dflt = RunParams()
     g = p.add_argument_group("run settings")
@@ -71,7 +71,8 @@ def _add_run_params(p: argparse.ArgumentParser) -> None:
                         "choice, fast); 0: each image's full size (slow on large photos)")
     g.add_argument("--no-flip", action="store_true",
                    help="do not average codes with the flipped image (halves feature time)")
-    g.add_argument("--steps", type=int, default=dflt.steps, help="training steps")
+    g.add_argument("--steps", type=int, default=dflt.steps,
+                   help=f"training steps ({AUTO_STEPS_HELP.replace('empty', 'default')})")
     g.add_argument("--batch-size", type=int, default=dflt.batch_size)
     g.add_argument("--code-dim", type=int, default=dflt.code_dim)
     g.add_argument("--lr", type=float, default=dflt.lr)
@@ -306,6 +307,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             project = projects.find_project(ctx, args.project)
             info = runs.start_run(ctx, project.id, _params(args))
         _out(f"run {info.id}: {info.status}, {info.n_images} images, data in {info.run_dir}")
+        if args.resume is None and args.steps is None:
+            _out(f"  {info.params.steps} training steps, chosen for the corpus size "
+                 "(set --steps to choose them)")
         info = _follow(ctx, info.id, quiet=args.quiet)
     finally:
         ctx.close()

@@ -50,7 +50,7 @@ class DiscoverTab:
         with gr.Accordion("Advanced: STEGO hyper-parameters", open=False, elem_id="advanced"):
             with gr.Row():
                 f["steps"] = gr.Number(label="Training steps", value=defaults.steps, precision=0,
-                                       minimum=0, elem_id="steps")
+                                       minimum=0, elem_id="steps", info=runs.AUTO_STEPS_HELP)
                 f["batch_size"] = gr.Number(label="Batch size", value=defaults.batch_size, precision=0,
                                             minimum=1, elem_id="batch-size")
                 f["code_dim"] = gr.Number(label="Code dimension", value=defaults.code_dim, precision=0,
@@ -140,8 +140,11 @@ class DiscoverTab:
             raise UserError("create or choose a project with images first")
         form = dict(zip(FORM_FIELDS, values))
         form["backbone"] = form["backbone"] or None
-        info = runs.start_run(self.ctx, pid, RunParams.from_form(form))
-        gr.Info(f"Run {info.id} started on {info.n_images} images.")
+        params = RunParams.from_form(form)
+        info = runs.start_run(self.ctx, pid, params)
+        how = (f"{info.params.steps} training steps, chosen for the corpus size ({runs.AUTO_STEPS_HELP[8:]})"
+               if params.steps is None else f"{info.params.steps} training steps")
+        gr.Info(f"Run {info.id} started on {H.count(info.n_images, 'image')}; {how}.")
         return {self.app.run_dd: gr.update(choices=H.run_choices(runs.list_runs(self.ctx, pid)), value=info.id)}
 
     @guard
