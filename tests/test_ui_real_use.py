@@ -18,7 +18,7 @@ import pytest
 
 from stego_app import cli
 from tests.test_ui_browser import (BACKBONE, CHROMIUM, CHROMIUM_ARGS, MISSING, AppServer, choose, close_toasts,
-                                   expect, field, playwright_api, scene, tab)
+                                   expect, field, playwright_api, scene, shots, tab)
 
 pytestmark = [pytest.mark.timeout(900)]
 
@@ -137,16 +137,6 @@ def db(prepared):
         finally:
             con.close()
     return query
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    import os
-
-    folder = os.environ.get("STEGO_UI_SCREENSHOT_DIR")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("shots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _open(browser, app, with_run: bool = True):
