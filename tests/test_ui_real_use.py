@@ -87,7 +87,7 @@ def test_exports_are_served_only_through_the_ui_under_unguessable_names(browser,
     export_zip = next((data / "exports").rglob("*.zip"))
     args = ["--backbone", BACKBONE, "--no-demo"] + (["--auth", auth] if auth else [])
     server = AppServer(data, args, tmp_path / "app.log")
-    server.start()
+    server.start(timeout=300)
     try:
         context = browser.new_context(accept_downloads=True)
         pg = context.new_page()
@@ -118,7 +118,7 @@ def test_exports_are_served_only_through_the_ui_under_unguessable_names(browser,
 def app(prepared, tmp_path_factory):
     base, data = prepared
     server = AppServer(data, ["--backbone", BACKBONE, "--no-demo"], tmp_path_factory.mktemp("log") / "app.log")
-    server.start()
+    server.start(timeout=300)
     yield server
     server.stop()
     assert "Traceback" not in server.log_text(), server.log_text()[-6000:]
