@@ -21,6 +21,8 @@ from tests.test_ui_browser import (BACKBONE, CHROMIUM, CHROMIUM_ARGS, MISSING, A
                                    expect, field, playwright_api, scene, shots, tab)
 
 pytestmark = [pytest.mark.timeout(900)]
+if expect is not None:          # a busy CI machine renders slowly; assertions wait up to 30 s
+    expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,7 +146,7 @@ def _open(browser, app, with_run: bool = True):
     pg = context.new_page()
     pg.set_default_timeout(30_000)
     pg.goto(app.url)
-    expect(pg.locator("#tabs")).to_be_visible()
+    expect(pg.locator("#tabs")).to_be_visible(timeout=120_000)
     if with_run:
         expect(field(pg, "run-select")).to_have_value(re.compile(r"Run \d"), timeout=30_000)
     return context, pg
