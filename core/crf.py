@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -180,12 +181,15 @@ class ClusterMap:
     labels_crf: np.ndarray | None     # (H, W) uint16 after the CRF, when asked
     pixels: np.ndarray                # (K,) int64 pixels per cluster (argmax labels)
     confidence: np.ndarray            # (K,) float64 sum of the max probability over those pixels
+    seconds: float = 0.0              # time the job took (worker process)
+    crf_seconds: float = 0.0          # of which the CRF (image decode included)
 
 
 def cluster_map(job: ClusterMapJob) -> ClusterMap:
     """Run one ClusterMapJob (module-level so worker processes can run it)."""
     from core.clustering import cluster_log_probs
 
+    t0 = time.perf_counter()
     lp = cluster_log_probs(job.codes, job.centroids, job.size, alpha=job.alpha)
     k = lp.shape[0]
     labels = lp.argmax(axis=0)
@@ -193,6 +197,7 @@ def cluster_map(job: ClusterMapJob) -> ClusterMap:
     pixels = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
     confidence = np.bincount(labels.ravel(), weights=conf.ravel(), minlength=k)
     refined = None
+    t_crf = time.perf_counter()
     if job.crf:
         if job.image_path is None:
             raise ValueError("a CRF job needs the image path")
@@ -203,7 +208,9 @@ def cluster_map(job: ClusterMapJob) -> ClusterMap:
             raise ValueError(f"{job.image_path} is {image.shape[:2]}, expected {tuple(job.size)}; "
                              "did the file change since its features were extracted?")
         refined = refine_labels(image, job.codes, job.centroids, job.alpha, job.crf_resolution, job.params, lp)
-    return ClusterMap(labels.astype(np.uint16) if job.argmax else None, refined, pixels, confidence)
+    t1 = time.perf_counter()
+    return ClusterMap(labels.astype(np.uint16) if job.argmax else None, refined, pixels, confidence,
+                      seconds=t1 - t0, crf_seconds=(t1 - t_crf) if job.crf else 0.0)
 
 
 def refine_labels(image: np.ndarray, codes: np.ndarray, centroids: np.ndarray, alpha: float,

@@ -22,3 +22,15 @@ class ImageLoadError(ValueError):
 
     def __reduce__(self):   # picklable across worker processes
         return (type(self), (self.path, self.reason))
+
+
+class PixelLimitError(ImageLoadError):
+    """An image with more pixels than allowed (a possible decompression bomb)."""
+
+    def __init__(self, path, reason: str, pixels: int | None, limit: int):
+        super().__init__(path, reason)
+        self.pixels = pixels      # None when the decoder refused before telling the size
+        self.limit = limit
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.pixels, self.limit))

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from core.errors import ImageLoadError
+import re
+
+from core.errors import ImageLoadError, PixelLimitError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
         raise ImageLoadError(path, "file not found") from None
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image (unrecognised file format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"too many pixels (possible decompression bomb): {exc}") from None
+    except Image.DecompressionBombError as exc:  # PIL's own, larger limit: the same message as ours
+        raise pixel_limit_error(path, bomb_pixels(exc), max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(path, f"corrupt image: {exc}") from None
     w, h = img.size
@@ -50,9 +52,21 @@ def _open(path: str | Path, max_pixels: int) -> Image.Image:
         raise ImageLoadError(path, "image has no pixels")
     if w * h > max_pixels:
         img.close()
-        raise ImageLoadError(path, f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                             "(possible decompression bomb); downscale the image or raise max_pixels")
+        raise pixel_limit_error(path, w * h, max_pixels, f"{w}x{h} = ")
     return img
+
+
+def bomb_pixels(exc: Exception) -> int | None:
+    """The pixel count PIL names in a DecompressionBombError ("Image size (N pixels) ...")."""
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def pixel_limit_error(path: str | Path, pixels: int | None, limit: int, size: str = "") -> PixelLimitError:
+    """The one message for an image over the pixel limit (callers may add how to raise it)."""
+    count = f"{size}{pixels:,} pixels" if pixels is not None else "more pixels than the decoder allows"
+    return PixelLimitError(path, f"too many pixels: {count} exceeds the limit of {limit:,} "
+                           "(possible decompression bomb)", pixels, limit)
 
 
 def _orientation(img: Image.Image) -> int:

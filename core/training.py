@@ -9,12 +9,15 @@ on the gathered tokens only.
 Training is deterministic for a seed (numpy Generator for sampling, a private torch
 Generator for dropout, head initialised under a forked global RNG) and resumable: the
 checkpoint holds head, optimizer, both RNG states, the step and the history, and is
-written atomically (temporary file, then ``os.replace``).
+written atomically (temporary file, then ``os.replace``) every ``checkpoint_every`` steps and
+whenever ``checkpoint_seconds`` have passed since the last one, so a killed process loses
+at most that much work.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +39,7 @@ __all__ = ["TrainConfig", "StegoTrainer", "PAPER_SHIFTS", "encode_tokens"]
 PAPER_SHIFTS: dict[str, float] = {"self": 0.18, "knn": 0.12, "neg": 0.46}
 
 # Fields that may change between an interrupted run and its resumption.
-_RESUMABLE_FIELDS = ("steps", "checkpoint_every", "device")
+_RESUMABLE_FIELDS = ("steps", "checkpoint_every", "checkpoint_seconds", "device")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class TrainConfig:
     #                                          None = ln(feature_samples**2) (see core.shifts)
     seed: int = 0
     checkpoint_every: int = 200
+    checkpoint_seconds: float = 30.0  # also checkpoint when this long has passed since the last one (0 = off)
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -73,6 +77,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0:
             raise ValueError(f"TrainConfig.steps must be >= 0, got {self.steps}")
+        if not self.checkpoint_seconds >= 0:
+            raise ValueError(f"TrainConfig.checkpoint_seconds must be >= 0 (0 = by steps only), "
+                             f"got {self.checkpoint_seconds}")
         if self.neg_samples < 0:
             raise ValueError(f"TrainConfig.neg_samples must be >= 0, got {self.neg_samples}")
         if self.auto_shift_attract is not None and not 0 < self.auto_shift_attract < self.feature_samples ** 2:
@@ -224,9 +231,17 @@ class StegoTrainer:
         sizes = np.array([h * w for h, w in (features.grid(i) for i in range(n))], dtype=np.int64)
         self.head.train()
 
+        last_save = [time.monotonic()]
+
         def save() -> None:
             if checkpoint_path is not None:
                 self._save(checkpoint_path, opt, rng, gen, signature)
+                last_save[0] = time.monotonic()
+
+        def save_due() -> bool:
+            if self.step_ % cfg.checkpoint_every == 0 or self.step_ == cfg.steps:
+                return True
+            return cfg.checkpoint_seconds > 0 and time.monotonic() - last_save[0] >= cfg.checkpoint_seconds
 
         while self.step_ < cfg.steps:
             if cancel is not None and cancel():
@@ -260,7 +275,7 @@ class StegoTrainer:
             self.history.append(record)
             if progress is not None:
                 progress(self.step_, terms)
-            if self.step_ % cfg.checkpoint_every == 0 or self.step_ == cfg.steps:
+            if save_due():
                 save()
         self.head.eval()
         return self

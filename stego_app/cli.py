@@ -2,6 +2,7 @@
 
     python app.py [serve]            the browser app (default)
     python app.py ingest --project P [--create] PATH...
+    python app.py images --project P | remove --project P IMAGE...
     python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
     python app.py status [RUN_ID] [--project P] [--json]
     python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|confirm ...
@@ -24,13 +25,14 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from stego_app import cli_images
 from stego_app.config import AppConfig, parse_auth
 from stego_app.errors import UserError
 from stego_app.models import RunStatus
 
 log = logging.getLogger("stego_app.cli")
 
-COMMANDS = ("serve", "ingest", "run", "status", "label", "export", "evaluate")
+COMMANDS = ("serve", "ingest", "images", "remove", "run", "status", "label", "export", "evaluate")
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_RUN_FAILED, EXIT_RUN_STOPPED = 0, 1, 2, 3, 4
 
 
@@ -56,7 +58,7 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _add_run_params(p: argparse.ArgumentParser) -> None:
-    from stego_app.runs import RunParams
+    from stego_app.runs import AUTO_STEPS_HELP, RunParams
 
     dflt = RunParams()
     g = p.add_argument_group("run settings")
@@ -70,7 +72,8 @@ def _add_run_params(p: argparse.ArgumentParser) -> None:
                         "choice, fast); 0: each image's full size (slow on large photos)")
     g.add_argument("--no-flip", action="store_true",
                    help="do not average codes with the flipped image (halves feature time)")
-    g.add_argument("--steps", type=int, default=dflt.steps, help="training steps")
+    g.add_argument("--steps", type=int, default=dflt.steps,
+                   help=f"training steps ({AUTO_STEPS_HELP.replace('empty', 'default')})")
     g.add_argument("--batch-size", type=int, default=dflt.batch_size)
     g.add_argument("--code-dim", type=int, default=dflt.code_dim)
     g.add_argument("--lr", type=float, default=dflt.lr)
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true", help="create the project if it does not exist")
     p.add_argument("--description", default="", help="description of a new project")
     p.add_argument("paths", nargs="+", type=Path, help="image files, zip archives or folders")
+
+    cli_images.add_parsers(sub, common)
 
     p = sub.add_parser("run", parents=[common], help="run the pipeline on a project and wait")
     g = p.add_mutually_exclusive_group(required=True)
@@ -274,7 +279,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
              f"{total} images in total")
     finally:
         ctx.close()
-    return EXIT_OK
+    verdict = ingest.refusal_message(added, n_dup, n_rej)
+    if verdict:
+        sys.stderr.write(("error: " if not added else "warning: ") + verdict + "\n")
+    return EXIT_OK if added else EXIT_USER
 
 
 def _params(args: argparse.Namespace):
@@ -300,6 +308,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             project = projects.find_project(ctx, args.project)
             info = runs.start_run(ctx, project.id, _params(args))
         _out(f"run {info.id}: {info.status}, {info.n_images} images, data in {info.run_dir}")
+        if args.resume is None and args.steps is None:
+            _out(f"  {info.params.steps} training steps, chosen for the corpus size "
+                 "(set --steps to choose them)")
         info = _follow(ctx, info.id, quiet=args.quiet)
     finally:
         ctx.close()
@@ -315,6 +326,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _follow(ctx, run_id: int, quiet: bool = False, poll: float = 0.5):
     """Print progress until the run ends; Ctrl-C cancels it (resumable)."""
     from stego_app import runs
+    from stego_app.eta import run_times, times_line
 
     last = ("", -1.0)
     try:
@@ -326,7 +338,7 @@ def _follow(ctx, run_id: int, quiet: bool = False, poll: float = 0.5):
                 if info.history and "loss" in info.history[-1]:
                     loss = f"  loss {info.history[-1]['loss']:.4f}"
                 _out(f"  {_pct(info.progress)}  {info.stage or info.status:<10} "
-                     f"{_pct(info.stage_progress)}{loss}")
+                     f"{_pct(info.stage_progress)}{loss}  {times_line(run_times(info), info.stage)}")
                 last = key
             if not info.is_active:
                 return info
@@ -349,7 +361,9 @@ def _run_line(r) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from stego_app import projects, runs
+    from stego_app.eta import run_times, times_line
     from stego_app.labels import mapping
+    from stego_app.removal import removed_in_run, stale_note
 
     ctx = _context(args)
     try:
@@ -357,15 +371,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             info = runs.get_run(ctx, args.run_id)
             clusters = mapping.list_clusters(ctx, info.id) if info.status == RunStatus.DONE else []
             if args.json:
-                _out(json.dumps({"run": _plain(info), "clusters": _plain(clusters)}, indent=2))
+                _out(json.dumps({"run": _plain(info), "times": _plain(run_times(info)),
+                                 "clusters": _plain(clusters)}, indent=2))
                 return EXIT_OK
             _out(_run_line(info).strip())
+            _out(f"  time: {times_line(run_times(info), info.stage)}")
             _out(f"  weights: {info.weights_source or '-'}")
             _out(f"  settings: {json.dumps(info.params.to_dict())}")
             if info.timings:
                 _out("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in info.timings.items()))
             if info.error:
                 _out(f"  error: {info.error}")
+            if note := stale_note(removed_in_run(ctx, info.id)):
+                _out(f"  stale: {note}")
             for c in clusters:
                 _out(f"  cluster {c.index:<3} {c.share:6.1%}  {c.colour}  "
                      f"{'(ignored)' if c.ignored else (c.label_name or '-')}")
@@ -470,6 +488,7 @@ def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve, "ingest": cmd_ingest, "run": cmd_run, "status": cmd_status,
     "label": cmd_label, "export": cmd_export,
+    "images": cli_images.cmd_images, "remove": cli_images.cmd_remove,
 }
 
 

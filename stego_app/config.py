@@ -133,6 +133,10 @@ class AppConfig:
         return self.data_dir / "exports"
 
     @property
+    def downloads_dir(self) -> Path:        # random-named links to exports (stego_app.downloads)
+        return self.data_dir / "downloads"
+
+    @property
     def thumbs_dir(self) -> Path:
         return self.data_dir / "thumbs"
 

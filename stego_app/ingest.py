@@ -27,17 +27,21 @@ from sqlalchemy import select
 
 from core.atomic import atomic_path
 from core.digest import sha256_file
-from core.errors import ImageLoadError
-from core.images import load_image
+from core.errors import ImageLoadError, PixelLimitError
+from core.images import bomb_pixels, load_image, pixel_limit_error
+from stego_app.config import ENV_PREFIX
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.models import IMAGE_OK, Image, Project
+from stego_app.models import IMAGE_OK, IMAGE_REMOVED, Image, Project
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 CHUNK = 64                 # rows per transaction
 _READ = 1 << 20
+PIXEL_LIMIT_HINT = f"; the server's limit is set by {ENV_PREFIX}MAX_IMAGE_PIXELS"
+NESTED_ARCHIVE = "nested archives are not opened: extract it and add its files (or add it on its own)"
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 _EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif",
         "WEBP": "webp", "PPM": "ppm", "TGA": "tga", "ICO": "ico", "JPEG2000": "jp2"}
 
@@ -86,6 +90,20 @@ class IngestReport:
                    rejected=[p for r in reports for p in r.rejected])
 
 
+def refusal_message(added: int, duplicates: int, rejected: int) -> str | None:
+    """What a person must hear when files were refused: None when everything was added."""
+    refused = duplicates + rejected
+    if not refused and added:
+        return None
+    if not added:
+        if not refused:
+            return "nothing was added: no files were found"
+        return (f"nothing was added: all {refused} file{'s were' if refused != 1 else ' was'} refused "
+                f"({rejected} rejected, {duplicates} already in the project or repeated)")
+    return (f"{refused} of {added + refused} files were not added ({rejected} rejected, "
+            f"{duplicates} duplicate{'s' if duplicates != 1 else ''}); see the lines above")
+
+
 class Rejected(Exception):
     """A file that cannot be ingested; the message is the reason shown to the user."""
 
@@ -117,11 +135,14 @@ def inspect_image(path: Path, max_pixels: int) -> ImageMeta:
     except UnidentifiedImageError:
         raise Rejected("not an image (unrecognised file format)") from None
     except PILImage.DecompressionBombError as exc:
-        raise Rejected(f"too many pixels (possible decompression bomb): {exc}") from None
+        raise Rejected(pixel_limit_error(path, bomb_pixels(exc), max_pixels).reason
+                       + PIXEL_LIMIT_HINT) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise Rejected(f"corrupt image: {exc}") from None
     try:
         rgb = load_image(path, max_pixels=max_pixels)
+    except PixelLimitError as exc:
+        raise Rejected(exc.reason + PIXEL_LIMIT_HINT) from None
     except ImageLoadError as exc:
         raise Rejected(exc.reason) from None
     h, w = rgb.shape[:2]
@@ -177,7 +198,8 @@ class _Ingest:
             if s.get(Project, project_id) is None:
                 raise NotFound(f"project {project_id} does not exist")
             self.known = {sha: name for sha, name in
-                          s.execute(select(Image.sha256, Image.name).where(Image.project_id == project_id))}
+                          s.execute(select(Image.sha256, Image.name).where(Image.project_id == project_id,
+                                                                           Image.status != IMAGE_REMOVED))}
         self.store_dir = self.cfg.images_dir / str(project_id)
 
     def run(self, candidates: Iterable[_Candidate], total: int) -> IngestReport:
@@ -244,13 +266,19 @@ class _Ingest:
         try:
             with self.ctx.db.write() as s:
                 lock_for_update(s, Project, self.project_id)   # serialise ingests into one project
-                present = {sha: name for sha, name in s.execute(
-                    select(Image.sha256, Image.name).where(Image.project_id == self.project_id,
-                                                           Image.sha256.in_([p.sha256 for p in batch])))}
+                present = {row.sha256: row for row in s.scalars(
+                    select(Image).where(Image.project_id == self.project_id,
+                                        Image.sha256.in_([p.sha256 for p in batch])))}
                 rows = []
                 for p in batch:
-                    if p.sha256 in present:   # another ingest added it meanwhile
-                        self.duplicates.append(FileProblem(p.name, f"already in the project as {present[p.sha256]}"))
+                    old = present.get(p.sha256)
+                    if old is not None and old.status == IMAGE_REMOVED:   # removed before: it comes back
+                        old.name, old.path, old.stored = p.name[:1000], str(p.path), p.stored
+                        old.status, old.error = IMAGE_OK, None
+                        rows.append(old)
+                        continue
+                    if old is not None:   # another ingest added it meanwhile
+                        self.duplicates.append(FileProblem(p.name, f"already in the project as {old.name}"))
                         continue
                     row = Image(project_id=self.project_id, name=p.name[:1000], sha256=p.sha256,
                                 path=str(p.path), stored=p.stored, width=p.meta.width,
@@ -320,6 +348,8 @@ def ingest_zip(ctx, project_id: int, zip_path: Path | str, progress: Progress | 
                 mode = (info.external_attr >> 16) & 0o170000
                 if reason is None and mode == stat.S_IFLNK:
                     reason = "symbolic link in archive (not extracted)"
+                if reason is None and name.lower().endswith(_ARCHIVE_SUFFIXES):
+                    reason = NESTED_ARCHIVE
                 if reason is None and info.flag_bits & 0x1:
                     reason = "encrypted archive entry"
                 if reason is None and info.file_size > cfg.max_upload_bytes:
@@ -352,6 +382,9 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, tmp_dir: Path, limit: i
     except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
         Path(tmp).unlink(missing_ok=True)
         return _Candidate(name=info.filename, path=Path(tmp), problem=f"corrupt archive entry: {exc}")
+    if zipfile.is_zipfile(tmp):    # an archive inside, whatever its name
+        Path(tmp).unlink(missing_ok=True)
+        return _Candidate(name=info.filename, path=Path(tmp), problem=NESTED_ARCHIVE)
     return _Candidate(name=info.filename, path=Path(tmp), temporary=True)
 
 
@@ -397,7 +430,8 @@ def list_images(ctx, project_id: int) -> list[ImageInfo]:
     with ctx.db.read() as s:
         if s.get(Project, project_id) is None:
             raise NotFound(f"project {project_id} does not exist")
-        rows = s.scalars(select(Image).where(Image.project_id == project_id).order_by(Image.id)).all()
+        rows = s.scalars(select(Image).where(Image.project_id == project_id, Image.status != IMAGE_REMOVED)
+                         .order_by(Image.id)).all()
         return [image_info(r) for r in rows]
 
 

@@ -66,6 +66,7 @@ RUN_RESUMABLE = (RUN_CANCELLED, RUN_FAILED, RUN_INTERRUPTED)
 # Image.status values
 IMAGE_OK = "ok"
 IMAGE_ERROR = "error"
+IMAGE_REMOVED = "removed"     # taken out of the project; kept only for the runs that used it
 
 
 class Project(Base):
@@ -106,7 +107,7 @@ class Image(Base):
     mode: Mapped[str] = mapped_column(String(16))            # PIL mode of the file, e.g. "I;16", "P"
     format: Mapped[str] = mapped_column(String(16))          # PIL format, e.g. "PNG"
     file_size: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default=IMAGE_OK)   # ok | error
+    status: Mapped[str] = mapped_column(String(16), default=IMAGE_OK)   # ok | error | removed
     error: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
-from stego_app.models import Image, Project, Run
+from stego_app.models import IMAGE_REMOVED, Image, Project, Run
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class ProjectInfo:
 
 
 def _info(s, p: Project) -> ProjectInfo:
-    n_images = s.scalar(select(func.count()).select_from(Image).where(Image.project_id == p.id)) or 0
+    n_images = s.scalar(select(func.count()).select_from(Image).where(
+        Image.project_id == p.id, Image.status != IMAGE_REMOVED)) or 0
     n_runs = s.scalar(select(func.count()).select_from(Run).where(Run.project_id == p.id)) or 0
     return ProjectInfo(id=p.id, name=p.name, description=p.description, is_demo=p.is_demo,
                        created_at=as_utc(p.created_at), n_images=n_images, n_runs=n_runs)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from core.errors import Cancelled, ImageLoadError
 from core.rundir import RunDir
 from stego_app.config import AppConfig
 from stego_app.db import Database
+from stego_app.eta import LIVE_KEY, live_clock
 from stego_app.models import (IMAGE_ERROR, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE, RUN_FAILED, RUN_INTERRUPTED, RUN_QUEUED,
                               RUN_RUNNING, Cluster, Label, Run, utcnow)
 from stego_app.render import palette_colour
@@ -119,8 +120,11 @@ def resolve_backbone(params: RunParams, config: AppConfig) -> str:
 class _Progress:
     """The pipeline's progress callback: keeps stage timings/history, writes throttled."""
 
-    def __init__(self, db: Database, run_id: int, crf: bool, interval: float):
+    def __init__(self, db: Database, run_id: int, crf: bool, interval: float, floor: float = 0.0,
+                 timings: dict[str, float] | None = None):
         self.db, self.run_id, self.interval = db, run_id, interval
+        self.floor = float(floor)   # a resumed run's bar never goes back below where it stopped
+        self.base = {k: float(v) for k, v in (timings or {}).items() if isinstance(v, (int, float))}
         stages = [s for s in STAGE_WEIGHTS if crf or s != "crf"]
         total = sum(STAGE_WEIGHTS[s] for s in stages)
         self.weights = {s: STAGE_WEIGHTS[s] / total for s in stages}
@@ -134,13 +138,11 @@ class _Progress:
         self.lock = threading.Lock()
 
     def overall(self) -> float:
-        if self.stage is None:
-            return 0.0
-        if self.stage not in self.weights:
-            return 0.0
+        if self.stage is None or self.stage not in self.weights:
+            return self.floor
         i = self.order.index(self.stage)
         done = sum(self.weights[s] for s in self.order[:i])
-        return min(1.0, done + self.weights[self.stage] * self.fraction)
+        return max(self.floor, min(1.0, done + self.weights[self.stage] * self.fraction))
 
     def __call__(self, stage: str, fraction: float, info: dict | None = None) -> None:
         now = time.monotonic()
@@ -163,13 +165,22 @@ class _Progress:
                 self._write()
 
     def _write(self) -> None:
+        now = time.monotonic()
         values = dict(stage=self.stage, stage_progress=self.fraction, progress=self.overall(),
-                      history=list(self.history), heartbeat_at=utcnow())
+                      history=list(self.history), heartbeat_at=utcnow(), timings=self.all_timings(),
+                      metrics={LIVE_KEY: live_clock(self.stage, now - self.stage_started + self.base.get(self.stage or '', 0.0))})
         try:
             with self.db.write() as s:
                 s.execute(update(Run).where(Run.id == self.run_id).values(**values))
         except Exception:  # progress is best effort; the run itself goes on
             log.exception("could not record progress of run %s", self.run_id)
+
+    def all_timings(self) -> dict[str, float]:
+        """Seconds of the finished stages, earlier attempts of a resumed run included."""
+        out = dict(self.base)
+        for k, v in self.timings.items():
+            out[k] = out.get(k, 0.0) + v
+        return out
 
     def close(self) -> dict[str, float]:
         with self.lock:
@@ -177,7 +188,7 @@ class _Progress:
                 self.timings[self.stage] = self.timings.get(self.stage, 0.0) + \
                     time.monotonic() - self.stage_started
                 self.stage = None
-            return dict(self.timings)
+            return self.all_timings()
 
 
 class RunWorker:
@@ -277,12 +288,13 @@ class RunWorker:
             params = RunParams.from_dict(run.params or {})
             run_dir = Path(run.run_dir)
             paths = [Path(ri.image.path) for ri in run.images]
+            floor, earlier = float(run.progress or 0.0), dict(run.timings or {})
             run.status, run.owner, run.heartbeat_at = RUN_RUNNING, self.owner, utcnow()
             run.started_at = run.started_at or utcnow()
             run.error, run.stage, run.stage_progress = None, None, 0.0
         self._current = run_id
         event = self._cancel.setdefault(run_id, threading.Event())
-        progress = _Progress(self.db, run_id, params.crf, self.settings.progress_interval)
+        progress = _Progress(self.db, run_id, params.crf, self.settings.progress_interval, floor, earlier)
         last_poll = [0.0]
 
         def cancelled() -> bool:

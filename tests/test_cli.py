@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -60,9 +61,16 @@ def test_ingest_status_and_user_errors(tmp_path, capsys):
     assert "created project" in out
     assert "rejected   junk.txt" in out and "rejected   ../escape.png" in out
     assert "5 added, 0 duplicates, 2 rejected; 5 images in total" in out
+    assert "warning: 2 of 7 files were not added (2 rejected, 0 duplicates)" in err
 
-    code, out, _ = _main(capsys, "ingest", "--project", "streets", str(single), *data)
-    assert code == 0 and "duplicate" in out and "0 added, 1 duplicates" in out
+    # nothing added (a duplicate, a missing file, a text file): exit 2 and say so
+    code, out, err = _main(capsys, "ingest", "--project", "streets", str(single),
+                           str(tmp_path / "missing.png"), str(folder / "junk.txt"), *data)
+    assert code == 2 and "duplicate" in out and "0 added, 1 duplicates, 2 rejected" in out
+    assert "error: nothing was added: all 3 files were refused (2 rejected, 1 already" in err
+    code, out, err = _main(capsys, "ingest", "--project", "streets", str(tmp_path / "gone.png"), *data)
+    assert code == 2 and "rejected   " in out and "gone.png: not found" in out
+    assert "nothing was added: all 1 file was refused" in err
 
     code, out, _ = _main(capsys, "status", "--json", *data)
     assert code == 0
@@ -114,6 +122,7 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
                            "--steps", "5", "--batch-size", "4", "--code-dim", "8", "--crf-resolution", "24", *data)
     assert code == 0, err
     assert "run 1: done" in out and "training" in out and "100.0%" in out
+    assert re.search(r"training \d+:\d\d.* · run \d+:\d\d", out), out     # elapsed (and left) per stage and run
 
     code, out, _ = _main(capsys, "status", "1", *data)
     assert code == 0 and "done" in out and "cluster 2" in out and "test_tiny" in out

@@ -247,3 +247,37 @@ def test_unknown_project_and_concurrent_ingest_of_same_file(request, backend, ap
     assert sum(len(r.added) for r in reports) == 2
     assert sum(len(r.duplicates) for r in reports) == 4
     assert len(ingest.list_images(app_ctx, project.id)) == 2
+
+
+def test_one_pixel_limit_message_naming_the_setting(app_ctx, project, tmp_path):
+    """PIL's own bomb check and the configured limit read the same and name STEGO_MAX_IMAGE_PIXELS."""
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())                       # refused by PIL itself
+    app_ctx.config.max_image_pixels = 1000
+    big = write_scene_images(tmp_path / "big", n=1, size=(64, 48))[0]      # over the configured limit
+    report = ingest.ingest_files(app_ctx, project.id, [tmp_path / "bomb.png", big])
+    reasons = {p.name: p.reason for p in report.rejected}
+    assert set(reasons) == {"bomb.png", big.name}
+    for reason in reasons.values():
+        assert reason.startswith("too many pixels: "), reason
+        assert "exceeds the limit of 1,000 (possible decompression bomb)" in reason, reason
+        assert reason.endswith("set by STEGO_MAX_IMAGE_PIXELS"), reason
+        assert "max_pixels" not in reason and "DOS" not in reason, reason
+    assert "10,000,000,000 pixels" in reasons["bomb.png"]
+    assert "64x48 = 3,072 pixels" in reasons[big.name]
+
+
+def test_nested_archives_are_named_as_such(app_ctx, project, tmp_path):
+    img = write_scene_images(tmp_path / "z", n=1)[0].read_bytes()
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("deep.png", img)
+    archive = tmp_path / "outer.zip"
+    _zip_with(archive, [("ok.png", img), ("more/inner.zip", inner.getvalue()),
+                        ("disguised.png", inner.getvalue()), ("old.tar.gz", b"\x1f\x8b" + b"0" * 50)])
+    report = ingest.ingest_zip(app_ctx, project.id, archive)
+    assert [i.name for i in report.added] == ["ok.png"]
+    reasons = {p.name: p.reason for p in report.rejected}
+    assert set(reasons) == {"more/inner.zip", "disguised.png", "old.tar.gz"}
+    for reason in reasons.values():
+        assert reason.startswith("nested archives are not opened"), reason
+    assert not any(app_ctx.config.tmp_dir.iterdir())

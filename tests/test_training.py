@@ -153,3 +153,31 @@ def test_invalid_inputs_are_explained():
     one, _, _ = make_planted_corpus(n_items=1)
     with pytest.raises(ValueError, match="at least 2"):
         StegoTrainer(TrainConfig(**FAST)).fit(one, np.zeros((1, 1), dtype=np.int64))
+
+
+def test_checkpoint_by_time_keeps_a_killed_run_close_to_where_it_died(planted_corpus, tmp_path):
+    """A process killed between step checkpoints resumes near its last step, not from 0."""
+    import time as _time
+
+    features, _, knn = planted_corpus
+    cfg = {**FAST, "steps": 60, "checkpoint_every": 1000, "checkpoint_seconds": 0.05}
+    straight = StegoTrainer(TrainConfig(**cfg)).fit(features, knn)
+    ckpt = tmp_path / "train.ckpt"
+
+    def slow_then_die(step, terms):          # ~0.02 s a step; "kill -9" at step 41
+        _time.sleep(0.02)
+        if step == 41:
+            raise SystemExit("killed")        # no cancel: nothing is saved on the way out
+
+    with pytest.raises(SystemExit):
+        StegoTrainer(TrainConfig(**cfg)).fit(features, knn, checkpoint_path=ckpt, progress=slow_then_die)
+    saved = torch.load(ckpt, weights_only=False)["step"]
+    assert 30 <= saved <= 41, saved            # by steps alone (every 1000) nothing would be saved
+    resumed_steps = []
+    resumed = StegoTrainer(TrainConfig(**cfg)).fit(features, knn, checkpoint_path=ckpt,
+                                                     progress=lambda s, t: resumed_steps.append(s))
+    assert resumed_steps[0] == saved + 1
+    for pa, pb in zip(_params(straight), _params(resumed)):
+        assert torch.equal(pa, pb)
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        TrainConfig(checkpoint_seconds=-1).validate()

@@ -18,6 +18,7 @@ from typing import Sequence
 from sqlalchemy import select
 
 from core.rundir import RunDir
+from stego_app import edit_versions
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.models import RUN_DONE, Cluster, Label, Run
@@ -185,6 +186,7 @@ class _Edit:
         self.s = self._cm.__enter__()
         try:
             self.run = get_done_run(self.s, self.run_id, lock=True)
+            edit_versions.check(self.run_id, self.run.mapping_version)   # a stale page's edit is refused
             self.clusters = {c.index: c for c in _cluster_rows(self.s, self.run_id)}
             self.labels = {lab.id: lab for lab in self.s.scalars(select(Label).where(Label.run_id == self.run_id))}
         except BaseException as exc:

@@ -18,18 +18,19 @@ log = logging.getLogger(__name__)
 
 
 def allowed_paths(ctx) -> list[str]:
-    """Folders the browser may fetch files from: gallery thumbnails and exports.
+    """Folders the browser may fetch files from: gallery thumbnails and offered downloads.
 
     (Original images never leave the server as files: galleries show cached thumbnails
     and the Explore tab sends downscaled arrays.)
     """
     cfg = ctx.config
-    return [str(Path(p)) for p in (cfg.thumbs_dir, cfg.exports_dir)]
+    return [str(Path(p)) for p in (cfg.thumbs_dir, cfg.downloads_dir)]   # never exports_dir: guessable
 
 
 def blocked_paths(ctx) -> list[str]:
     cfg = ctx.config
-    return [str(cfg.data_dir / "stego.db"), str(cfg.cache_dir or cfg.data_dir / "cache")]
+    return [str(cfg.data_dir / "stego.db"), str(cfg.cache_dir or cfg.data_dir / "cache"),
+            str(cfg.exports_dir), str(cfg.images_dir)]
 
 
 def launch(ctx, host: str | None = None, port: int | None = None,

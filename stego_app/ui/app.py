@@ -20,7 +20,8 @@ from stego_app.labels import mapping
 from stego_app.models import RunStatus
 from stego_app.ui import formatting as H
 from stego_app.ui.clusters import ClustersTab
-from stego_app.ui.common import guard
+from stego_app import edit_versions
+from stego_app.ui.common import guard, int_or_none
 from stego_app.ui.discover import DiscoverTab
 from stego_app.ui.explore import ExploreTab
 from stego_app.ui.export import ExportTab
@@ -58,23 +59,63 @@ CSS = """
 .stego-legend { display: flex; flex-wrap: wrap; gap: 4px 16px; padding: 4px 0; }
 .stego-legend-item { white-space: nowrap; }
 .stego-legend-ignored { opacity: .6; }
+.stego-warning { color: #b25d00; font-weight: 600; }
+/* polled every second: never dim it while an update is on its way */
+#run-status .pending, #run-status.pending, #loss-plot .pending, #loss-plot.pending { opacity: 1 !important; }
+#stego-connection-lost { position: fixed; top: 0; left: 0; right: 0; z-index: 10000; padding: 10px 16px;
+  background: #d62728; color: #fff; font-weight: 600; text-align: center; display: none; }
+body.stego-offline #stego-connection-lost { display: block; }
+body.stego-offline #run-status, body.stego-offline #tabs { opacity: .45; pointer-events: none; }
+/* a gallery with few images keeps thumbnail-sized tiles instead of stretching one over the row */
+#project-images .grid-container, #explore-gallery .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(96px, 140px)) !important;
+  grid-template-rows: none !important; grid-auto-rows: auto !important; }
 """
 
-# A tab whose server went away (restart, deploy) reloads itself once the server answers
-# again: Gradio's own event stream does not recover when it breaks mid-event, and all
-# state lives in the database anyway.
+# A tab whose server went away says so at once (a red bar; the page greyed out, so a stale
+# "Running 49%" is not taken for live) and reloads itself once the server answers again:
+# Gradio's own event stream does not recover when it breaks mid-event, and all state lives
+# in the database anyway. The selected project and run are kept in the URL
+# (?project=ID&run=ID, see URL_STATE_JS), so the reload comes back to them.
 RECONNECT_JS = """
 () => {
+  const bar = document.createElement("div");
+  bar.id = "stego-connection-lost";
+  bar.setAttribute("role", "alert");
+  bar.textContent = "Connection to the server lost: what you see may be out of date. " +
+                    "This page reconnects by itself when the server is back.";
+  document.body.appendChild(bar);
   let down = false;
   const ping = async () => {
+    let ok = false;
     try {
-      await fetch(window.location.pathname + "?stego_ping=" + Date.now(), {method: "HEAD", cache: "no-store"});
-      if (down) { window.location.reload(); }
+      const ctl = new AbortController();
+      const timer = setTimeout(() => ctl.abort(), 4000);
+      const r = await fetch(window.location.pathname + "?stego_ping=" + Date.now(),
+                            {method: "HEAD", cache: "no-store", signal: ctl.signal});
+      clearTimeout(timer);
+      ok = r.status < 500;
     } catch (e) {
-      down = true;
+      ok = false;
     }
+    if (ok && down) { window.location.reload(); }
+    if (!ok && !down) { down = true; document.body.classList.add("stego-offline"); }
   };
-  setInterval(ping, 2500);
+  setInterval(ping, 2000);
+}
+"""
+
+# Keeps ?project=ID&run=ID in the address bar (no reload), so a reload, a restart or a
+# copied link opens the same project and run.
+URL_STATE_JS = """
+(project, run) => {
+  const url = new URL(window.location.href);
+  for (const [key, value] of [["project", project], ["run", run]]) {
+    if (value === null || value === undefined || value === "") { url.searchParams.delete(key); }
+    else { url.searchParams.set(key, String(value)); }
+  }
+  window.history.replaceState(null, "", url.toString());
+  return [project, run];
 }
 """
 
@@ -103,7 +144,9 @@ class App:
             # restarts still passes Gradio's choice check; each page load replaces them.
             self.project_dd = gr.Dropdown(label="Project", choices=H.project_choices(boot_projects), value=None,
                                           interactive=True, elem_id="project-select", scale=2)
+            # allow_custom_value: a project switch sends the run of the project left (checked by as_id)
             self.run_dd = gr.Dropdown(label="Discovery run", choices=H.run_choices(boot_runs), value=None,
+                                      allow_custom_value=True,
                                       interactive=True, elem_id="run-select", scale=3,
                                       info="Runs of this project, newest first. Every tab works on this run.")
             self.refresh_btn = gr.Button("↻ Refresh", elem_id="btn-refresh", scale=0, min_width=110)
@@ -124,14 +167,16 @@ class App:
         # everything that shows the selected run
         self.run_outputs = ([self.run_dd] + self.discover.status_outputs + self.clusters.outputs
                             + [ex.image_dd, ex.gallery, ex.gallery_ids, ex.page, ex.shown] + ex.render_outputs
-                            + [ex.crf, ex.opacity] + self.export.outputs)
+                            + [ex.crf, ex.opacity] + self.export.outputs
+                            + [self.discover.form[k] for k in self.discover.form])
 
     # ---------------------------------------------------------------- views spanning tabs
     def project_choices_update(self, value):
         return gr.update(choices=H.project_choices(projects.list_projects(self.ctx)), value=value)
 
     def label_views(self, run_id, image_id, op, use_crf, visible, reset_visible: bool = False) -> dict:
-        """Everything that shows the cluster -> label mapping of a finished run."""
+        """Everything that shows the cluster -> label mapping of a finished run (and its version)."""
+        version = edit_versions.mapping_version(self.ctx, run_id)   # read first: never newer than the views
         clusters = mapping.list_clusters(self.ctx, run_id)
         indices = [c.index for c in clusters]
         if reset_visible or visible is None:
@@ -140,6 +185,7 @@ class App:
             previous = set(visible)
             visible = [i for i in indices if i in previous]
         out = self.clusters.cluster_views(run_id, clusters)
+        out[self.clusters.shown_version] = version
         out[self.explore.shown] = gr.update(choices=H.visible_cluster_choices(clusters), value=visible)
         out.update(self.explore.render(run_id, image_id, op, use_crf, visible, indices))
         return out
@@ -159,6 +205,7 @@ class App:
             return out
         info = runs.get_run(self.ctx, run_id)
         out = self.discover.status_views(info)
+        out.update(self.discover.form_views(info.params))
         out[self.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)),
                                      value=run_id)
         if info.status != RunStatus.DONE:
@@ -179,16 +226,21 @@ class App:
 
     # ---------------------------------------------------------------- header handlers
     @guard
-    def on_load(self):
+    def on_load(self, request: gr.Request):
+        """The project and run in the URL (?project=&run=, kept there by URL_STATE_JS), else the newest."""
+        query = dict(request.query_params) if request is not None else {}
         plist = projects.list_projects(self.ctx)
-        pid = plist[-1].id if plist else None
+        wanted = int_or_none(query.get("project"))
+        pid = wanted if wanted in [p.id for p in plist] else (plist[-1].id if plist else None)
         out = {self.project_dd: gr.update(choices=H.project_choices(plist), value=pid)}
-        out.update(self.project.project_views(pid))
+        run_wanted = int_or_none(query.get("run")) if pid == wanted else None
+        out.update(self.project.project_views(pid, keep_run=run_wanted))
         return out
 
     @guard
-    def on_project(self, pid):
-        return self.project.project_views(H.as_id(pid, "project"))
+    def on_project(self, pid, run_id):
+        """Another project: its newest run (the selected run stays when it belongs to it)."""
+        return self.project.project_views(H.as_id(pid, "project"), keep_run=H.as_id(run_id, "run"))
 
     @guard
     def on_refresh(self, pid, run_id):
@@ -210,7 +262,9 @@ class App:
 
     def wire(self, demo: gr.Blocks) -> None:
         demo.load(self.on_load, outputs=[self.project_dd] + self.project.outputs)
-        self.project_dd.change(self.on_project, self.project_dd, self.project.outputs)
+        self.project_dd.change(self.on_project, [self.project_dd, self.run_dd], self.project.outputs)
+        for dd in (self.project_dd, self.run_dd):          # the address bar remembers the selection
+            dd.change(None, [self.project_dd, self.run_dd], None, js=URL_STATE_JS)
         self.run_dd.change(self.on_run, self.run_dd, self.run_outputs)
         self.refresh_btn.click(self.on_refresh, [self.project_dd, self.run_dd], [self.project_dd] + self.run_outputs)
         for tab in (self.project, self.discover, self.clusters, self.explore, self.export):

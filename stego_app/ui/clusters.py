@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import gradio as gr
 
+from stego_app import edit_versions
 from stego_app.errors import UserError
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
-from stego_app.ui.common import guard
+from stego_app.ui.common import ERROR_TOAST_S, guard
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,22 @@ class ClustersTab:
             self.unmerge_btn = gr.Button("Undo merge / unname", elem_id="btn-unmerge")
             self.ignore_btn = gr.Button("Ignore", elem_id="btn-ignore")
             self.unignore_btn = gr.Button("Stop ignoring", elem_id="btn-unignore")
+        with gr.Row(visible=False, elem_id="unname-confirm") as self.unname_row:
+            self.unname_md = gr.Markdown(elem_id="unname-question")
+            self.unname_yes = gr.Button("Remove the name", variant="stop", elem_id="btn-unname-yes")
+            self.unname_no = gr.Button("Keep it", elem_id="btn-unname-no")
         with gr.Row(equal_height=True):
             self.colour_label = gr.Dropdown(label="Label to recolour", choices=[], allow_custom_value=True,
                                             elem_id="colour-label")
             self.colour_pick = gr.ColorPicker(label="Colour", value="#1f77b4", elem_id="colour-picker")
             self.colour_btn = gr.Button("Set colour", elem_id="btn-colour")
         self.legend_html = gr.HTML(H.legend_html([], "clusters-legend-inner"), elem_id="clusters-legend")
+        self.shown_version = gr.State(None)   # the mapping version these views show (edits carry it)
 
     @property
     def outputs(self) -> list:
-        return [self.cards_html, self.cluster_sel, self.colour_label, self.legend_html]
+        return [self.cards_html, self.cluster_sel, self.colour_label, self.legend_html, self.shown_version,
+                self.unname_row]
 
     # ---------------------------------------------------------------- views
     def example_urls(self, run_id: int, clusters) -> dict[tuple[int, int], str]:
@@ -80,73 +88,121 @@ class ClustersTab:
         return {self.cards_html: H.cluster_cards_html(clusters, lambda c, i: urls.get((c.index, i)), N_EXAMPLES),
                 self.cluster_sel: gr.update(choices=H.cluster_choices(clusters), value=[]),
                 self.colour_label: gr.update(choices=H.label_names(clusters), value=None),
-                self.legend_html: H.legend_html(mapping.legend(self.ctx, run_id), "clusters-legend-inner")}
+                self.legend_html: H.legend_html(mapping.legend(self.ctx, run_id), "clusters-legend-inner"),
+                self.unname_row: gr.update(visible=False)}
 
     def empty_views(self, message: str) -> dict:
         return {self.cards_html: f'<div class="stego-cards" id="cluster-cards"><p>{H.esc(message)}</p></div>',
                 self.cluster_sel: gr.update(choices=[], value=[]),
                 self.colour_label: gr.update(choices=[], value=None),
-                self.legend_html: H.legend_html([], "clusters-legend-inner")}
+                self.legend_html: H.legend_html([], "clusters-legend-inner"),
+                self.shown_version: None, self.unname_row: gr.update(visible=False)}
 
     # ---------------------------------------------------------------- handlers
+    def edit(self, run_id, version, image_id, op, use_crf, visible, action: Callable[[], str]) -> dict:
+        """One mapping edit made on `version`: a toast on success; on a stale page, the current state."""
+        try:
+            with edit_versions.expect_version(version):
+                message = action()
+        except edit_versions.StaleMapping as exc:
+            gr.Warning(str(exc), duration=ERROR_TOAST_S, title="Not saved")
+            return self.app.label_views(run_id, image_id, op, use_crf, visible)
+        gr.Info(message)
+        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+
     @guard
-    def on_name(self, run_id, selected, name, image_id, op, use_crf, visible):
+    def on_name(self, run_id, version, selected, name, image_id, op, use_crf, visible):
         run_id = H.as_id(run_id, "run")
         image_id = H.as_id(image_id, "image")
         idx = _need_selection(run_id, selected)
-        if len(idx) == 1:
-            mapping.name_cluster(self.ctx, run_id, idx[0], name)
-            gr.Info(f"Cluster {idx[0]} is now '{' '.join((name or '').split())}'.")
-        else:
+        clean = " ".join((name or "").split())
+
+        def action() -> str:
+            if len(idx) == 1:
+                mapping.name_cluster(self.ctx, run_id, idx[0], name)
+                return f"Cluster {idx[0]} is now '{clean}'."
             mapping.merge_clusters(self.ctx, run_id, idx, name)
-            gr.Info(f"Clusters {', '.join(map(str, idx))} merged into '{' '.join((name or '').split())}'.")
-        out = self.app.label_views(run_id, image_id, op, use_crf, visible)
+            return f"Clusters {', '.join(map(str, idx))} merged into '{clean}'."
+        out = self.edit(run_id, version, image_id, op, use_crf, visible, action)
         out[self.label_name] = ""
         return out
 
+    def _unmerge(self, run_id, version, idx, image_id, op, use_crf, visible) -> dict:
+        def action() -> str:
+            for i in idx:
+                mapping.unmerge_cluster(self.ctx, run_id, i)
+            return (f"Cluster{'s' if len(idx) != 1 else ''} {', '.join(map(str, idx))} "
+                    f"{'are' if len(idx) != 1 else 'is'} unnamed again.")
+        return self.edit(run_id, version, image_id, op, use_crf, visible, action)
+
     @guard
-    def on_unmerge(self, run_id, selected, image_id, op, use_crf, visible):
+    def on_unmerge(self, run_id, version, selected, image_id, op, use_crf, visible):
+        """Taking a cluster out of a merge is harmless; deleting the only use of a name asks first."""
         run_id = H.as_id(run_id, "run")
         image_id = H.as_id(image_id, "image")
-        for i in _need_selection(run_id, selected):
-            mapping.unmerge_cluster(self.ctx, run_id, i)
-        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+        idx = _need_selection(run_id, selected)
+        by_index = {c.index: c for c in mapping.list_clusters(self.ctx, run_id)}
+        lost = sorted({by_index[i].label_name for i in idx if i in by_index and by_index[i].label_name
+                       and not set(by_index[i].merged_with) - set(idx)})
+        if lost:
+            names = ", ".join(f"'{n}'" for n in lost)
+            return {self.unname_row: gr.update(visible=True),
+                    self.unname_md: f"No other cluster is named {names}: undoing deletes the name {names}. "
+                                    "Remove it?"}
+        return self._unmerge(run_id, version, idx, image_id, op, use_crf, visible)
 
     @guard
-    def on_ignore(self, run_id, selected, image_id, op, use_crf, visible):
-        return self._set_ignored(True, run_id, selected, image_id, op, use_crf, visible)
-
-    @guard
-    def on_unignore(self, run_id, selected, image_id, op, use_crf, visible):
-        return self._set_ignored(False, run_id, selected, image_id, op, use_crf, visible)
-
-    def _set_ignored(self, flag, run_id, selected, image_id, op, use_crf, visible):
+    def on_unname_confirmed(self, run_id, version, selected, image_id, op, use_crf, visible):
         run_id = H.as_id(run_id, "run")
         image_id = H.as_id(image_id, "image")
-        for i in _need_selection(run_id, selected):
-            mapping.ignore_cluster(self.ctx, run_id, i, flag)
-        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+        return self._unmerge(run_id, version, _need_selection(run_id, selected), image_id, op, use_crf, visible)
 
     @guard
-    def on_colour(self, run_id, label, colour, image_id, op, use_crf, visible):
+    def on_ignore(self, run_id, version, selected, image_id, op, use_crf, visible):
+        return self._set_ignored(True, run_id, version, selected, image_id, op, use_crf, visible)
+
+    @guard
+    def on_unignore(self, run_id, version, selected, image_id, op, use_crf, visible):
+        return self._set_ignored(False, run_id, version, selected, image_id, op, use_crf, visible)
+
+    def _set_ignored(self, flag, run_id, version, selected, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        idx = _need_selection(run_id, selected)
+
+        def action() -> str:
+            for i in idx:
+                mapping.ignore_cluster(self.ctx, run_id, i, flag)
+            which = f"Cluster{'s' if len(idx) != 1 else ''} {', '.join(map(str, idx))}"
+            return f"{which} ignored: left out of exports." if flag else f"{which} no longer ignored (unnamed)."
+        return self.edit(run_id, version, image_id, op, use_crf, visible, action)
+
+    @guard
+    def on_colour(self, run_id, version, label, colour, image_id, op, use_crf, visible):
         run_id = H.as_id(run_id, "run")
         image_id = H.as_id(image_id, "image")
         if run_id is None:
             raise UserError("no run selected")
         if not label:
             raise UserError("choose the label to recolour (name a cluster first)")
-        mapping.set_label_colour(self.ctx, run_id, label, colour_hex(colour))
-        return self.app.label_views(run_id, image_id, op, use_crf, visible)
+        hex_colour = colour_hex(colour)
+
+        def action() -> str:
+            mapping.set_label_colour(self.ctx, run_id, label, hex_colour)
+            return f"'{label}' is now shown in {hex_colour}."
+        return self.edit(run_id, version, image_id, op, use_crf, visible, action)
 
     def wire(self) -> None:
         app = self.app
         explore_inputs = app.explore.inputs
         label_outputs = app.label_outputs
-        edit_inputs = [app.run_dd, self.cluster_sel]
+        edit_inputs = [app.run_dd, self.shown_version, self.cluster_sel]
         self.name_btn.click(self.on_name, edit_inputs + [self.label_name] + explore_inputs,
                             label_outputs + [self.label_name])
-        self.unmerge_btn.click(self.on_unmerge, edit_inputs + explore_inputs, label_outputs)
+        self.unmerge_btn.click(self.on_unmerge, edit_inputs + explore_inputs, label_outputs + [self.unname_md])
+        self.unname_yes.click(self.on_unname_confirmed, edit_inputs + explore_inputs, label_outputs)
+        self.unname_no.click(lambda: gr.update(visible=False), None, [self.unname_row])
         self.ignore_btn.click(self.on_ignore, edit_inputs + explore_inputs, label_outputs)
         self.unignore_btn.click(self.on_unignore, edit_inputs + explore_inputs, label_outputs)
-        self.colour_btn.click(self.on_colour, [app.run_dd, self.colour_label, self.colour_pick] + explore_inputs,
-                              label_outputs)
+        self.colour_btn.click(self.on_colour, [app.run_dd, self.shown_version, self.colour_label, self.colour_pick]
+                              + explore_inputs, label_outputs)

@@ -16,24 +16,37 @@ GALLERY_PAGE = 100          # thumbnails per gallery page (the Explore dropdown 
 THUMB_SIZE = 256            # long side of gallery thumbnails (cached files, stego_app.thumbnails)
 
 
+ERROR_TOAST_S = 15          # seconds an error toast stays
+
+
 def guard(fn: Callable) -> Callable:
-    """Show UserError messages as an error toast; log anything else, show a short toast."""
+    """Show UserError messages as a toast titled "Error"; log anything else, show a short toast.
+
+    The handler's outputs are all skipped: a refused action leaves every component as it was
+    (raising gr.Error would put a red "Error" badge over every output until the next success).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
         except UserError as exc:
             log.info("UI action %s refused: %s", fn.__name__, exc)
-            raise gr.Error(str(exc), print_exception=False) from None
+            gr.Warning(str(exc), duration=ERROR_TOAST_S, title="Error")
         except Exception as exc:  # a bug: the trace goes to the server log, not the page
             log.exception("UI action %s failed", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(exc).__name__}: {exc}). "
-                           "The details are in the server log.", print_exception=False) from None
+            gr.Warning(f"Something went wrong ({type(exc).__name__}: {exc}). "
+                       "The details are in the server log.", duration=ERROR_TOAST_S, title="Error")
+        return gr.skip()
 
     return wrapper
+
+
+def int_or_none(value) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
 
 
 def progress_cb(progress, desc: str):

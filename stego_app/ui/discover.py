@@ -6,7 +6,7 @@ import logging
 import gradio as gr
 import pandas as pd
 
-from stego_app import runs
+from stego_app import eta, removal, runs
 from stego_app.errors import UserError
 from stego_app.models import RunStatus
 from stego_app.runs import RunParams
@@ -45,13 +45,13 @@ class DiscoverTab:
                                         elem_id="backbone", info="Frozen DINO / DINOv2 features")
             f["resolution"] = gr.Number(label="Resolution (short side, px)", value=defaults.resolution,
                                         precision=0, minimum=28, maximum=2048, elem_id="resolution")
-            f["n_clusters"] = gr.Slider(label="Number of clusters", minimum=2, maximum=64, step=1,
-                                        value=defaults.n_clusters, elem_id="n-clusters")
+            f["n_clusters"] = gr.Number(label="Number of clusters", value=defaults.n_clusters, precision=0,
+                                        elem_id="n-clusters", info="2 to 128; checked when the run starts")
             f["crf"] = gr.Checkbox(label="Refine edges with a CRF", value=defaults.crf, elem_id="crf")
         with gr.Accordion("Advanced: STEGO hyper-parameters", open=False, elem_id="advanced"):
             with gr.Row():
                 f["steps"] = gr.Number(label="Training steps", value=defaults.steps, precision=0,
-                                       minimum=0, elem_id="steps")
+                                       minimum=0, elem_id="steps", info=runs.AUTO_STEPS_HELP)
                 f["batch_size"] = gr.Number(label="Batch size", value=defaults.batch_size, precision=0,
                                             minimum=1, elem_id="batch-size")
                 f["code_dim"] = gr.Number(label="Code dimension", value=defaults.code_dim, precision=0,
@@ -97,11 +97,36 @@ class DiscoverTab:
         return [self.status_html, self.loss_plot, self.sig_state]
 
     # ---------------------------------------------------------------- views
+    @staticmethod
+    def status_signature(info) -> tuple:
+        if info is None:
+            return H.status_signature(None)
+        times = eta.run_times(info)   # while running, the clock changes the view every second
+        return (*H.status_signature(info), round(times.elapsed) if info.status == "running" else None)
+
     def status_views(self, info) -> dict:
         frame = loss_frame(info.history if info is not None else [])
-        return {self.status_html: H.run_status_html(info),
+        if info is None:
+            html = H.run_status_html(None)
+        else:
+            html = H.run_status_html(info, eta.run_times(info),
+                                     removal.stale_note(removal.removed_in_run(self.ctx, info.id)))
+        return {self.status_html: html,
                 self.loss_plot: gr.update(value=frame, visible=frame is not None),
-                self.sig_state: H.status_signature(info)}
+                self.sig_state: self.status_signature(info)}
+
+    def form_views(self, params) -> dict:
+        """The form shows the settings of the selected run."""
+        values = params.to_dict()
+        out = {}
+        for name, comp in self.form.items():
+            v = values.get(name)
+            if name == "backbone":
+                v = v or ""
+            elif name.startswith("shift_") or name == "crf_resolution":
+                v = "" if v is None else str(v)
+            out[comp] = v
+        return out
 
     def _with_runs(self, info, pid, run_id) -> dict:
         out = self.status_views(info)
@@ -116,8 +141,11 @@ class DiscoverTab:
             raise UserError("create or choose a project with images first")
         form = dict(zip(FORM_FIELDS, values))
         form["backbone"] = form["backbone"] or None
-        info = runs.start_run(self.ctx, pid, RunParams.from_form(form))
-        gr.Info(f"Run {info.id} started on {info.n_images} images.")
+        params = RunParams.from_form(form)
+        info = runs.start_run(self.ctx, pid, params)
+        how = (f"{info.params.steps} training steps, chosen for the corpus size ({runs.AUTO_STEPS_HELP[8:]})"
+               if params.steps is None else f"{info.params.steps} training steps")
+        gr.Info(f"Run {info.id} started on {H.count(info.n_images, 'image')}; {how}.")
         return {self.app.run_dd: gr.update(choices=H.run_choices(runs.list_runs(self.ctx, pid)), value=info.id)}
 
     @guard
@@ -140,14 +168,20 @@ class DiscoverTab:
         gr.Info(f"Run {info.id} resumed; finished stages are reused.")
         return self._with_runs(info, pid, run_id)
 
-    def on_tick(self, pid, run_id, sig):
-        """Poll the selected run; redraw only what changed. Never raises (it runs every second)."""
+    def on_tick(self, pid, run_id, sig, version, image_id, op, use_crf):
+        """Poll the selected run; redraw only what changed (edits made in other tabs included).
+        Never raises (it runs every second)."""
         try:
             run_id = H.as_id(run_id, "run")
             if run_id is None:
                 return {self.sig_state: gr.skip()}
+            image_id = H.as_id(image_id, "image")
             info = runs.get_run(self.ctx, run_id)
-            new_sig = H.status_signature(info)
+            if (info.status == "done" and version is not None and info.mapping_version != version
+                    and sig is not None and len(sig) > 1 and sig[0] == info.id):
+                gr.Info("The names of this run were changed in another tab; this page shows them now.")
+                return self.app.label_views(run_id, image_id, op, use_crf, None)
+            new_sig = self.status_signature(info)
             if sig is not None and new_sig == tuple(sig):
                 return {self.sig_state: gr.skip()}
             out = self.status_views(info)
@@ -184,5 +218,7 @@ class DiscoverTab:
         self.cancel_btn.click(self.on_cancel, [app.project_dd, app.run_dd], self.status_outputs + [app.run_dd])
         self.resume_btn.click(self.on_resume, [app.project_dd, app.run_dd], self.status_outputs + [app.run_dd])
         self.timer = gr.Timer(1.0)
-        self.timer.tick(self.on_tick, [app.project_dd, app.run_dd, self.sig_state], app.run_outputs,
-                        show_progress="hidden")
+        # (not the "Show clusters" boxes: a poll racing a run switch would fail Gradio's choice check)
+        ex = app.explore
+        self.timer.tick(self.on_tick, [app.project_dd, app.run_dd, self.sig_state, app.clusters.shown_version,
+                                       ex.image_dd, ex.opacity, ex.crf], app.run_outputs, show_progress="hidden")

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from stego_app import downloads
 from stego_app import export as export_svc
 from stego_app.errors import UserError
 from stego_app.ui import formatting as H
@@ -61,7 +62,8 @@ class ExportTab:
 
     def _show(self, info) -> dict:
         return {self.summary_md: H.export_summary(info),
-                self.download_btn: gr.update(value=str(info.zip_path), visible=True,
+                self.download_btn: gr.update(value=str(downloads.offer(self.ctx.config, info.zip_path)),
+                                             visible=True,
                                              label=f"Download {Path(info.zip_path).name}")}
 
     @guard

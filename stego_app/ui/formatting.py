@@ -37,6 +37,11 @@ def esc(text: Any) -> str:
     return html.escape("" if text is None else str(text), quote=True)
 
 
+def count(n: int, word: str) -> str:
+    """'1 image', '12 images'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def format_share(share: float | None) -> str:
     """0.1234 -> '12.3%'; tiny non-zero shares are shown as '<0.1%'."""
     if share is None or (isinstance(share, float) and math.isnan(share)):
@@ -102,7 +107,7 @@ def project_choices(projects: Iterable[Any]) -> list[tuple[str, int]]:
     out = []
     for p in projects:
         n = getattr(p, "n_images", None)
-        suffix = f" ({n} images)" if n is not None else ""
+        suffix = f" ({count(n, 'image')})" if n is not None else ""
         out.append((f"{p.name}{suffix}", int(p.id)))
     return out
 
@@ -154,7 +159,7 @@ def run_choice_label(run: Any) -> str:
     backbone = run.backbone or params.backbone or "automatic backbone"
     status = STATUS_WORDS.get(run.status, run.status)
     return (f"Run {run.id} · {status} · {backbone} · {params.n_clusters} clusters · "
-            f"{run.n_images} images")
+            f"{count(run.n_images, 'image')}")
 
 
 def run_choices(runs: Iterable[Any]) -> list[tuple[str, int]]:
@@ -190,8 +195,19 @@ def stage_states(run: Any) -> list[tuple[str, str, float]]:
     return out
 
 
-def run_status_html(run: Any | None) -> str:
-    """Per-stage progress of a run as HTML (bars, state words, timings, errors)."""
+def _time_text(elapsed: float | None, remaining: float | None, running: bool) -> str:
+    if elapsed is None:
+        return f"about {format_seconds(remaining)}" if running and remaining else ""
+    text = format_seconds(elapsed)
+    if running and remaining:
+        text += f" · about {format_seconds(remaining)} left"
+    return text
+
+
+def run_status_html(run: Any | None, times: Any | None = None, note: str = "") -> str:
+    """Per-stage progress of a run as HTML (bars, state words, elapsed and remaining time, errors).
+
+    `times`: stego_app.eta.RunTimes of the run; `note`: a warning line (e.g. removed images)."""
     if run is None:
         return ('<div class="stego-status" id="run-status-box"><p>No run selected. '
                 'Choose the settings above and press <b>Start discovery</b>.</p></div>')
@@ -200,7 +216,11 @@ def run_status_html(run: Any | None) -> str:
              f'<p class="stego-status-head"><b>Run {run.id}</b>: '
              f'<span class="stego-state stego-state-{esc(run.status)}">{esc(status)}</span>'
              f' · overall {100 * float(run.progress or 0):.0f}%']
-    if run.cancel_requested and run.status == RunStatus.RUNNING:
+    running = run.status == RunStatus.RUNNING
+    if times is not None and (times.elapsed or times.remaining):
+        lines.append(f' · <span class="stego-run-time">{esc(_time_text(times.elapsed, times.remaining, running))}'
+                     f'{"" if not running or times.remaining else " · time left: estimating…"}</span>')
+    if run.cancel_requested and running:
         lines.append(" · cancelling…")
     lines.append("</p>")
     if run.weights_source:
@@ -212,14 +232,20 @@ def run_status_html(run: Any | None) -> str:
         pct = 100.0 * max(0.0, min(1.0, frac))
         word = {"done": "done", "active": f"{pct:.0f}%", "pending": "waiting",
                 "stopped": f"stopped at {pct:.0f}%"}[state]
-        t = format_seconds(timings.get(stage)) if stage in timings else ""
+        st = times.stage(stage) if times is not None else None
+        if st is not None and (st.elapsed is not None or (running and st.remaining)):
+            t = _time_text(st.elapsed, st.remaining, running and state in ("active", "pending"))
+        else:
+            t = format_seconds(timings.get(stage)) if stage in timings else ""
         lines.append(
             f'<tr class="stego-stage stego-stage-{state}" data-stage="{stage}">'
             f'<td class="stego-stage-name">{esc(STAGE_TITLES.get(stage, stage))}</td>'
             f'<td class="stego-bar-cell"><div class="stego-bar"><div class="stego-bar-fill" '
             f'style="width:{pct:.1f}%"></div></div></td>'
-            f'<td class="stego-stage-word">{esc(word)}</td><td class="stego-muted">{esc(t)}</td></tr>')
+            f'<td class="stego-stage-word">{esc(word)}</td><td class="stego-muted stego-stage-time">{esc(t)}</td></tr>')
     lines.append("</table>")
+    if note:
+        lines.append(f'<p class="stego-warning" id="run-stale-note">{esc(note)}</p>')
     if run.error and run.status in RUN_RESUMABLE:
         lines.append(f'<p class="stego-error">{esc(run.error)}</p>')
     if run.status in RUN_RESUMABLE:

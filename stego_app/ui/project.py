@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from stego_app import ingest, projects, runs, thumbnails
+from stego_app import ingest, projects, removal, runs, thumbnails
 from stego_app.errors import UserError
 from stego_app.ingest import FileProblem, IngestReport
 from stego_app.ui import formatting as H
@@ -50,18 +50,28 @@ class ProjectTab:
                                   object_fit="cover", show_download_button=False)
         self.page = gr.Slider(label="Page", minimum=1, maximum=1, step=1, value=1,
                               visible=False, elem_id="project-page")
+        with gr.Row(equal_height=True):
+            self.remove_sel = gr.Dropdown(label="Images to remove (click them in the gallery)", choices=[],
+                                          multiselect=True, value=[], elem_id="remove-select", scale=4,
+                                          allow_custom_value=True,   # ids stay valid across a restart
+                                          info="Runs that used them keep showing them.")
+            self.remove_btn = gr.Button("Remove from the project", variant="stop", elem_id="btn-remove", scale=1)
+        self.ids = gr.State([])              # image ids in the order the gallery shows them
 
     @property
     def outputs(self) -> list:
         """What project_views updates (with the header's run dropdown)."""
-        return [self.app.run_dd, self.project_md, self.gallery, self.page]
+        return [self.app.run_dd, self.project_md, self.gallery, self.page, self.ids, self.remove_sel]
 
     # ---------------------------------------------------------------- views
     def gallery_views(self, pid, page) -> dict:
-        return page_views(self.gallery, self.page,
-                          thumbnails.project_gallery(self.ctx, pid, page, GALLERY_PAGE, THUMB_SIZE))
+        shown = thumbnails.project_gallery(self.ctx, pid, page, GALLERY_PAGE, THUMB_SIZE)
+        out = page_views(self.gallery, self.page, shown)
+        out[self.ids] = [info.id for info, _ in shown.items]
+        out[self.remove_sel] = gr.update(choices=[(info.name, info.id) for info, _ in shown.items], value=[])
+        return out
 
-    def project_views(self, pid, page=1) -> dict:
+    def project_views(self, pid, page=1, keep_run=None) -> dict:
         run_dd = self.app.run_dd
         if pid is None:
             return {run_dd: gr.update(choices=[], value=None),
@@ -72,8 +82,9 @@ class ProjectTab:
         run_list = runs.list_runs(self.ctx, pid)
         md = f"**{H.esc(p.name)}**" + (f": {H.esc(p.description)}" if p.description else "")
         md += "\n\n" + H.images_summary(images)
+        ids = [r.id for r in run_list]
         out = {run_dd: gr.update(choices=H.run_choices(run_list),
-                                 value=run_list[0].id if run_list else None),
+                                 value=keep_run if keep_run in ids else (ids[0] if ids else None)),
                self.project_md: md}
         out.update(self.gallery_views(pid, page))
         return out
@@ -139,13 +150,41 @@ class ProjectTab:
             return gr.skip()
         return self.gallery_views(pid, page)
 
+    @guard
+    def on_remove(self, pid, selected):
+        pid = H.as_id(pid, "project")
+        if pid is None:
+            raise UserError("choose a project first")
+        if not selected:
+            raise UserError("click the images to remove in the gallery first")
+        report = removal.remove_images(self.ctx, pid, [int(i) for i in selected])
+        text = report.summary()
+        gr.Info(text[:1].upper() + text[1:] + ".")
+        out = {self.app.project_dd: self.app.project_choices_update(pid)}
+        views = self.project_views(pid)
+        views.pop(self.app.run_dd)     # keep the selected run
+        out.update(views)
+        return out
+
+    @guard
+    def on_gallery_select(self, ids, chosen, evt: gr.SelectData):
+        if evt is None or evt.index is None or not ids:
+            return gr.skip()
+        i = evt.index if isinstance(evt.index, int) else evt.index[0]
+        if not 0 <= i < len(ids):
+            return gr.skip()
+        chosen = list(chosen or [])
+        return gr.update(value=chosen if ids[i] in chosen else chosen + [ids[i]])
+
     def wire(self) -> None:
         project_dd = self.app.project_dd
-        self.page.input(self.on_page, [project_dd, self.page], [self.gallery, self.page],
+        self.page.input(self.on_page, [project_dd, self.page], [self.gallery, self.page, self.ids, self.remove_sel],
                         trigger_mode="always_last")
+        self.gallery.select(self.on_gallery_select, [self.ids, self.remove_sel], [self.remove_sel])
+        self.remove_btn.click(self.on_remove, [project_dd, self.remove_sel], [project_dd] + self.outputs[1:])
         self.create_btn.click(self.on_create, [self.new_name, self.new_desc],
                               [project_dd, self.new_name, self.new_desc])
         ingest_outputs = [project_dd, self.ingest_md, self.problems_df, self.project_md, self.gallery,
-                          self.page, self.upload]
+                          self.page, self.upload, self.ids, self.remove_sel]
         self.upload_btn.click(self.on_ingest_upload, [project_dd, self.upload], ingest_outputs)
         self.folder_btn.click(self.on_ingest_folder, [project_dd, self.folder], ingest_outputs)
