@@ -20,6 +20,7 @@ from stego_app.labels import mapping
 from stego_app.ui import formatting as H
 from stego_app.ui.clusters import ClustersTab
 from stego_app.ui.common import guard
+from stego_app.ui.naming import CSS as NAMING_CSS
 from stego_app.ui.discover import DiscoverTab
 from stego_app.ui.explore import ExploreTab
 from stego_app.ui.export import ExportTab
@@ -218,7 +219,7 @@ class App:
 
 def build_ui(ctx) -> gr.Blocks:
     """The whole app as a gr.Blocks bound to `ctx` (an AppContext)."""
-    with gr.Blocks(title="STEGO class discovery", css=CSS, analytics_enabled=False,
+    with gr.Blocks(title="STEGO class discovery", css=CSS + NAMING_CSS, analytics_enabled=False,
                    theme=_theme(), js=RECONNECT_JS) as demo:
         App(ctx).wire(demo)
     return demo
