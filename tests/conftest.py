@@ -205,8 +205,8 @@ def make_finished_run(root, n_images: int = 5, **params):
                                    device="cpu", pipeline_jobs=1))
     project = projects.create_project(ctx, "scenes")
     ingest.ingest_files(ctx, project.id, write_scene_images(root / "imgs", n=n_images, size=(64, 48)))
-    settings = dict(backbone="test_tiny", resolution=48, n_clusters=4, batch_size=4, code_dim=8, steps=10,
-                    crf=True, **params)
+    settings = {**dict(backbone="test_tiny", resolution=48, n_clusters=4, batch_size=4, code_dim=8, steps=10,
+                       crf=True), **params}
     run = runs.wait_for_run(ctx, runs.start_run(ctx, project.id, runs.RunParams(**settings)).id, timeout=300)
     assert run.status == "done", run.error
     return ctx, run
