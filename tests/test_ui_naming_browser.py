@@ -159,6 +159,8 @@ def test_05_refine_with_names_in_the_background(page, db, app):
 def test_06_click_to_find_makes_a_new_cluster(page, db, shots):
     close_toasts(page)
     tab(page, "Explore")
+    page.locator("#explore-gallery .thumbnail-item").nth(0).click()
+    page.locator("#explore-gallery .thumbnail-item").nth(1).click()       # open an image again: refined maps
     expect(page.locator("#explore-maps")).to_have_attribute("data-maps", "refined with names", timeout=30_000)
     img = page.locator("#explore-original img")
     expect(img).to_be_visible()
@@ -171,6 +173,7 @@ def test_06_click_to_find_makes_a_new_cluster(page, db, shots):
     page.locator("#btn-find-create").click()
     expect(page.locator(".toast-body").filter(has_text=f"Cluster #{K} made")).to_be_visible(timeout=30_000)
     assert labelled(db)[K] == "sky"
+    expect(page.locator("#explore-visible label").filter(has_text=f"#{K} sky").locator("input")).to_be_checked()
     settle(page)
     shoot(page, shots / "explore_find.png")
 

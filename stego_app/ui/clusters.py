@@ -159,4 +159,4 @@ class ClustersTab:
         self.colour_btn.click(self.on_colour, [app.run_dd, self.colour_label, self.colour_pick] + explore_inputs,
                               label_outputs)
         self.naming.wire(guard, app.run_dd, self.cluster_sel, explore_inputs, label_outputs, app.label_views)
-        self.refine.wire(guard, app.run_dd, app.discover.timer, explore_inputs, label_outputs, app.label_views)
+        self.refine.wire(guard, app.run_dd, app.discover.timer)

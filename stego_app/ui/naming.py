@@ -356,8 +356,7 @@ class RefinePanel:
                 None if job is None else job.id, None if job is None else job.status,
                 None if job is None else round(job.progress, 2)]
 
-    def wire(self, guard, run_dd, timer, explore_inputs: list, label_outputs: list,
-             label_views: Callable[..., dict]) -> None:
+    def wire(self, guard, run_dd, timer) -> None:
         ctx = self.ctx
 
         @guard
@@ -383,8 +382,8 @@ class RefinePanel:
         on_cancel = on_latest(refinement.cancel_refinement, "cancel")
         on_resume = on_latest(refinement.resume_refinement, "resume")
 
-        def on_tick(run_id, sig, image_id, op, use_crf, visible):
-            """Poll the latest refinement; redraw the overlay when one finishes. Never raises."""
+        def on_tick(run_id, sig):
+            """Poll the latest refinement (cheap; only its own status box). Never raises."""
             try:
                 run_id = H.as_id(run_id, "run")
                 if run_id is None or runs.get_run(ctx, run_id).status != "done":
@@ -393,8 +392,9 @@ class RefinePanel:
                 new = out[self.sig]
                 if sig is not None and list(sig) == new:
                     return {self.sig: gr.skip()}
-                if sig is not None and sig[0] != new[0]:          # new refined maps: show them
-                    out.update(label_views(run_id, H.as_id(image_id, "image"), op, use_crf, visible))
+                if sig is not None and sig[0] != new[0] and new[0] is not None:
+                    gr.Info("Refined maps are ready: overlays and exports use them now (open an image again "
+                            "to see them).")
                 return out
             except Exception:  # noqa: BLE001 - polled every second; logged, shown on the next change
                 log.exception("polling the refinement of run %s failed", run_id)
@@ -403,8 +403,7 @@ class RefinePanel:
         self.start_btn.click(on_start, [run_dd, self.steps], self.outputs)
         self.cancel_btn.click(on_cancel, [run_dd], self.outputs)
         self.resume_btn.click(on_resume, [run_dd], self.outputs)
-        timer.tick(on_tick, [run_dd, self.sig] + explore_inputs, self.outputs + label_outputs,
-                   show_progress="hidden")
+        timer.tick(on_tick, [run_dd, self.sig], self.outputs, show_progress="hidden")
 
 
 @dataclass
@@ -482,7 +481,8 @@ class FindPanel:
                                         float(threshold), name)
             gr.Info(f"Cluster #{info.index} made from the clicked region ({H.format_share(info.share)} of pixels)"
                     + (f", named '{info.label_name}'." if info.label_name else "; name it in the Clusters tab."))
-            out = label_views(run_id, H.as_id(image_id, "image"), op, use_crf, visible)
+            shown = None if visible is None else [*visible, info.index]     # the new cluster is shown
+            out = label_views(run_id, H.as_id(image_id, "image"), op, use_crf, shown)
             out[self.name] = ""
             return out
 
