@@ -15,13 +15,24 @@ import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-from tests.test_ui_browser import (BACKBONE, MISSING, ROOT, AppServer, choose, close_toasts, expect, field, scene,
-                                   shoot, tab)
+from core.rundir import RunDir
 from tests import test_ui_browser as _shared
+from tests.test_ui_browser import (
+    BACKBONE,
+    MISSING,
+    ROOT,
+    AppServer,
+    choose,
+    close_toasts,
+    expect,
+    field,
+    scene,
+    shoot,
+    tab,
+)
 
 # the shared fixtures (they use this module's `app`)
 browser, db, page, shots = _shared.browser, _shared.db, _shared.page, _shared.shots
@@ -151,9 +162,9 @@ def test_05_refine_with_names_in_the_background(page, db, app):
     expect(box).to_contain_text("up to date with the names")
     (status, version), = db("SELECT status, mapping_version FROM refinements WHERE run_id = 1")
     assert status == "done"
-    run_dir = Path(db("SELECT run_dir FROM runs WHERE id = 1")[0][0])
-    meta = json.loads((run_dir / "refined" / "meta.json").read_text())
-    assert meta["mapping_version"] == version and len(list((run_dir / "refined").glob("*.png"))) == 12
+    rd = RunDir(db("SELECT run_dir FROM runs WHERE id = 1")[0][0])
+    meta = json.loads(rd.refined_meta_json.read_text())
+    assert meta["mapping_version"] == version and len(list(rd.segments_dir("refined").glob("*.png"))) == 12
 
 
 def test_06_click_to_find_makes_a_new_cluster(page, db, shots):
