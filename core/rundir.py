@@ -7,6 +7,11 @@
     segment_stats.npz    per-image cluster pixels (resume of the segments stage)
     segments/{i:06d}.png       cluster id per pixel of item i (argmax)
     segments_crf/{i:06d}.png   the same, CRF-refined
+    segments_refined/          refined with names (stego_app.refinement; meta.json written last)
+    segments_refined.partial/<job>/   a refinement being written (replaces segments_refined/ when complete)
+    correspondence/            click-to-find index (core.correspondence)
+    found/found.json, found/<index>.f16   click-to-find clusters (stego_app.found)
+    groups.json                how finely the clusters are grouped (stego_app.groups)
 
 A new kind of segment map is one entry in SEGMENT_KINDS (kind -> folder name).
 """
@@ -21,9 +26,21 @@ import numpy as np
 
 from core.atomic import atomic_write_bytes
 
-__all__ = ["RunDir", "SEGMENT_KINDS", "SegmentsMissing", "segment_kind"]
+__all__ = ["RunDir", "SEGMENT_KINDS", "SegmentsMissing", "segment_kind", "write_label_png"]
 
-SEGMENT_KINDS: dict[str, str] = {"plain": "segments", "crf": "segments_crf"}
+SEGMENT_KINDS: dict[str, str] = {"plain": "segments", "crf": "segments_crf", "refined": "segments_refined"}
+
+
+def write_label_png(path: Path, labels: np.ndarray) -> None:
+    """A label map as a uint8 PNG when all ids fit, else 16-bit; written atomically."""
+    import io
+
+    from PIL import Image
+
+    arr = labels.astype(np.uint8) if int(labels.max(initial=0)) < 256 else labels.astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def segment_kind(crf: bool) -> str:
@@ -85,6 +102,37 @@ class RunDir:
     def segment_stats_npz(self) -> Path:
         return self.root / "segment_stats.npz"
 
+    # ---------------------------------------------------------------- issue 12 (naming, refine, find)
+    @property
+    def refined_meta_json(self) -> Path:
+        return self.segments_dir("refined") / "meta.json"
+
+    @property
+    def refined_partial_root(self) -> Path:
+        return self.root / (SEGMENT_KINDS["refined"] + ".partial")
+
+    def refined_partial(self, job_id: int) -> Path:
+        return self.refined_partial_root / str(int(job_id))
+
+    @property
+    def correspondence_dir(self) -> Path:
+        return self.root / "correspondence"
+
+    @property
+    def found_dir(self) -> Path:
+        return self.root / "found"
+
+    @property
+    def found_json(self) -> Path:
+        return self.found_dir / "found.json"
+
+    def found_sims(self, index: int) -> Path:
+        return self.found_dir / f"{int(index)}.f16"
+
+    @property
+    def groups_json(self) -> Path:
+        return self.root / "groups.json"
+
     def read_json(self, path: Path) -> Any:
         return json.loads(Path(path).read_text())
 
@@ -115,14 +163,7 @@ class RunDir:
 
     def write_segments(self, i: int, labels: np.ndarray, kind: str = "plain") -> Path:
         """uint8 PNG when all ids fit, else 16-bit; written atomically."""
-        import io
-
-        from PIL import Image
-
-        arr = labels.astype(np.uint8) if int(labels.max(initial=0)) < 256 else labels.astype(np.uint16)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
         path = self.segment_path(i, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buf.getvalue())
+        write_label_png(path, labels)
         return path

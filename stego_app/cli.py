@@ -6,6 +6,7 @@
     python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
     python app.py status [RUN_ID] [--project P] [--json]
     python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|confirm ...
+    python app.py label RUN_ID groups|name-group|suggest|find|refine ...
     python app.py export RUN_ID [--style stuff|instance] ...
     python app.py evaluate ...
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = acts.add_parser("confirm", parents=[common], help="mark images as checked by a person")
     a.add_argument("image_ids", type=int, nargs="+")
     a.add_argument("--undo", action="store_true")
+    _add_group_actions(acts, common)
 
     p = sub.add_parser("export", parents=[common], help="export a run as COCO (zip)")
     p.add_argument("run_id", type=int)
@@ -154,10 +156,118 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panoptic", action="store_true", help="also COCO panoptic")
     p.add_argument("--label-pngs", action="store_true", help="also one label PNG per image")
     p.add_argument("--include-unnamed", action="store_true", help="unnamed clusters as categories")
+    p.add_argument("--raw-maps", action="store_true",
+                   help="export the discovered segments even when refined (propagated) maps exist")
 
     sub.add_parser("evaluate", parents=[common], add_help=False,
                    help="evaluate on a labelled dataset (see `evaluate --help`)")
     return parser
+
+
+def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
+    """label RUN groups | name-group | suggest | find | refine (stego_app.groups, found, refinement)."""
+    a = acts.add_parser("groups", parents=[common], help="clusters in groups of similar ones, naming progress")
+    a.add_argument("--groups", type=int, default=None, dest="n_groups", help="number of groups (default ~K/4)")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("name-group", parents=[common], help="name every unnamed cluster of group G at once")
+    a.add_argument("group", type=int)
+    a.add_argument("name")
+    a.add_argument("--groups", type=int, default=None, dest="n_groups", help="the --groups the list used")
+    a.add_argument("--all", action="store_true", help="also rename the group's clusters that have a label")
+    a = acts.add_parser("suggest", parents=[common], help="merge suggestions: unnamed clusters that look alike")
+    a.add_argument("-n", type=int, default=10)
+    a.add_argument("--accept", type=int, metavar="I", help="apply suggestion number I (1-based) of the list")
+    a.add_argument("--name", help="name for a pair of unnamed clusters (with --accept)")
+    a = acts.add_parser("find", parents=[common],
+                        help="new cluster from the region like pixel X Y of an image (click-to-find)")
+    a.add_argument("image_id", type=int)
+    a.add_argument("x", type=float)
+    a.add_argument("y", type=float)
+    a.add_argument("--threshold", type=float, default=None, help="cosine similarity (default 0.6)")
+    a.add_argument("--name", help="name it (an existing label's name adds it to that label)")
+    a.add_argument("--dry-run", action="store_true", help="only report the best matches")
+    a = acts.add_parser("refine", parents=[common],
+                        help="refine with names: propagate the names to every pixel (waits)")
+    a.add_argument("--resume", type=int, metavar="REFINEMENT_ID", help="resume a stopped refinement")
+    a.add_argument("--steps", type=int, default=None, help="classifier training steps")
+    a.add_argument("--quiet", action="store_true")
+
+
+def _label_groups(ctx, args: argparse.Namespace) -> int:
+    from stego_app import found, groups, refinement
+
+    act, rid = args.action, args.run_id
+    if act == "groups":
+        gs = groups.list_groups(ctx, rid, args.n_groups)
+        progress = groups.naming_progress(ctx, rid)
+        if args.json:
+            _out(json.dumps({"groups": _plain(gs), "progress": _plain(progress)}, indent=2))
+            return EXIT_OK
+        _out(progress.text)
+        for g in gs:
+            names = ", ".join(g.label_names) or "-"
+            kind = " (found)" if g.found else ""
+            _out(f"group {g.id:<3} {g.share:6.1%}  {len(g.cluster_indices)} clusters{kind}: "
+                 f"{' '.join(f'#{i}' for i in g.cluster_indices)}  labels: {names}"
+                 + (f"  unnamed: {' '.join(f'#{i}' for i in g.unnamed)}" if g.unnamed else ""))
+        return EXIT_OK
+    if act == "name-group":
+        clusters = groups.name_group(ctx, rid, args.group, args.name, args.n_groups, only_unnamed=not args.all)
+        n = sum(1 for c in clusters if (c.label_name or "").lower() == " ".join(args.name.split()).lower())
+        _out(f"{n} clusters are now '{' '.join(args.name.split())}'; {groups.naming_progress(ctx, rid).text}")
+        return EXIT_OK
+    if act == "suggest":
+        sugg = groups.merge_suggestions(ctx, rid, max(args.n, args.accept or 0))
+        if args.accept is not None:
+            if not 1 <= args.accept <= len(sugg):
+                raise UserError(f"there are {len(sugg)} suggestions; --accept takes 1..{len(sugg)}")
+            s = sugg[args.accept - 1]
+            groups.accept_suggestion(ctx, rid, s.cluster_index, s.similar_to[0], s.label_name, args.name)
+            _out(f"accepted: {s.text}")
+            return EXIT_OK
+        if not sugg:
+            _out("no suggestions: every cluster is named or ignored")
+        for k, s in enumerate(sugg, 1):
+            _out(f"{k:>3}. {s.text}")
+        return EXIT_OK
+    if act == "find":
+        threshold = found.DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        res = found.query(ctx, rid, args.image_id, args.x, args.y, threshold=threshold)
+        _out(f"cell {res.cell} of a {res.grid[0]}x{res.grid[1]} grid: ~{res.corpus_share:.1%} of all pixels "
+             f"reach {threshold:.2f}")
+        for m in res.matches:
+            _out(f"  image {m.image_id:<6} {m.name}: best {m.similarity:.3f}, {m.coverage:.1%} of it")
+        if not args.dry_run:
+            info = found.create_cluster(ctx, rid, args.image_id, res.cell, threshold, args.name)
+            _out(f"cluster {info.index} created ({info.share:.1%} of pixels)"
+                 + (f", named '{info.label_name}'" if info.label_name else ""))
+        return EXIT_OK
+    # refine
+    if args.resume is not None:
+        info = refinement.resume_refinement(ctx, args.resume)
+    else:
+        info = refinement.start_refinement(ctx, rid, {"steps": args.steps} if args.steps else None)
+    last = None
+    try:
+        while info.is_active:
+            key = (info.stage, round(info.progress, 2))
+            if not args.quiet and key != last and info.stage:
+                _out(f"  {_pct(info.progress)}  {info.stage}")
+                last = key
+            time.sleep(0.5)
+            info = refinement.get_refinement(ctx, info.id)
+    except KeyboardInterrupt:
+        _out(f"stopping (resume with: app.py label {rid} refine --resume {info.id}) ...")
+        refinement.cancel_refinement(ctx, info.id)
+        info = refinement.wait_for_refinement(ctx, info.id, timeout=120)
+    _out(f"refinement {info.id}: {info.status}" + (f" - {info.error}" if info.error else ""))
+    if info.status == "done":
+        _out(refinement.refined_state(ctx, rid).text)
+        return EXIT_OK
+    return EXIT_RUN_FAILED if info.status == "failed" else EXIT_RUN_STOPPED
+
+
+GROUP_ACTIONS = ("groups", "name-group", "suggest", "find", "refine")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:
@@ -408,10 +518,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_label(args: argparse.Namespace) -> int:
     from stego_app.labels import annotations, mapping
 
-    ctx = _context(args)
+    ctx = _context(args, worker=args.action == "refine")
     try:
         act = args.action
         rid = args.run_id
+        if act in GROUP_ACTIONS:
+            return _label_groups(ctx, args)
         if act == "list":
             clusters = mapping.list_clusters(ctx, rid)
         elif act == "name":
@@ -451,7 +563,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     wanted = dict(style=args.style, crf=not args.no_crf, confirmed_only=args.confirmed_only,
                   min_area=args.min_area, panoptic=args.panoptic, label_pngs=args.label_pngs,
-                  include_unnamed=args.include_unnamed)
+                  include_unnamed=args.include_unnamed, refined=not args.raw_maps)
     names = {f.name for f in fields(export.ExportOptions)}
     options = export.ExportOptions(**{k: v for k, v in wanted.items() if k in names})
     ctx = _context(args)
@@ -461,7 +573,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         ctx.close()
     zip_path = getattr(info, "zip_path", None) or getattr(info, "path", None)
     _out(f"export {info.id} of run {info.run_id}: {info.n_images} images, "
-         f"{info.n_annotations} annotations, {info.n_categories} categories")
+         f"{info.n_annotations} annotations, {info.n_categories} categories, "
+         f"{getattr(info, 'maps_used', 'raw')} maps")
     for warning in info.warnings:       # on stderr: stdout stays the summary + the zip path
         sys.stderr.write(f"warning: {warning}\n")
     _out(f"  {zip_path}")

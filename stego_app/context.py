@@ -61,6 +61,9 @@ def create_context(config: AppConfig, pipeline_factory: PipelineFactory | None =
         if interrupted:
             log.warning("runs %s were interrupted and can be resumed", interrupted)
         mark_abandoned_exports(db, cfg.exports_dir)
+        from stego_app.refinement import mark_interrupted as mark_refinements_interrupted
+
+        mark_refinements_interrupted(db, owner_alive)
         worker = None
         if cfg.worker:
             worker = RunWorker(db, cfg, pipeline_factory, worker_settings)

@@ -75,6 +75,7 @@ class ExportOptions:
     panoptic: bool = False           # also COCO panoptic JSON + PNGs
     label_pngs: bool = False         # also one category-id PNG per image
     include_unnamed: bool = False    # unnamed clusters as "cluster N" categories
+    refined: bool = True             # refined (propagated) maps when the run has them for every image
 
     def validate(self) -> None:
         """Raise UserError for a value a person can fix."""
@@ -114,6 +115,12 @@ class ExportInfo:
     created_at: datetime | None
     finished_at: datetime | None
     warnings: tuple[str, ...] = ()   # things a person should know about this export
+    refined_used: bool = False       # refined (propagated) maps were exported
+
+    @property
+    def maps_used(self) -> str:
+        """Which segment maps the export holds: "refined", "CRF" or "raw"."""
+        return "refined" if self.refined_used else ("CRF" if self.crf_used else "raw")
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,9 @@ def _warnings(recorded: dict[str, Any]) -> tuple[str, ...]:
     if recorded.get("crf_missing"):
         out.append("the run was made with CRF, but CRF-refined segments are missing for some "
                    "images; the raw segments were exported")
+    if recorded.get("refined_stale"):
+        out.append("the refined maps were made before the latest naming changes; refine again to "
+                   "propagate the new names")
     empty = int(recorded.get("empty_images") or 0)
     if empty:
         out.append(f"{empty} image{'s' if empty != 1 else ''} got no annotation (only ignored or "
@@ -199,7 +209,8 @@ def _info(row: Export) -> ExportInfo:
                       n_annotations=row.n_annotations, n_categories=row.n_categories,
                       mapping_version=row.mapping_version, error=row.error,
                       created_at=as_utc(row.created_at), finished_at=as_utc(row.finished_at),
-                      warnings=_warnings(row.options or {}) if row.status == EXPORT_DONE else ())
+                      warnings=_warnings(row.options or {}) if row.status == EXPORT_DONE else (),
+                      refined_used=bool((row.options or {}).get("refined_used", False)))
 
 
 def get_export(ctx, export_id: int) -> ExportInfo:
@@ -353,7 +364,14 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
             raise UserError("category ids above 65535 do not fit in label PNGs; export without "
                             "label PNGs (the COCO JSON has no such limit)") from None
 
-    recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing}
+    from stego_app import segmaps
+
+    refined_meta = segmaps.refined_meta(run_dir) if options.refined else None
+    refined_used = bool(refined_meta is not None
+                        and segmaps.has_maps(run_dir, "refined", [it.position for it in items]))
+    refined_stale = refined_used and refined_meta.get("mapping_version") != mapping_version
+    recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing,
+                "refined_used": refined_used, "refined_stale": refined_stale}
     with ctx.db.write() as s:
         row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
                      mapping_version=mapping_version, n_categories=len(plan.categories))
@@ -367,9 +385,10 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         info = {"description": f"STEGO pseudo-labels: project {project_name}, run {run_id}",
-                "version": "1.0", "run_id": run_id, "style": options.style, "crf": crf_used}
+                "version": "1.0", "run_id": run_id, "style": options.style, "crf": crf_used,
+                "maps": "refined" if refined_used else ("crf" if crf_used else "raw")}
         n_ann, n_empty = _write(directory, options, plan, items, run_dir, crf_used, label_dtype,
-                                info=info, progress=progress)
+                                info=info, progress=progress, refined=refined_used)
         _zip_dir(directory, zip_path)
     except BaseException as exc:
         shutil.rmtree(directory, ignore_errors=True)
@@ -396,7 +415,7 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
 
 def _write(directory: Path, options: ExportOptions, plan: CategoryPlan, items: Sequence[_Item],
            run_dir: Path, crf_used: bool, label_dtype: type, info: dict[str, Any],
-           progress: Progress | None) -> tuple[int, int]:
+           progress: Progress | None, refined: bool = False) -> tuple[int, int]:
     """Stream every image through the writers; returns (COCO annotations, images without any)."""
     paths = _paths(directory, options)
     isthing = 1 if options.style == "instance" else 0
@@ -418,7 +437,7 @@ def _write(directory: Path, options: ExportOptions, plan: CategoryPlan, items: S
     try:
         with coco.CocoWriter(paths["json"], info, plan.categories) as writer:
             for k, it in enumerate(items):
-                seg = read_segments(run_dir, it.position, crf_used, size=(it.width, it.height))
+                seg = read_segments(run_dir, it.position, crf_used, size=(it.width, it.height), refined=refined)
                 cat_map = coco.category_map(seg, plan.lut)
                 writer.add_image(coco.image_entry(it.image_id, it.name, it.width, it.height))
                 n_before = writer.n_annotations

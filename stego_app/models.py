@@ -279,3 +279,31 @@ class Export(Base):
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
     run: Mapped[Run] = relationship(back_populates="exports")
+
+
+class Refinement(Base):
+    """One propagation ("refine with names") job of a finished run (stego_app.refinement).
+
+    status: queued | running | done | failed | cancelled | interrupted (the Run statuses).
+    `mapping_version` is the run's naming the job was started with; the refined maps it
+    writes (run_dir/refined/) carry that version, so the app can say when the names changed
+    since. `params` holds the propagation settings, `metrics` what the job reported.
+    """
+
+    __tablename__ = "refinements"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RUN_QUEUED, index=True)
+    stage: Mapped[Optional[str]] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    mapping_version: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner: Mapped[Optional[str]] = mapped_column(String(200))          # "host:pid:token" of the worker
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))

@@ -45,7 +45,7 @@ class RunParams:
 
     backbone: str | None = None          # None = AppConfig.backbone, else the best available
     resolution: int = 224
-    n_clusters: int = 8
+    n_clusters: int = 40                 # over-clustering: well above the classes a person expects (issue 12)
     crop_mode: str = "none"
     flip: bool = True                    # average codes with the h-flipped image (paper's inference)
     crf: bool = True

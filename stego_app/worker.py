@@ -242,7 +242,14 @@ class RunWorker:
             self._cancel[run_id] = threading.Event()
         self._queue.put(run_id)
 
-    def request_cancel(self, run_id: int) -> None:
+    def submit_job(self, key: str, fn: Callable[[threading.Event, threading.Event], None]) -> None:
+        """Queue another kind of job (e.g. a refinement): ``fn(cancel_event, stopping_event)``
+        runs on the worker thread in turn with the runs; ``request_cancel(key)`` sets its event."""
+        with self._lock:
+            self._cancel[key] = threading.Event()
+        self._queue.put((key, fn))
+
+    def request_cancel(self, run_id: int | str) -> None:
         with self._lock:
             ev = self._cancel.get(run_id)
         if ev is not None:
@@ -261,7 +268,10 @@ class RunWorker:
             if run_id is None:
                 break
             try:
-                self._execute(run_id)
+                if isinstance(run_id, tuple):
+                    self._execute_job(*run_id)
+                else:
+                    self._execute(run_id)
             except Exception:  # never let the thread die
                 log.exception("run worker: unexpected error with run %s", run_id)
 
@@ -274,6 +284,17 @@ class RunWorker:
                               .values(heartbeat_at=utcnow()))
             except Exception:
                 log.exception("run worker heartbeat failed")
+
+    def _execute_job(self, key: str, fn: Callable[[threading.Event, threading.Event], None]) -> None:
+        with self._lock:
+            event = self._cancel.setdefault(key, threading.Event())
+        self._current = key  # type: ignore[assignment]
+        try:
+            fn(event, self._stopping)
+        finally:
+            self._current = None
+            with self._lock:
+                self._cancel.pop(key, None)
 
     # -- one job
     def _execute(self, run_id: int) -> None:

@@ -190,3 +190,23 @@ def postgres_url(postgres_server):
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def make_finished_run(root, n_images: int = 5, **params):
+    """(ctx with a worker, RunInfo) of a real finished run (test_tiny, CRF on) on scene images in ``root``.
+
+    The caller closes the context.
+    """
+    from stego_app import ingest, projects, runs
+    from stego_app.config import AppConfig
+    from stego_app.context import create_context
+
+    ctx = create_context(AppConfig(data_dir=root / "data", worker=True, demo=False, backbone="test_tiny",
+                                   device="cpu", pipeline_jobs=1))
+    project = projects.create_project(ctx, "scenes")
+    ingest.ingest_files(ctx, project.id, write_scene_images(root / "imgs", n=n_images, size=(64, 48)))
+    settings = {**dict(backbone="test_tiny", resolution=48, n_clusters=4, batch_size=4, code_dim=8, steps=10,
+                       crf=True), **params}
+    run = runs.wait_for_run(ctx, runs.start_run(ctx, project.id, runs.RunParams(**settings)).id, timeout=300)
+    assert run.status == "done", run.error
+    return ctx, run

@@ -160,3 +160,42 @@ def test_evaluate_is_delegated_to_core(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "app.py evaluate" in out and "--images" in out and "--masks" in out
+
+
+def test_groups_suggestions_find_and_refine_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """Over-clustering workflow: groups, name a group, accept a suggestion, find, refine, export."""
+    data = ["--data-dir", str(tmp_path / "data"), "--backbone", "test_tiny", "--device", "cpu"]
+    write_scene_images(tmp_path / "photos", n=4)
+    assert _main(capsys, "ingest", "--project", "field", "--create", str(tmp_path / "photos"), *data)[0] == 0
+    monkeypatch.setenv("STEGO_PIPELINE_JOBS", "1")
+    code, _, err = _main(capsys, "run", "--project", "field", "--resolution", "40", "--clusters", "8",
+                         "--steps", "5", "--batch-size", "4", "--code-dim", "8", "--quiet", *data)
+    assert code == 0, err
+
+    code, out, _ = _main(capsys, "label", "1", "groups", "--groups", "3", *data)
+    assert code == 0 and "0% of pixels named" in out and out.count("group ") == 3
+    code, out, _ = _main(capsys, "label", "1", "name-group", "0", "ground", "--groups", "3", *data)
+    assert code == 0 and "are now 'ground'" in out
+    code, out, _ = _main(capsys, "label", "1", "groups", "--groups", "3", "--json", *data)
+    listed = json.loads(out)
+    assert listed["groups"][0]["label_names"] == ["ground"] and listed["progress"]["n_named"] >= 1
+
+    code, out, _ = _main(capsys, "label", "1", "suggest", *data)
+    assert code == 0 and " 1. #" in out
+    first = out.splitlines()[0]
+    extra = [] if "looks like" in first else ["--name", "sky"]
+    code, out, err = _main(capsys, "label", "1", "suggest", "--accept", "1", *extra, *data)
+    assert code == 0 and "accepted" in out, err
+    code, _, err = _main(capsys, "label", "1", "suggest", "--accept", "99", *data)
+    assert code == 2 and "--accept takes" in err
+
+    code, out, err = _main(capsys, "label", "1", "find", "1", "5", "5", "--threshold", "0.9", "--name", "ball",
+                           *data)
+    assert code == 0 and "cluster 8 created" in out and "named 'ball'" in out, err
+
+    code, out, err = _main(capsys, "label", "1", "refine", "--steps", "40", "--quiet", *data)
+    assert code == 0 and "refinement 1: done" in out and "up to date" in out, err
+    code, out, err = _main(capsys, "export", "1", *data)
+    assert code == 0 and "refined maps" in out, err
+    code, out, err = _main(capsys, "export", "1", "--raw-maps", *data)
+    assert code == 0 and "CRF maps" in out, err

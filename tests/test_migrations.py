@@ -16,7 +16,8 @@ from stego_app.db import current_revision, downgrade, head_revision, make_engine
 from stego_app.models import Base
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = {"projects", "images", "runs", "run_images", "clusters", "labels", "seed_annotations", "exports"}
+TABLES = {"projects", "images", "runs", "run_images", "clusters", "labels", "seed_annotations", "exports",
+          "refinements"}
 
 
 def test_upgrade_from_empty_matches_the_models(tmp_path):

@@ -3,6 +3,7 @@ also the form -> RunParams and report-merging service helpers the UI calls."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -214,7 +215,10 @@ def test_export_summary():
                       zip_path=Path("/x/export_2.zip"), json_path=None, panoptic_json_path=None,
                       labels_dir=None, n_images=7, n_annotations=12, n_categories=3, mapping_version=4,
                       error=None, created_at=None, finished_at=None)
-    assert H.export_summary(info) == "Export **2** written: 7 images, 12 annotations, 3 categories."
+    assert H.export_summary(info) == ("Export **2** written: 7 images, 12 annotations, 3 categories. "
+                                      "Segment maps used: **CRF**.")
+    refined = dataclasses.replace(info, refined_used=True)
+    assert "Segment maps used: **refined** (propagated from the names)." in H.export_summary(refined)
 
 
 def test_params_from_form_names_a_field_that_is_not_a_number():

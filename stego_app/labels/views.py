@@ -15,7 +15,7 @@ from typing import Collection
 import numpy as np
 from sqlalchemy import select
 
-from core.rundir import RunDir, SegmentsMissing, segment_kind
+from core.rundir import RunDir, segment_kind
 from stego_app.errors import NotFound, UserError
 from stego_app.labels.mapping import LegendEntry, get_done_run, legend_entries, snapshot
 from stego_app.models import Image, RunImage
@@ -39,6 +39,7 @@ class SegmentationView:
     legend: list[LegendEntry]
     crf: bool
     confirmed: bool
+    refined: bool = False        # refined (propagated) maps were shown
 
 
 # ---------------------------------------------------------------- segment maps and overlays
@@ -52,16 +53,19 @@ def _position(s, run_id: int, image_id: int) -> tuple[int, Image, bool]:
     return ri.position, img, ri.confirmed
 
 
-def read_segments(run_dir: Path, position: int, crf: bool, size: tuple[int, int] | None = None) -> np.ndarray:
-    """RunDir.read_segments of the plain or CRF maps, a missing map as a UserError."""
-    try:
-        return RunDir(run_dir).read_segments(position, segment_kind(crf), size=size)
-    except SegmentsMissing as exc:
-        raise UserError(str(exc)) from None
+def read_segments(run_dir: Path, position: int, crf: bool, size: tuple[int, int] | None = None,
+                  refined: bool = False) -> np.ndarray:
+    """(H, W) int32 cluster ids of run item `position` (nearest-resized to size=(w, h) if given): the
+    refined (propagated) maps when `refined`, else the plain or CRF ones; found regions on top
+    (stego_app.segmaps); a missing map is a UserError."""
+    from stego_app import segmaps
+
+    return segmaps.read_map(run_dir, position, "refined" if refined else segment_kind(crf), size)
 
 
 def render_segmentation(ctx, run_id: int, image_id: int, crf: bool = False, opacity: float = 0.5,
-                        hidden: Collection[int] = (), max_side: int | None = DISPLAY_MAX_SIDE) -> SegmentationView:
+                        hidden: Collection[int] = (), max_side: int | None = DISPLAY_MAX_SIDE,
+                        refined: bool = False) -> SegmentationView:
     """The image, its coloured overlay (hidden clusters left uncoloured) and its legend.
 
     `max_side` limits the long side of `original`, `overlay` and `segmentation` (the photo
@@ -79,7 +83,10 @@ def render_segmentation(ctx, run_id: int, image_id: int, crf: bool = False, opac
     original = load_rgb_fit(path, None if max_side is None else int(max_side), ctx.config.max_image_pixels)
     h, w = original.shape[:2]
     use_crf = bool(crf and mapping.has_crf)
-    full = read_segments(mapping.run_dir, position, use_crf)
+    from stego_app.segmaps import has_maps
+
+    use_refined = bool(refined and has_maps(mapping.run_dir, "refined", [position]))
+    full = read_segments(mapping.run_dir, position, use_crf, refined=use_refined)
     counts = np.bincount(full.ravel(), minlength=max(len(mapping.clusters), int(full.max()) + 1))
     shares = {i: float(n) / full.size for i, n in enumerate(counts) if n}
     seg = resize_nearest(full, (h, w))
@@ -88,7 +95,7 @@ def render_segmentation(ctx, run_id: int, image_id: int, crf: bool = False, opac
     overlay = blend(original, colour_img, mask, opacity)
     entries = [e for e in legend_entries(mapping, shares) if e.share > 0]
     return SegmentationView(image_id=image_id, original=original, overlay=overlay, segmentation=seg,
-                            legend=entries, crf=use_crf, confirmed=confirmed)
+                            legend=entries, crf=use_crf, confirmed=confirmed, refined=use_refined)
 
 
 class _ByteLRU:
@@ -141,8 +148,10 @@ def _example_base(run_dir: Path, position: int, path: Path, size: int,
         seg_stat, img_stat = seg_path.stat(), path.stat()
     except OSError as exc:
         raise UserError(f"a file of example item {position} is missing: {exc.filename}") from None
+    from stego_app.segmaps import version_key
+
     key = (str(seg_path), seg_stat.st_mtime_ns, seg_stat.st_size,
-           str(path), img_stat.st_mtime_ns, img_stat.st_size, size)
+           str(path), img_stat.st_mtime_ns, img_stat.st_size, size, version_key(run_dir))
     cached = _EXAMPLE_CACHE.get(key)
     if cached is not None:
         return cached  # type: ignore[return-value]

@@ -22,6 +22,7 @@ from stego_app.ui import formatting as H
 from stego_app.ui.clusters import ClustersTab
 from stego_app import edit_versions
 from stego_app.ui.common import guard, int_or_none
+from stego_app.ui.naming import CSS as NAMING_CSS
 from stego_app.ui.discover import DiscoverTab
 from stego_app.ui.explore import ExploreTab
 from stego_app.ui.export import ExportTab
@@ -273,7 +274,7 @@ class App:
 
 def build_ui(ctx) -> gr.Blocks:
     """The whole app as a gr.Blocks bound to `ctx` (an AppContext)."""
-    with gr.Blocks(title="STEGO class discovery", css=CSS, analytics_enabled=False,
+    with gr.Blocks(title="STEGO class discovery", css=CSS + NAMING_CSS, analytics_enabled=False,
                    theme=_theme(), js=RECONNECT_JS) as demo:
         App(ctx).wire(demo)
     return demo

@@ -11,6 +11,7 @@ from stego_app.errors import UserError
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.ui.common import ERROR_TOAST_S, guard
+from stego_app.ui.naming import NamingPanel, RefinePanel
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class ClustersTab:
         gr.Markdown("Each card is a discovered cluster: its colour, its share of all pixels and the "
                     "images where it is most confident (the cluster tinted). Select clusters below, "
                     "then name them (one), merge them under one name (several), undo a merge or "
-                    "ignore them.")
+                    "ignore them. Similar clusters are boxed together as groups: name a whole group at "
+                    "once, or type a name for the cluster shown below and press Enter.")
+        self.naming = NamingPanel.build(self.ctx)
         self.cards_html = gr.HTML(H.cluster_cards_html([], lambda c, i: None), elem_id="clusters-html")
         self.cluster_sel = gr.CheckboxGroup(label="Selected clusters", choices=[], elem_id="cluster-select")
         with gr.Row(equal_height=True):
@@ -64,11 +67,12 @@ class ClustersTab:
             self.colour_btn = gr.Button("Set colour", elem_id="btn-colour")
         self.legend_html = gr.HTML(H.legend_html([], "clusters-legend-inner"), elem_id="clusters-legend")
         self.shown_version = gr.State(None)   # the mapping version these views show (edits carry it)
+        self.refine = RefinePanel.build(self.ctx)
 
     @property
     def outputs(self) -> list:
-        return [self.cards_html, self.cluster_sel, self.colour_label, self.legend_html, self.shown_version,
-                self.unname_row]
+        return ([self.cards_html, self.cluster_sel, self.colour_label, self.legend_html, self.shown_version,
+                 self.unname_row] + self.naming.outputs + self.refine.outputs)
 
     # ---------------------------------------------------------------- views
     def example_urls(self, run_id: int, clusters) -> dict[tuple[int, int], str]:
@@ -85,18 +89,21 @@ class ClustersTab:
 
     def cluster_views(self, run_id, clusters) -> dict:
         urls = self.example_urls(run_id, clusters)
-        return {self.cards_html: H.cluster_cards_html(clusters, lambda c, i: urls.get((c.index, i)), N_EXAMPLES),
+        return {self.cards_html: self.naming.cards_html(run_id, clusters, lambda c, i: urls.get((c.index, i)),
+                                                        N_EXAMPLES),
                 self.cluster_sel: gr.update(choices=H.cluster_choices(clusters), value=[]),
                 self.colour_label: gr.update(choices=H.label_names(clusters), value=None),
                 self.legend_html: H.legend_html(mapping.legend(self.ctx, run_id), "clusters-legend-inner"),
-                self.unname_row: gr.update(visible=False)}
+                self.unname_row: gr.update(visible=False),
+                **self.naming.views(run_id, clusters), **self.refine.views(run_id)}
 
     def empty_views(self, message: str) -> dict:
         return {self.cards_html: f'<div class="stego-cards" id="cluster-cards"><p>{H.esc(message)}</p></div>',
                 self.cluster_sel: gr.update(choices=[], value=[]),
                 self.colour_label: gr.update(choices=[], value=None),
                 self.legend_html: H.legend_html([], "clusters-legend-inner"),
-                self.shown_version: None, self.unname_row: gr.update(visible=False)}
+                self.shown_version: None, self.unname_row: gr.update(visible=False),
+                **self.naming.empty(), **self.refine.empty()}
 
     # ---------------------------------------------------------------- handlers
     def edit(self, run_id, version, image_id, op, use_crf, visible, action: Callable[[], str]) -> dict:
@@ -206,3 +213,5 @@ class ClustersTab:
         self.unignore_btn.click(self.on_unignore, edit_inputs + explore_inputs, label_outputs)
         self.colour_btn.click(self.on_colour, [app.run_dd, self.shown_version, self.colour_label, self.colour_pick]
                               + explore_inputs, label_outputs)
+        self.naming.wire(guard, app.run_dd, self.cluster_sel, explore_inputs, label_outputs, app.label_views)
+        self.refine.wire(guard, app.run_dd, app.discover.timer)

@@ -10,6 +10,7 @@ from stego_app.labels.views import DISPLAY_MAX_SIDE
 from stego_app.models import RunStatus
 from stego_app.ui import formatting as H
 from stego_app.ui.common import GALLERY_PAGE, THUMB_SIZE, guard, page_views
+from stego_app.ui.naming import FindPanel
 
 
 class ExploreTab:
@@ -27,7 +28,8 @@ class ExploreTab:
                                         elem_id="explore-image", scale=2)
             self.opacity = gr.Slider(label="Overlay opacity", minimum=0, maximum=1, step=0.05,
                                      value=0.5, elem_id="opacity", scale=2)
-            self.crf = gr.Checkbox(label="CRF-refined", value=True, elem_id="explore-crf", scale=1)
+            self.crf = gr.Checkbox(label="Refined (CRF, names)", value=True, elem_id="explore-crf", scale=1,
+                                   info="off: the raw clusters")
             self.confirm_cb = gr.Checkbox(label="Checked: use as seed annotation", value=False,
                                           elem_id="explore-confirm", scale=1)
         self.shown = gr.CheckboxGroup(label="Show clusters", choices=[], elem_id="explore-visible")
@@ -37,6 +39,7 @@ class ExploreTab:
             self.overlay_img = gr.Image(label="Segmentation", interactive=False, elem_id="explore-overlay",
                                         show_download_button=False, height=420)
         self.legend = gr.HTML(H.legend_html([], "explore-legend-inner"), elem_id="explore-legend")
+        self.finder = FindPanel.build(self.ctx)
         self.gallery_ids = gr.State([])      # image ids in the order the gallery shows them
 
     @property
@@ -65,9 +68,11 @@ class ExploreTab:
         hidden = H.hidden_clusters(all_indices, visible)
         view = views.render_segmentation(self.ctx, run_id, int(image_id), crf=bool(use_crf),
                                          opacity=float(op if op is not None else 0.5), hidden=hidden,
-                                         max_side=DISPLAY_MAX_SIDE)
+                                         max_side=DISPLAY_MAX_SIDE, refined=bool(use_crf))
+        maps = "refined with names" if view.refined else ("CRF-refined" if view.crf else "raw clusters")
         return {self.original_img: view.original, self.overlay_img: view.overlay,
-                self.legend: H.legend_html(view.legend, "explore-legend-inner"),
+                self.legend: f'<div class="stego-muted" id="explore-maps" data-maps="{H.esc(maps)}">'
+                             f'Showing: {H.esc(maps)}</div>' + H.legend_html(view.legend, "explore-legend-inner"),
                 self.confirm_cb: gr.update(value=bool(view.confirmed), interactive=True)}
 
     def empty_render(self) -> dict:
@@ -124,3 +129,5 @@ class ExploreTab:
                           trigger_mode="always_last", show_progress="hidden")
         self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd])
         self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], None)
+        self.finder.wire(guard, run_dd, self.image_dd, [self.original_img, self.overlay_img], self.inputs,
+                         self.app.label_outputs, self.app.label_views, DISPLAY_MAX_SIDE)

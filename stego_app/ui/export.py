@@ -42,6 +42,8 @@ class ExportTab:
                                        value=getattr(d, "include_unnamed", False), elem_id="export-unnamed")
             self.panoptic = gr.Checkbox(label="Also COCO panoptic", value=d.panoptic, elem_id="export-panoptic")
             self.pngs = gr.Checkbox(label="Also label PNGs", value=d.label_pngs, elem_id="export-pngs")
+            self.refined = gr.Checkbox(label="Use maps refined with names (when ready)",
+                                       value=getattr(d, "refined", True), elem_id="export-refined")
         self.export_btn = gr.Button("Export COCO", variant="primary", elem_id="btn-export")
         self.summary_md = gr.Markdown(elem_id="export-summary")
         self.download_btn = gr.DownloadButton("Download export (.zip)", visible=False, elem_id="btn-download")
@@ -67,14 +69,15 @@ class ExportTab:
                                              label=f"Download {Path(info.zip_path).name}")}
 
     @guard
-    def on_export(self, run_id, style, min_area, use_crf, confirmed_only, unnamed, panoptic, pngs,
+    def on_export(self, run_id, style, min_area, use_crf, confirmed_only, unnamed, panoptic, pngs, use_refined,
                   progress=gr.Progress()):
         run_id = H.as_id(run_id, "run")
         if run_id is None:
             raise UserError("no run selected")
         wanted = dict(style=style, crf=bool(use_crf), confirmed_only=bool(confirmed_only),
                       min_area=int(min_area if min_area is not None else self.defaults.min_area),
-                      panoptic=bool(panoptic), label_pngs=bool(pngs), include_unnamed=bool(unnamed))
+                      panoptic=bool(panoptic), label_pngs=bool(pngs), include_unnamed=bool(unnamed),
+                      refined=bool(use_refined))
         options = _dataclass_from(export_svc.ExportOptions, wanted)
         info = export_svc.export_run(self.ctx, run_id, options, progress=progress_cb(progress, "Exporting"))
         if info.status != "done" or not info.zip_path:
@@ -84,5 +87,6 @@ class ExportTab:
 
     def wire(self) -> None:
         self.export_btn.click(self.on_export, [self.app.run_dd, self.style, self.min_area, self.crf,
-                                               self.confirmed, self.unnamed, self.panoptic, self.pngs],
+                                               self.confirmed, self.unnamed, self.panoptic, self.pngs,
+                                               self.refined],
                               self.outputs)

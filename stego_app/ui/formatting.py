@@ -320,28 +320,34 @@ def cluster_cards_html(clusters: Sequence[Any], example_url: Callable[[Any, int]
         return ('<div class="stego-cards" id="cluster-cards"><p>No clusters yet: run discovery '
                 'in the <b>Discover</b> tab, then select the finished run above.</p></div>')
     out = ['<div class="stego-cards" id="cluster-cards">']
-    for c in clusters:
-        cls = "stego-card stego-card-ignored" if c.ignored else "stego-card"
-        label = esc(c.label_name) if c.label_name else '<i>unnamed</i>'
-        out.append(f'<div class="{cls}" data-cluster="{int(c.index)}" '
-                   f'data-label="{esc(c.label_name or "")}" data-ignored="{int(bool(c.ignored))}">')
-        out.append(f'<div class="stego-card-head">{swatch(c.colour, 18)}'
-                   f'<span class="stego-card-index">#{int(c.index)}</span> '
-                   f'<span class="stego-card-label">{label}</span>'
-                   f'<span class="stego-card-share">{format_share(c.share)}</span></div>')
-        if c.ignored:
-            out.append('<div class="stego-muted">ignored: left out of exports</div>')
-        out.append('<div class="stego-card-examples">')
-        shown = 0
-        for image_id in list(c.example_image_ids or [])[:max_examples]:
-            url = example_url(c, image_id)
-            if url:
-                out.append(f'<img src="{esc(url)}" alt="example of cluster {int(c.index)}" loading="lazy">')
-                shown += 1
-        if shown == 0:
-            out.append('<span class="stego-muted">no examples</span>')
-        out.append("</div></div>")
+    out += [cluster_card_html(c, example_url, max_examples) for c in clusters]
     out.append("</div>")
+    return "".join(out)
+
+
+def cluster_card_html(c: Any, example_url: Callable[[Any, int], str | None], max_examples: int = 4) -> str:
+    """One cluster card (see cluster_cards_html)."""
+    out = []
+    cls = "stego-card stego-card-ignored" if c.ignored else "stego-card"
+    label = esc(c.label_name) if c.label_name else '<i>unnamed</i>'
+    out.append(f'<div class="{cls}" data-cluster="{int(c.index)}" '
+               f'data-label="{esc(c.label_name or "")}" data-ignored="{int(bool(c.ignored))}">')
+    out.append(f'<div class="stego-card-head">{swatch(c.colour, 18)}'
+               f'<span class="stego-card-index">#{int(c.index)}</span> '
+               f'<span class="stego-card-label">{label}</span>'
+               f'<span class="stego-card-share">{format_share(c.share)}</span></div>')
+    if c.ignored:
+        out.append('<div class="stego-muted">ignored: left out of exports</div>')
+    out.append('<div class="stego-card-examples">')
+    shown = 0
+    for image_id in list(c.example_image_ids or [])[:max_examples]:
+        url = example_url(c, image_id)
+        if url:
+            out.append(f'<img src="{esc(url)}" alt="example of cluster {int(c.index)}" loading="lazy">')
+            shown += 1
+    if shown == 0:
+        out.append('<span class="stego-muted">no examples</span>')
+    out.append("</div></div>")
     return "".join(out)
 
 
@@ -399,6 +405,9 @@ def export_summary(info: Any) -> str:
         if v is not None:
             parts.append(f"{v} {word}")
     text = parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "") + "."
+    maps = getattr(info, "maps_used", None)
+    if maps:
+        text += f" Segment maps used: **{maps}**" + (" (propagated from the names)." if maps == "refined" else ".")
     warnings = list(getattr(info, "warnings", None) or [])
     for w in warnings:
         text += f"\n\n- ⚠ {w}"

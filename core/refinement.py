@@ -1,0 +1,233 @@
+"""The "refine with names" stage: propagate a person's cluster names to every pixel.
+
+Given a finished run (features, head, centroids) and the current cluster -> class mapping,
+``refine`` trains core.propagation.Propagator on the backbone features of every item
+(pseudo-labels: the confidently assigned tokens of each cluster; seeds: tokens of images a
+person checked, weighted higher; found regions: their tokens), predicts every item, refines
+with the dense CRF and writes one PNG per image into ``out_dir``, in *cluster-index space*
+(class c is written as ``space.class_to_cluster[c]``), so a cluster -> label mapping applies
+to the refined maps as it does to the raw ones.
+
+Resumable: the trained classifier (``propagator.pt``) and the class space (``space.json``)
+are kept in ``out_dir``; a second call with the same ``out_dir`` skips training and the
+images whose PNG exists. Cancellation raises core.errors.Cancelled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from core.crf import ordered_map
+from core.errors import Cancelled
+from core.propagation import (
+    DEFAULT_PSEUDO_ALPHA,
+    ClassMapJob,
+    Propagator,
+    class_map,
+    cluster_probabilities,
+    pseudo_labels,
+)
+from core.rundir import write_label_png
+from core.tokens import TokenFeatures
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RefineConfig", "ClassSpace", "refine", "STAGES"]
+
+STAGES = ("pseudo-labels", "training", "maps")
+STAGE_SPAN = {"pseudo-labels": (0.0, 0.05), "training": (0.05, 0.6), "maps": (0.6, 1.0)}
+MODEL = "propagator.pt"
+SPACE = "space.json"
+
+Progress = Callable[[str, float, dict], None]
+
+
+@dataclass
+class RefineConfig:
+    """Every setting of the stage (the Propagator's hyper-parameters included)."""
+
+    hidden: int = 256
+    steps: int = 1500
+    keep_fraction: float = 0.7
+    class_balance: float = 0.5
+    batch_size: int = 2048
+    lr: float = 1e-3
+    min_confidence: float = 0.5       # pseudo-labels below this confidence are left out
+    seed_weight: float = 3.0          # weight of person-checked tokens (> 1 marks a seed)
+    pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
+    crf: bool = True
+    crf_resolution: int | None = None  # short side the CRF runs at (None = full image size)
+    seed: int = 0
+    n_jobs: int = 2
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.seed_weight <= 1.0:
+            raise ValueError(f"seed_weight must be > 1 (it marks seeds), got {self.seed_weight}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        self.propagator(2)._validate()
+
+    def propagator(self, n_classes: int) -> Propagator:
+        return Propagator(n_classes, hidden=self.hidden, keep_fraction=self.keep_fraction,
+                          class_balance=self.class_balance, steps=self.steps, batch_size=self.batch_size,
+                          lr=self.lr, seed=self.seed, device=self.device)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RefineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass(frozen=True)
+class ClassSpace:
+    """What the propagator learns: ``cluster_to_class`` (n_clusters,) int (-1 = not learnt) and,
+    per class, the cluster index its pixels are written as."""
+
+    cluster_to_class: tuple[int, ...]
+    class_to_cluster: tuple[int, ...]
+    names: tuple[str, ...] = ()       # per class, for people (label name, "cluster 7", "ignored")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_to_cluster)
+
+    def to_dict(self) -> dict:
+        return {"cluster_to_class": list(self.cluster_to_class), "class_to_cluster": list(self.class_to_cluster),
+                "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassSpace":
+        return cls(tuple(int(v) for v in d["cluster_to_class"]), tuple(int(v) for v in d["class_to_cluster"]),
+                   tuple(d.get("names", ())))
+
+
+def _training_labels(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray,
+                     space: ClassSpace, config: RefineConfig, found_of: Callable[[int], np.ndarray | None],
+                     seeds: dict[int, np.ndarray], report: Progress, check: Callable[[], bool]
+                     ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
+    k = centroids.shape[0]
+    labels, weights = [], []
+    n = len(features)
+    stats = {"pseudo_tokens": 0, "seed_tokens": 0, "found_tokens": 0}
+    for i in range(n):
+        if check():
+            raise Cancelled(f"refinement cancelled while labelling item {i}")
+        probs = cluster_probabilities(codes_of(i), centroids, config.pseudo_alpha)
+        lab, wt = pseudo_labels(probs, c2c[:k], min_confidence=config.min_confidence)
+        fnd = found_of(i)
+        if fnd is not None:
+            hit = fnd >= 0
+            cls = np.where(hit, c2c[np.clip(fnd, 0, len(c2c) - 1)], -1)
+            take = hit & (cls >= 0)
+            lab = np.where(take, cls, np.where(hit, -1, lab))
+            wt = np.where(take, 1.0, np.where(hit, 0.0, wt)).astype(np.float32)
+            stats["found_tokens"] += int(take.sum())
+        if i in seeds:
+            seed = np.asarray(seeds[i]).ravel()
+            cls = np.where(seed >= 0, c2c[np.clip(seed, 0, len(c2c) - 1)], -1)
+            has = cls >= 0
+            lab = np.where(has, cls, lab)
+            wt = np.where(has, config.seed_weight, wt).astype(np.float32)
+            stats["seed_tokens"] += int(has.sum())
+        stats["pseudo_tokens"] += int((lab >= 0).sum())
+        labels.append(lab)
+        weights.append(wt)
+        report("pseudo-labels", (i + 1) / n, {"items": i + 1, "total": n})
+    return labels, weights, stats
+
+
+def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray,
+           space: ClassSpace, image_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], out_dir: Path,
+           config: RefineConfig | None = None, found_of: Callable[[int], np.ndarray | None] | None = None,
+           seeds: dict[int, np.ndarray] | None = None, progress: Progress | None = None,
+           cancel: Callable[[], bool] | None = None) -> dict:
+    """Train, predict and write ``out_dir/{i:06d}.png`` for every item; returns the metrics.
+
+    ``features`` are the backbone tokens (one whole-image item per image, item i = image i),
+    ``codes_of(i)`` the (T, D) codes the clusters were made from, ``found_of(i)`` (T,) found
+    cluster index per token (-1 = none), ``seeds`` item -> (T,) cluster index per token of a
+    person-checked image (-1 = none). Progress: (stage, fraction of the whole job, info).
+    """
+    config = config or RefineConfig()
+    config.validate()
+    if space.n_classes < 2:
+        raise ValueError("refinement needs at least two classes (name clusters of two kinds, or leave some unnamed)")
+    n = len(features)
+    if len(image_paths) != n or len(sizes) != n:
+        raise ValueError(f"{n} items but {len(image_paths)} image paths and {len(sizes)} sizes")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check = cancel or (lambda: False)
+    timings: dict[str, float] = {}
+
+    def report(stage: str, frac: float, info: dict) -> None:
+        lo, hi = STAGE_SPAN[stage]
+        if progress is not None:
+            progress(stage, lo + (hi - lo) * min(1.0, max(0.0, frac)), info)
+
+    space_path = out_dir / SPACE
+    saved = json.loads(space_path.read_text()) if space_path.is_file() else None
+    if saved is not None and ClassSpace.from_dict(saved) != space:
+        raise ValueError(f"{out_dir} holds a refinement of other names; use an empty folder")
+    if saved is None:
+        space_path.write_text(json.dumps(space.to_dict()))
+    model_path = out_dir / MODEL
+    stats: dict = {}
+    if model_path.is_file():
+        prop = Propagator.load(model_path)
+        report("training", 1.0, {"skipped": True})
+    else:
+        t0 = time.perf_counter()
+        labels, weights, stats = _training_labels(features, codes_of, np.asarray(centroids), space, config,
+                                                  found_of or (lambda i: None), seeds or {}, report, check)
+        timings["pseudo-labels"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
+        def on_step(step: int, steps: int, loss: float) -> None:
+            report("training", step / max(steps, 1), {"step": step, "steps": steps, "loss": loss})
+
+        prop = config.propagator(space.n_classes).fit(features, labels, weights, progress=on_step, cancel=check)
+        del labels, weights
+        prop.save(model_path)
+        timings["training"] = round(time.perf_counter() - t0, 3)
+    lut = np.asarray(space.class_to_cluster, dtype=np.int64)
+    todo = [i for i in range(n) if not (out_dir / f"{i:06d}.png").is_file()]
+    flip = bool(getattr(features, "has_flip", False))
+    t0 = time.perf_counter()
+
+    def jobs() -> Iterator[ClassMapJob]:
+        for i in todo:
+            if check():
+                return
+            h, w = features.grid(i)
+            lp = prop.predict_log_proba(np.asarray(features.tokens(i)))
+            if flip:
+                lp = np.logaddexp(lp, prop.predict_log_proba(np.asarray(features.tokens(i, flipped=True)))) - np.log(2.0)
+            yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
+                              crf=config.crf, crf_resolution=config.crf_resolution)
+
+    done = n - len(todo)
+    for i, res in zip(todo, ordered_map(class_map, jobs(), config.n_jobs)):
+        cls = res.labels_crf if res.labels_crf is not None else res.labels
+        write_label_png(out_dir / f"{i:06d}.png", lut[cls.astype(np.int64)])
+        done += 1
+        report("maps", done / n, {"images": done, "total": n})
+    if check() and done < n:
+        raise Cancelled(f"refinement cancelled after {done} of {n} images")
+    timings["maps"] = round(time.perf_counter() - t0, 3)
+    return {"n_images": n, "n_classes": space.n_classes, "crf": bool(config.crf),
+            "train_tokens": int(getattr(prop, "n_train_tokens_", 0) or 0),
+            "final_loss": float(prop.history_[-1]) if getattr(prop, "history_", None) else None,
+            "timings": timings, **stats}

@@ -1,0 +1,449 @@
+"""Refine with names: propagation jobs of finished runs (background, cancellable, resumable).
+
+After a person has named clusters, ``start_refinement`` queues a job on the run worker. The
+job (core.refinement.refine) trains a pixel classifier on the run's cached backbone features
+from the named clusters' confident pixels, person-checked images (seeds) and found regions,
+predicts every image, refines with the CRF and writes refined maps. They are built in
+``run_dir/refined.partial/<job id>/`` and replace ``run_dir/refined/`` only when complete, so
+running it again after more naming swaps in the new maps at the end and the old ones stay
+usable meanwhile. Overlays and exports use refined maps when present (stego_app.segmaps).
+
+What the propagator learns (the class space): one class per label (written as the label's
+lowest cluster index), one per unnamed cluster (itself), one for all ignored clusters; so
+the refined maps live in cluster-index space and later naming still applies to them.
+``refined_state`` says whether the names changed since the maps were made.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, update
+
+from core.atomic import atomic_write_json
+from core.refinement import ClassSpace, RefineConfig
+from core.rundir import RunDir
+from stego_app import segmaps
+from stego_app.db import as_utc, lock_for_update
+from stego_app.errors import NotFound, UserError
+from stego_app.labels import mapping
+from stego_app.models import (
+    RUN_ACTIVE,
+    RUN_CANCELLED,
+    RUN_DONE,
+    RUN_FAILED,
+    RUN_INTERRUPTED,
+    RUN_QUEUED,
+    RUN_RESUMABLE,
+    RUN_RUNNING,
+    Image,
+    Refinement,
+    Run,
+    RunImage,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.5
+CANCEL_POLL = 1.0
+STAGE_WORDS = {"pseudo-labels": "Collecting named pixels", "training": "Training the pixel classifier",
+               "maps": "Predicting and refining every image"}
+
+
+@dataclass(frozen=True)
+class RefinementInfo:
+    id: int
+    run_id: int
+    status: str                    # queued | running | done | failed | cancelled | interrupted
+    stage: str | None              # core.refinement.STAGES while running
+    progress: float                # 0..1
+    mapping_version: int           # the naming it uses
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    cancel_requested: bool = False
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in RUN_ACTIVE
+
+    @property
+    def is_resumable(self) -> bool:
+        return self.status in RUN_RESUMABLE
+
+
+@dataclass(frozen=True)
+class RefinedState:
+    available: bool                # complete refined maps exist
+    refinement_id: int | None
+    mapping_version: int | None    # naming the maps were made with
+    current_version: int           # the run's naming now
+    n_classes: int | None
+
+    @property
+    def stale(self) -> bool:
+        return self.available and self.mapping_version != self.current_version
+
+    @property
+    def text(self) -> str:
+        if not self.available:
+            return "No refined maps yet: name clusters, then refine with names."
+        base = f"Refined maps of job {self.refinement_id} ({self.n_classes} classes)"
+        if self.stale:
+            return base + ": the names changed since; refine again to propagate the new names."
+        return base + ": up to date with the names."
+
+
+def _info(row: Refinement) -> RefinementInfo:
+    return RefinementInfo(id=row.id, run_id=row.run_id, status=row.status, stage=row.stage,
+                          progress=float(row.progress or 0.0), mapping_version=row.mapping_version,
+                          params=dict(row.params or {}), metrics=dict(row.metrics or {}), error=row.error,
+                          cancel_requested=bool(row.cancel_requested), created_at=as_utc(row.created_at),
+                          finished_at=as_utc(row.finished_at))
+
+
+def _key(ref_id: int) -> str:
+    return f"refine:{ref_id}"
+
+
+def _worker(ctx):
+    worker = getattr(ctx, "worker", None)
+    if worker is None:
+        raise UserError("this process has no worker; start the app (or use `app.py label RUN refine`)")
+    return worker
+
+
+def start_refinement(ctx, run_id: int, params: dict[str, Any] | None = None) -> RefinementInfo:
+    """Queue a propagation job of a finished run with at least one named cluster."""
+    config = RefineConfig.from_dict(params or {})
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise UserError(f"invalid refinement setting: {exc}") from None
+    worker = _worker(ctx)
+    clusters = mapping.list_clusters(ctx, run_id)
+    if not any(c.label_name and not c.ignored for c in clusters):
+        raise UserError("name at least one cluster before refining with names")
+    with ctx.db.write() as s:
+        run = lock_for_update(s, Run, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} does not exist")
+        if run.status != RUN_DONE:
+            raise UserError(f"run {run_id} is {run.status}; refine once it is done")
+        busy = s.scalars(select(Refinement).where(Refinement.run_id == run_id,
+                                                  Refinement.status.in_(RUN_ACTIVE))).first()
+        if busy is not None:
+            raise UserError(f"refinement {busy.id} of this run is {busy.status}; wait for it or cancel it")
+        row = Refinement(run_id=run_id, status=RUN_QUEUED, mapping_version=run.mapping_version,
+                         params={k: v for k, v in (params or {}).items()}, metrics={}, owner=worker.owner,
+                         heartbeat_at=utcnow())
+        s.add(row)
+        s.flush()
+        info = _info(row)
+    worker.submit_job(_key(info.id), lambda cancel, stopping, rid=info.id: execute(ctx.db, ctx.config, rid,
+                                                                                   cancel, stopping))
+    log.info("refinement %s of run %s queued", info.id, run_id)
+    return info
+
+
+def get_refinement(ctx, ref_id: int) -> RefinementInfo:
+    with ctx.db.read() as s:
+        row = s.get(Refinement, ref_id)
+        if row is None:
+            raise NotFound(f"refinement {ref_id} does not exist")
+        return _info(row)
+
+
+def list_refinements(ctx, run_id: int) -> list[RefinementInfo]:
+    """Refinements of a run, newest first."""
+    with ctx.db.read() as s:
+        rows = s.scalars(select(Refinement).where(Refinement.run_id == run_id).order_by(Refinement.id.desc()))
+        return [_info(r) for r in rows]
+
+
+def latest_refinement(ctx, run_id: int) -> RefinementInfo | None:
+    found = list_refinements(ctx, run_id)
+    return found[0] if found else None
+
+
+def cancel_refinement(ctx, ref_id: int) -> RefinementInfo:
+    with ctx.db.write() as s:
+        row = lock_for_update(s, Refinement, ref_id)
+        if row is None:
+            raise NotFound(f"refinement {ref_id} does not exist")
+        if row.status in (RUN_QUEUED, RUN_INTERRUPTED):
+            row.status, row.finished_at = RUN_CANCELLED, utcnow()
+        elif row.status == RUN_RUNNING:
+            row.cancel_requested = True
+        else:
+            raise UserError(f"refinement {ref_id} is {row.status}; only queued or running ones can be cancelled")
+        s.flush()
+        info = _info(row)
+    worker = getattr(ctx, "worker", None)
+    if worker is not None:
+        worker.request_cancel(_key(ref_id))
+    return info
+
+
+def resume_refinement(ctx, ref_id: int) -> RefinementInfo:
+    """Queue a cancelled, failed or interrupted refinement again; its trained classifier and
+    the maps already written are reused."""
+    worker = _worker(ctx)
+    with ctx.db.write() as s:
+        row = lock_for_update(s, Refinement, ref_id)
+        if row is None:
+            raise NotFound(f"refinement {ref_id} does not exist")
+        if row.status not in RUN_RESUMABLE:
+            raise UserError(f"refinement {ref_id} is {row.status}; only interrupted, failed or cancelled "
+                            "ones can be resumed")
+        busy = s.scalars(select(Refinement).where(Refinement.run_id == row.run_id, Refinement.id != ref_id,
+                                                  Refinement.status.in_(RUN_ACTIVE))).first()
+        if busy is not None:
+            raise UserError(f"refinement {busy.id} of this run is {busy.status}; wait for it or cancel it")
+        row.status, row.cancel_requested, row.error = RUN_QUEUED, False, None
+        row.owner, row.finished_at, row.heartbeat_at = worker.owner, None, utcnow()
+        s.flush()
+        info = _info(row)
+    worker.submit_job(_key(ref_id), lambda cancel, stopping: execute(ctx.db, ctx.config, ref_id, cancel, stopping))
+    return info
+
+
+def wait_for_refinement(ctx, ref_id: int, timeout: float | None = None, poll: float = 0.2) -> RefinementInfo:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        info = get_refinement(ctx, ref_id)
+        if not info.is_active or (deadline is not None and time.monotonic() >= deadline):
+            return info
+        time.sleep(poll)
+
+
+def refined_state(ctx, run_id: int) -> RefinedState:
+    with ctx.db.read() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} does not exist")
+        run_dir, version = Path(run.run_dir), run.mapping_version
+    meta = segmaps.refined_meta(run_dir)
+    if meta is None:
+        return RefinedState(False, None, None, version, None)
+    return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"))
+
+
+def mark_interrupted(db, is_alive) -> list[int]:
+    """Refinements queued/running under a worker that is gone become 'interrupted'."""
+    with db.write() as s:
+        rows = s.scalars(select(Refinement).where(Refinement.status.in_(RUN_ACTIVE))).all()
+        dead = [r.id for r in rows if not is_alive(r.owner, as_utc(r.heartbeat_at))]
+        if dead:
+            s.execute(update(Refinement).where(Refinement.id.in_(dead)).values(
+                status=RUN_INTERRUPTED, owner=None, cancel_requested=False,
+                error="the app stopped during this refinement; resume it to continue"))
+    return dead
+
+
+# ---------------------------------------------------------------- the job
+
+def class_space(clusters: list[mapping.ClusterInfo]) -> ClassSpace:
+    """Classes: each label (as its lowest cluster), each unnamed cluster, all ignored ones as one."""
+    size = max((c.index for c in clusters), default=-1) + 1
+    c2c = [-1] * size
+    reps: list[int] = []
+    names: list[str] = []
+    by_label: dict[int, list[mapping.ClusterInfo]] = {}
+    for c in clusters:
+        if c.label_id is not None and not c.ignored:
+            by_label.setdefault(c.label_id, []).append(c)
+    for label_id in sorted(by_label):
+        members = by_label[label_id]
+        for c in members:
+            c2c[c.index] = len(reps)
+        reps.append(min(c.index for c in members))
+        names.append(members[0].label_name or f"label {label_id}")
+    for c in clusters:
+        if c.label_id is None and not c.ignored:
+            c2c[c.index] = len(reps)
+            reps.append(c.index)
+            names.append(f"cluster {c.index}")
+    ignored = [c.index for c in clusters if c.ignored]
+    if ignored:
+        for i in ignored:
+            c2c[i] = len(reps)
+        reps.append(min(ignored))
+        names.append("ignored")
+    return ClassSpace(tuple(c2c), tuple(reps), tuple(names))
+
+
+class _Reporter:
+    def __init__(self, db, ref_id: int):
+        self.db, self.ref_id, self.last = db, ref_id, 0.0
+
+    def __call__(self, stage: str, fraction: float, info: dict) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL and fraction < 1.0:
+            return
+        self.last = now
+        try:
+            with self.db.write() as s:
+                s.execute(update(Refinement).where(Refinement.id == self.ref_id).values(
+                    stage=stage, progress=float(fraction), heartbeat_at=utcnow()))
+        except Exception:  # progress is best effort
+            log.exception("could not record progress of refinement %s", self.ref_id)
+
+
+def _inputs(db, config, ref_id: int):
+    """Everything the job reads from the database, in one read."""
+    with db.read() as s:
+        row = s.get(Refinement, ref_id)
+        run = s.get(Run, row.run_id)
+        items = s.execute(select(RunImage.position, RunImage.confirmed, Image.path, Image.height, Image.width)
+                          .join(Image, RunImage.image_id == Image.id).where(RunImage.run_id == run.id)
+                          .order_by(RunImage.position)).all()
+        return (run.id, Path(run.run_dir), dict(row.params or {}), bool((run.params or {}).get("crf", True)),
+                [(int(p), bool(c), Path(path), (int(h), int(w))) for p, c, path, h, w in items])
+
+
+def execute(db, config, ref_id: int, cancel_event: threading.Event, stopping: threading.Event) -> None:
+    """Run one queued refinement (called by the worker thread); every outcome is recorded."""
+    with db.write() as s:
+        row = s.get(Refinement, ref_id)
+        if row is None or row.status != RUN_QUEUED:
+            return
+        if row.cancel_requested:
+            row.status, row.finished_at = RUN_CANCELLED, utcnow()
+            return
+        row.status, row.started_at, row.error = RUN_RUNNING, row.started_at or utcnow(), None
+    last_poll = [0.0]
+
+    def cancelled() -> bool:
+        if cancel_event.is_set():
+            return True
+        now = time.monotonic()
+        if now - last_poll[0] >= CANCEL_POLL:
+            last_poll[0] = now
+            try:
+                with db.read() as s2:
+                    if s2.scalar(select(Refinement.cancel_requested).where(Refinement.id == ref_id)):
+                        cancel_event.set()
+            except Exception:
+                log.warning("could not check refinement %s for cancellation", ref_id, exc_info=True)
+        return cancel_event.is_set()
+
+    try:
+        metrics = _run_job(db, config, ref_id, _Reporter(db, ref_id), cancelled)
+        with db.write() as s:
+            s.execute(update(Refinement).where(Refinement.id == ref_id).values(
+                status=RUN_DONE, progress=1.0, stage=None, metrics=json.loads(json.dumps(metrics, default=str)),
+                finished_at=utcnow(), cancel_requested=False))
+        log.info("refinement %s done", ref_id)
+    except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
+        from core.errors import Cancelled
+
+        if isinstance(exc, Cancelled):
+            status = RUN_INTERRUPTED if stopping.is_set() else RUN_CANCELLED
+            error = "the app stopped during this refinement; resume it to continue" if stopping.is_set() else None
+        else:
+            status, error = RUN_FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("refinement %s failed: %s", ref_id, error, exc_info=exc)
+        try:
+            with db.write() as s:
+                s.execute(update(Refinement).where(Refinement.id == ref_id).values(
+                    status=status, error=error, finished_at=utcnow(), cancel_requested=False))
+        except Exception:
+            log.exception("could not record the end of refinement %s", ref_id)
+        if not isinstance(exc, Exception):
+            raise
+
+
+def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
+    from core.features import FeatureStore
+    from core.metrics import downsample_labels
+    from core.pipeline import StegoPipeline, item_codes
+    from core.refinement import refine
+
+    run_id, run_dir, params, run_crf, items = _inputs(db, config, ref_id)
+    shim = SimpleNamespace(db=db, config=config)
+    with db.read() as s:
+        version = s.get(Run, run_id).mapping_version
+    clusters = mapping.list_clusters(shim, run_id)
+    space = class_space(clusters)
+    pipe = StegoPipeline.load(run_dir)
+    rd = RunDir(run_dir)
+    state = json.loads(rd.state_json.read_text())
+    try:
+        store = FeatureStore.open(Path(state["stores"]["infer"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"the cached features of run {run_id} are gone ({exc}); resume the run first") from None
+    device = str(getattr(config, "device", "cpu") or "cpu")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = RefineConfig.from_dict({**params, "crf": bool(params.get("crf", run_crf)),
+                                       "crf_resolution": pipe.config.crf_short_side,
+                                       "n_jobs": max(1, int(getattr(config, "pipeline_jobs", 1) or 1)),
+                                       "device": device})
+    partial_root = rd.refined_partial_root
+    for other in partial_root.glob("*") if partial_root.is_dir() else []:
+        if other.name != str(ref_id):
+            shutil.rmtree(other, ignore_errors=True)       # an older job's leftovers
+    out_dir = rd.refined_partial(ref_id)
+    saved_space = out_dir / "space.json"
+    if saved_space.is_file():        # resuming: keep the names this job started with
+        space = ClassSpace.from_dict(json.loads(saved_space.read_text()))
+        meta_version = json.loads((out_dir / "job.json").read_text())["mapping_version"]
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "job.json").write_text(json.dumps({"mapping_version": version}))
+        meta_version = version
+    found = segmaps.found_clusters(run_dir)
+    index = segmaps.correspondence_index(run_dir) if found else None
+    found_sims = [(int(f["index"]), float(f["threshold"]), segmaps.found_similarities(run_dir, f))
+                  for f in found] if index is not None else []
+
+    def found_of(i: int):
+        if not found_sims:
+            return None
+        out = np.full(store.grid(i)[0] * store.grid(i)[1], -1, dtype=np.int64)
+        for idx, thr, sims in found_sims:
+            out[np.asarray(index.item_map(sims, i)).ravel() >= thr] = idx
+        return out
+
+    seeds = {}
+    n_total = len(space.cluster_to_class)
+    kind = "crf" if segmaps.has_maps(run_dir, "crf") else "plain"
+    for pos, confirmed, _, _ in items:
+        if confirmed:
+            seg = segmaps.read_map(run_dir, pos, kind)
+            seeds[pos] = downsample_labels(seg, store.grid(pos), n_total).ravel()
+
+    def codes_of(i: int) -> np.ndarray:
+        codes = item_codes(pipe.head, store, i)
+        return codes.reshape(-1, codes.shape[-1])
+
+    metrics = refine(store, codes_of, pipe.centroids, space, [p for _, _, p, _ in items],
+                     [hw for _, _, _, hw in items], out_dir, settings, found_of=found_of, seeds=seeds,
+                     progress=report, cancel=cancelled)
+    meta = {"refinement_id": ref_id, "mapping_version": meta_version, "n_classes": space.n_classes,
+            "classes": [{"name": n, "cluster": c} for n, c in zip(space.names, space.class_to_cluster)],
+            "seed_images": len(seeds), "found_clusters": len(found_sims), "settings": settings.to_dict(),
+            "created": time.time()}
+    atomic_write_json(out_dir / rd.refined_meta_json.name, meta)
+    final = rd.segments_dir("refined")
+    old = run_dir / f"refined.old.{ref_id}"
+    if final.exists():
+        final.rename(old)
+    out_dir.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return {**metrics, "mapping_version": meta_version, "seed_images": len(seeds)}

@@ -1,0 +1,72 @@
+"""core.refinement.refine: names propagated to every item; resumable; cancellable."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.clustering import CosineKMeans
+from core.errors import Cancelled
+from core.refinement import ClassSpace, RefineConfig, refine
+from tests.conftest import make_planted_corpus
+
+CFG = dict(steps=80, hidden=16, batch_size=128, crf=False, n_jobs=1)
+
+
+def _setup(tmp_path):
+    feats, truth, _ = make_planted_corpus(n_items=9, grid=(6, 6), dim=16, n_classes=3, noise=0.1)
+    X = np.concatenate([np.asarray(feats.tokens(i), np.float32) for i in range(len(feats))])
+    km = CosineKMeans(6, n_init=3, seed=0).fit(X)
+    pred = km.predict(X)
+    flat = np.concatenate([t.ravel() for t in truth])
+    # name clusters after their majority class, two of them only (the rest stay their own classes)
+    major = [int(np.bincount(flat[pred == c], minlength=3).argmax()) for c in range(6)]
+    return feats, truth, km, major
+
+
+def test_refine_propagates_names_and_resumes(tmp_path):
+    feats, truth, km, major = _setup(tmp_path)
+    space = ClassSpace(cluster_to_class=tuple(major), class_to_cluster=tuple(major.index(c) for c in range(3)))
+    paths = [tmp_path / f"{i}.png" for i in range(len(feats))]
+    sizes = [(24, 24)] * len(feats)
+    out = tmp_path / "out"
+    calls = []
+    metrics = refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, space, paths, sizes,
+                     out, RefineConfig(**CFG), progress=lambda st, f, info: calls.append((st, f)))
+    assert metrics["n_images"] == 9 and metrics["n_classes"] == 3
+    assert [c[0] for c in calls][0] == "pseudo-labels" and calls[-1] == ("maps", 1.0)
+    assert all(b[1] >= a[1] for a, b in zip(calls, calls[1:]))          # progress only goes forward
+    acc = []
+    for i in range(9):
+        seg = np.asarray(Image.open(out / f"{i:06d}.png"))
+        assert seg.shape == (24, 24) and set(np.unique(seg)) <= set(space.class_to_cluster)
+        cls = np.asarray(major)[seg[::4, ::4]]
+        acc.append((cls == truth[i]).mean())
+    assert np.mean(acc) > 0.9
+    # resume: the model and the finished maps are reused, a missing map is written again
+    model_mtime = (out / "propagator.pt").stat().st_mtime_ns
+    (out / "000004.png").unlink()
+    keep = (out / "000003.png").stat().st_mtime_ns
+    refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, space, paths, sizes, out,
+           RefineConfig(**CFG))
+    assert (out / "000004.png").is_file() and (out / "000003.png").stat().st_mtime_ns == keep
+    assert (out / "propagator.pt").stat().st_mtime_ns == model_mtime
+    other = ClassSpace(cluster_to_class=(0,) * 6, class_to_cluster=(0, 1))
+    with pytest.raises(ValueError, match="other names"):
+        refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, other, paths, sizes, out,
+               RefineConfig(**CFG))
+
+
+def test_seeds_and_found_tokens_override_pseudo_labels_and_cancel(tmp_path):
+    feats, truth, km, major = _setup(tmp_path)
+    # every cluster one class except a seed-only class 3 that exists only through a checked image
+    space = ClassSpace(cluster_to_class=tuple(major) + (3,), class_to_cluster=tuple(major.index(c) for c in range(3)) + (6,))
+    seeds = {0: np.full(36, 6)}                       # image 0 checked: all of it is cluster 6 (class 3)
+    paths = [tmp_path / f"{i}.png" for i in range(len(feats))]
+    sizes = [(12, 12)] * len(feats)
+    refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, space, paths, sizes,
+           tmp_path / "s", RefineConfig(**CFG), seeds=seeds)
+    assert (np.asarray(Image.open(tmp_path / "s" / "000000.png")) == 6).mean() > 0.5
+    with pytest.raises(Cancelled):
+        refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, space, paths, sizes,
+               tmp_path / "c", RefineConfig(**CFG), cancel=lambda: True)
+    with pytest.raises(ValueError, match="seed_weight"):
+        RefineConfig(seed_weight=1.0).validate()

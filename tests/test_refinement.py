@@ -1,0 +1,102 @@
+"""Refine with names: propagation jobs on a real run (test backbone) through the services."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.refinement import ClassSpace
+from core.rundir import RunDir
+from stego_app import export, refinement, runs
+from stego_app.errors import UserError
+from stego_app.labels import annotations, mapping, views
+from tests.conftest import make_finished_run
+
+QUICK = dict(steps=60, hidden=16, batch_size=256)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    ctx, run = make_finished_run(tmp_path_factory.mktemp("lab"), n_clusters=6)
+    yield ctx, run
+    ctx.close()
+
+
+def test_class_space_labels_unnamed_and_ignored():
+    C = mapping.ClusterInfo
+    cl = [C(0, 1, .1, (), "#000000", 7, "sky", False, (2,)), C(1, 1, .1, (), "#000001", None, None, False, ()),
+          C(2, 1, .1, (), "#000000", 7, "sky", False, (0,)), C(3, 1, .1, (), "#777777", None, None, True, ()),
+          C(4, 1, .1, (), "#000002", 9, "road", False, ())]
+    space = refinement.class_space(cl)
+    assert space.cluster_to_class == (0, 2, 0, 3, 1)
+    assert space.class_to_cluster == (0, 4, 1, 3)
+    assert space.names == ("sky", "road", "cluster 1", "ignored")
+    assert ClassSpace.from_dict(space.to_dict()) == space
+
+
+def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them(lab):
+    ctx, run = lab
+    with pytest.raises(UserError, match="name at least one cluster"):
+        refinement.start_refinement(ctx, run.id, QUICK)
+    mapping.merge_clusters(ctx, run.id, [0, 1], "ground")
+    mapping.name_cluster(ctx, run.id, 2, "sky")
+    mapping.ignore_cluster(ctx, run.id, 5)
+    items = runs.run_images(ctx, run.id)
+    annotations.confirm_image(ctx, run.id, items[1].image_id)
+    assert not refinement.refined_state(ctx, run.id).available
+
+    job = refinement.start_refinement(ctx, run.id, QUICK)
+    with pytest.raises(UserError, match="wait for it"):
+        refinement.start_refinement(ctx, run.id, QUICK)
+    done = refinement.wait_for_refinement(ctx, job.id, timeout=300)
+    assert done.status == "done", done.error
+    assert done.metrics["n_images"] == 5 and done.metrics["seed_images"] == 1 and done.metrics["seed_tokens"] > 0
+    state = refinement.refined_state(ctx, run.id)
+    assert state.available and not state.stale and state.refinement_id == job.id
+    assert state.n_classes == 2 + 2 + 1                       # ground, sky, clusters 3 and 4, ignored
+    allowed = {0, 2, 3, 4, 5}                                 # representatives: ground = #0 (not #1)
+    for it in items:
+        seg = views.read_segments(run.run_dir, it.position, crf=True, refined=True)
+        assert seg.shape == (it.height, it.width) and set(np.unique(seg)) <= allowed
+    assert not RunDir(run.run_dir).refined_partial(job.id).exists()
+
+    view = views.render_segmentation(ctx, run.id, items[0].image_id, crf=True, refined=True)
+    assert view.refined
+    assert not views.render_segmentation(ctx, run.id, items[0].image_id, crf=True).refined
+
+    exp = export.export_run(ctx, run.id, export.ExportOptions())
+    assert exp.refined_used and exp.maps_used == "refined" and not exp.warnings
+    raw = export.export_run(ctx, run.id, export.ExportOptions(refined=False))
+    assert not raw.refined_used and raw.maps_used == "CRF"
+
+    # more naming: the maps are stale (exports say so); refining again replaces them
+    mapping.name_cluster(ctx, run.id, 3, "ball")
+    assert refinement.refined_state(ctx, run.id).stale
+    stale = export.export_run(ctx, run.id, export.ExportOptions())
+    assert any("refine again" in w for w in stale.warnings)
+    again = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
+    assert again.status == "done", again.error
+    state = refinement.refined_state(ctx, run.id)
+    assert state.refinement_id == again.id and not state.stale and state.n_classes == 5
+    assert [r.id for r in refinement.list_refinements(ctx, run.id)] == [again.id, job.id]
+
+
+def test_cancel_and_resume_reuse_the_work_done(lab):
+    ctx, run = lab
+    if not any(c.label_name for c in mapping.list_clusters(ctx, run.id)):
+        mapping.name_cluster(ctx, run.id, 0, "ground")
+    job = refinement.start_refinement(ctx, run.id, dict(QUICK, steps=100_000))
+    import time
+    deadline = time.monotonic() + 120
+    while refinement.get_refinement(ctx, job.id).stage != "training" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refinement.cancel_refinement(ctx, job.id)
+    stopped = refinement.wait_for_refinement(ctx, job.id, timeout=120)
+    assert stopped.status == "cancelled"
+    assert refinement.refined_state(ctx, run.id).refinement_id != job.id   # earlier maps kept
+    with pytest.raises(UserError, match="only queued or running"):
+        refinement.cancel_refinement(ctx, job.id)
+    # a cancelled job resumes (here: with its stored settings; training starts again as no model was saved)
+    resumed = refinement.resume_refinement(ctx, job.id)
+    assert resumed.status == "queued"
+    refinement.cancel_refinement(ctx, job.id)
+    assert refinement.wait_for_refinement(ctx, job.id, timeout=120).status == "cancelled"
