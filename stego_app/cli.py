@@ -5,9 +5,9 @@
     python app.py images --project P | remove --project P IMAGE...
     python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
     python app.py status [RUN_ID] [--project P] [--json]
-    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|confirm ...
+    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|kind|confirm ...
     python app.py label RUN_ID groups|name-group|suggest|find|refine ...
-    python app.py export RUN_ID [--style stuff|instance] ...
+    python app.py export RUN_ID [--style masks|polygons] [--include-images] [--label-studio] [--no-refined] ...
     python app.py evaluate ...
 
 Exit status: 0 success, 2 a problem the user can fix (the message says what),
@@ -142,22 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     a = acts.add_parser("colour", parents=[common], aliases=["color"], help="set a label's colour")
     a.add_argument("name")
     a.add_argument("colour", help="#rrggbb")
+    a = acts.add_parser("kind", parents=[common],
+                        help="thing (objects, one annotation each) or stuff (regions); no args: list")
+    a.add_argument("name", nargs="?")
+    a.add_argument("kind", nargs="?", choices=("thing", "stuff", "auto"))
     a = acts.add_parser("confirm", parents=[common], help="mark images as checked by a person")
     a.add_argument("image_ids", type=int, nargs="+")
     a.add_argument("--undo", action="store_true")
     _add_group_actions(acts, common)
 
-    p = sub.add_parser("export", parents=[common], help="export a run as COCO (zip)")
+    p = sub.add_parser("export", parents=[common], help="export a run as COCO / Label Studio (zip)")
     p.add_argument("run_id", type=int)
-    p.add_argument("--style", choices=("stuff", "instance"), default="stuff")
-    p.add_argument("--no-crf", action="store_true", help="use the segments without CRF")
-    p.add_argument("--confirmed-only", action="store_true", help="only images a person confirmed")
-    p.add_argument("--min-area", type=int, default=64, help="instance style: smallest region kept")
-    p.add_argument("--panoptic", action="store_true", help="also COCO panoptic")
-    p.add_argument("--label-pngs", action="store_true", help="also one label PNG per image")
-    p.add_argument("--include-unnamed", action="store_true", help="unnamed clusters as categories")
-    p.add_argument("--raw-maps", action="store_true",
-                   help="export the discovered segments even when refined (propagated) maps exist")
+    from stego_app.export import add_cli_arguments
+    add_cli_arguments(p)
 
     sub.add_parser("evaluate", parents=[common], add_help=False,
                    help="evaluate on a labelled dataset (see `evaluate --help`)")
@@ -538,6 +535,15 @@ def cmd_label(args: argparse.Namespace) -> int:
             clusters = mapping.ignore_cluster(ctx, rid, args.index, not args.undo)
         elif act in ("colour", "color"):
             clusters = mapping.set_label_colour(ctx, rid, args.name, args.colour)
+        elif act == "kind":
+            from stego_app import label_kinds
+            if args.name and not args.kind:
+                raise UserError("give the kind too: thing, stuff or auto")
+            kinds = (label_kinds.set_label_kind(ctx, rid, args.name, args.kind) if args.name
+                     else label_kinds.label_kinds(ctx, rid))
+            for k in kinds:
+                _out(f"{k.name:<30} {k.kind}{'  (guessed from the name)' if k.guessed else ''}")
+            return EXIT_OK
         elif act == "confirm":
             for image_id in args.image_ids:
                 annotations.confirm_image(ctx, rid, image_id, not args.undo)
@@ -561,11 +567,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from stego_app import export
 
-    wanted = dict(style=args.style, crf=not args.no_crf, confirmed_only=args.confirmed_only,
-                  min_area=args.min_area, panoptic=args.panoptic, label_pngs=args.label_pngs,
-                  include_unnamed=args.include_unnamed, refined=not args.raw_maps)
-    names = {f.name for f in fields(export.ExportOptions)}
-    options = export.ExportOptions(**{k: v for k, v in wanted.items() if k in names})
+    options = export.options_from_args(args)
     ctx = _context(args)
     try:
         info = export.export_run(ctx, args.run_id, options)

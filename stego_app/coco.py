@@ -1,15 +1,14 @@
 """COCO building blocks for the export: pure functions, no database.
 
-- masks -> compressed RLE (pycocotools), exact pixel-edge polygons, bbox, area;
-- per-image annotation builders for the "stuff" style (one RLE per label) and the
-  "instance" style (one polygon annotation per connected component);
+- masks -> compressed RLE (pycocotools), bbox; rasterising polygons as pycocotools does
+  (the polygons themselves come from stego_app.polygons, the regions from stego_app.masks);
 - streaming writers for COCO instances JSON and COCO panoptic JSON (+ PNGs) that keep
   one image's data in memory at a time and produce byte-identical output for identical
-  input (fixed key order, integer numbers except the .5 of hole bridges, no timestamps);
+  input (fixed key order, integer coordinates, no timestamps);
 - panoptic PNG encoding (id = R + 256*G + 256**2*B) and plain label PNGs.
 
 Coordinates follow COCO: pixel (row r, column c) covers the square [c, c+1] x [r, r+1],
-so polygon vertices lie on pixel corners and bboxes are [x, y, width, height].
+so exact polygon vertices lie on pixel corners and bboxes are [x, y, width, height].
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -25,9 +24,6 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from scipy import ndimage
-
-_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 # --------------------------------------------------------------------------- masks
@@ -61,214 +57,8 @@ def mask_bbox(mask: np.ndarray) -> list[int]:
     return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
-def _runs(cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maximal runs of True along axis 1: (row, start, stop) arrays."""
-    n = cond.shape[0]
-    padded = np.zeros((n, cond.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = cond
-    d = np.diff(padded, axis=1)
-    r0, s = np.nonzero(d == 1)
-    r1, e = np.nonzero(d == -1)
-    # nonzero scans row-major, so starts and stops pair up in order.
-    assert np.array_equal(r0, r1)
-    return r0, s, e
-
-
-def trace_loops(mask: np.ndarray, connectivity: int = 4) -> list[np.ndarray]:
-    """Boundary loops of a binary mask along pixel edges.
-
-    Returns a list of (K, 2) int64 arrays of corner vertices (x, y), closed implicitly,
-    only at direction changes. The foreground lies on the right of the walking direction
-    (image coordinates), so outer boundaries have positive shoelace area and hole
-    boundaries negative. connectivity=4: pixels touching only at a corner get separate
-    loops (background 8-connected); connectivity=8: one outer loop per 8-connected
-    component, passing twice through such corners (holes are 4-connected background).
-    """
-    if connectivity not in (4, 8):
-        raise ValueError("connectivity must be 4 or 8")
-    m = np.asarray(mask, dtype=bool)
-    h, w = m.shape
-    if h == 0 or w == 0 or not m.any():
-        return []
-    p = np.zeros((h + 2, w + 2), dtype=bool)
-    p[1:-1, 1:-1] = m
-    up = m & ~p[:-2, 1:-1]
-    down = m & ~p[2:, 1:-1]
-    left = m & ~p[1:-1, :-2]
-    right = m & ~p[1:-1, 2:]
-
-    sx, sy, ex, ey, dirs = [], [], [], [], []
-
-    def add(x0, y0, x1, y1, d):
-        sx.append(x0); sy.append(y0); ex.append(x1); ey.append(y1)
-        dirs.append(np.full(x0.shape, d, dtype=np.int64))
-
-    r, c0, c1 = _runs(up)            # top edges, walking +x
-    add(c0, r, c1, r, 0)
-    r, c0, c1 = _runs(down)          # bottom edges, walking -x
-    add(c1, r + 1, c0, r + 1, 2)
-    c, r0, r1 = _runs(right.T)       # right edges, walking +y
-    add(c + 1, r0, c + 1, r1, 1)
-    c, r0, r1 = _runs(left.T)        # left edges, walking -y
-    add(c, r1, c, r0, 3)
-
-    sx = np.concatenate(sx).astype(np.int64); sy = np.concatenate(sy).astype(np.int64)
-    ex = np.concatenate(ex).astype(np.int64); ey = np.concatenate(ey).astype(np.int64)
-    d = np.concatenate(dirs)
-    stride = np.int64(w + 1)
-    keys = (sy * stride + sx) * 4 + d
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    end_vertex = ey * stride + ex
-
-    def lookup(k: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(sorted_keys, k)
-        pos_c = np.minimum(pos, len(sorted_keys) - 1)
-        found = sorted_keys[pos_c] == k
-        return np.where(found, order[pos_c], -1)
-
-    # Maximal straight runs alternate horizontal/vertical, so the next segment turns.
-    # At a pinch vertex (two outgoing segments) turning right keeps to the same pixel
-    # (4-connected), turning left crosses to the diagonal pixel (8-connected).
-    first, second = ((d + 1) % 4, (d + 3) % 4) if connectivity == 4 else ((d + 3) % 4, (d + 1) % 4)
-    nxt = lookup(end_vertex * 4 + first)
-    missing = nxt < 0
-    nxt[missing] = lookup(end_vertex[missing] * 4 + second[missing])
-    if (nxt < 0).any():  # pragma: no cover - would be a bug in the edge construction
-        raise RuntimeError("open boundary while tracing a mask")
-
-    nxt_list = nxt.tolist()
-    visited = bytearray(len(nxt_list))
-    loops: list[np.ndarray] = []
-    for start in range(len(nxt_list)):
-        if visited[start]:
-            continue
-        idx = []
-        i = start
-        while not visited[i]:
-            visited[i] = 1
-            idx.append(i)
-            i = nxt_list[i]
-        ia = np.asarray(idx, dtype=np.int64)
-        loops.append(np.stack([sx[ia], sy[ia]], axis=1))
-    # Deterministic order: by first vertex (rotate each loop to its smallest (y, x)).
-    out = []
-    for loop in loops:
-        k = int(np.lexsort((loop[:, 0], loop[:, 1]))[0])
-        out.append(np.roll(loop, -k, axis=0))
-    out.sort(key=lambda a: (int(a[0, 1]), int(a[0, 0])))
-    return out
-
-
-def _segments(loop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) vertices of each segment of a closed loop."""
-    return loop, np.concatenate((loop[1:], loop[:1]))
-
-
-def loop_area(loop: np.ndarray) -> int:
-    """Signed area of a traced loop (positive: outer boundary, negative: hole)."""
-    a, b = _segments(loop)
-    return int((a[:, 0] * b[:, 1] - b[:, 0] * a[:, 1]).sum()) // 2
-
-
-def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
-    """Exact COCO polygons of a binary mask: one polygon per 8-connected component.
-
-    Vertices are pixel corners, flattened [x0, y0, x1, y1, ...]. COCO polygons cannot
-    have holes and pycocotools unions the polygons of an annotation, so each hole is
-    joined to the boundary around it by a zero-width bridge along a pixel-centre row
-    (its two bridge vertices have y = row + 0.5): the single polygon then rasterises
-    (pycocotools, even-odd or non-zero filling) to exactly the component, holes included.
-    """
-    m = np.asarray(mask, dtype=bool)
-    loops = trace_loops(m, connectivity=8)
-    outer = [loop_area(lp) > 0 for lp in loops]
-    holes = [i for i, is_outer in enumerate(outer) if not is_outer]
-    if not holes:
-        return [lp.reshape(-1).tolist() for lp in loops]
-    h = m.shape[0]
-
-    # Index of the downward vertical segments of every loop, by (x, top y); at one x
-    # they do not overlap, so the segment covering a pixel edge is found by bisection.
-    seg_loop, seg_idx, seg_x, seg_top, seg_bottom = [], [], [], [], []
-    for li, lp in enumerate(loops):
-        a, b = _segments(lp)
-        down = np.flatnonzero((a[:, 0] == b[:, 0]) & (b[:, 1] > a[:, 1]))
-        seg_loop.append(np.full(down.size, li)); seg_idx.append(down)
-        seg_x.append(a[down, 0]); seg_top.append(a[down, 1]); seg_bottom.append(b[down, 1])
-    sl, si = np.concatenate(seg_loop), np.concatenate(seg_idx)
-    sx, sb = np.concatenate(seg_x), np.concatenate(seg_bottom)
-    key = sx * (h + 1) + np.concatenate(seg_top)
-    order = np.argsort(key, kind="stable")
-    key, sl, si, sx, sb = key[order], sl[order], si[order], sx[order], sb[order]
-
-    # splits[(loop, segment)] = [(y, kind, hole)]: kind 0 = a hole's own bridge start Q,
-    # kind 1 = the landing point P of hole `hole`'s bridge.
-    splits: dict[tuple[int, int], list[tuple[float, int, int]]] = {}
-    bridge: dict[int, tuple[int, float, int]] = {}      # hole -> (x of Q, y, x of P)
-    for hi in holes:
-        a, b = _segments(loops[hi])
-        mx = int(a[:, 0].max())
-        up = np.flatnonzero((a[:, 0] == mx) & (b[:, 0] == mx) & (b[:, 1] < a[:, 1]))
-        s = int(up[np.argmin(b[up, 1])])                  # topmost rightmost edge of the hole
-        row = int(b[s, 1])
-        run = m[row, mx:]
-        x_hit = mx + (int(np.argmin(run)) if not run.all() else run.size)
-        k = int(np.searchsorted(key, x_hit * (h + 1) + row, side="right")) - 1
-        if k < 0 or sx[k] != x_hit or sb[k] <= row:  # pragma: no cover - a tracing bug
-            raise RuntimeError("no boundary found to the right of a hole")
-        target = (int(sl[k]), int(si[k]))
-        y = row + 0.5
-        splits.setdefault((hi, s), []).append((y, 0, hi))
-        splits.setdefault(target, []).append((y, 1, hi))
-        bridge[hi] = (mx, y, x_hit)
-
-    def items(li: int) -> list[tuple]:
-        """The loop's vertices with split points, in walking order."""
-        lp = loops[li]
-        a, b = _segments(lp)
-        out: list[tuple] = []
-        for s in range(len(lp)):
-            out.append(("v", int(a[s, 0]), int(a[s, 1])))
-            pts = splits.get((li, s))
-            if pts:
-                out.extend(("q", hi) if kind == 0 else ("p", hi)
-                           for _, kind, hi in sorted(pts, reverse=bool(b[s, 1] < a[s, 1])))
-        return out
-
-    def hole_items(hi: int) -> list[tuple]:
-        """A hole's walk from its bridge point Q back to Q."""
-        its = items(hi)
-        q = its.index(("q", hi))
-        mx, y, _ = bridge[hi]
-        return [("v", mx, y)] + its[q + 1:] + its[:q] + [("v", mx, y)]
-
-    polygons: list[list[float]] = []
-    for li in range(len(loops)):
-        if not outer[li]:
-            continue
-        coords: list[float] = []
-        stack = [(items(li), 0)]
-        while stack:
-            its, i = stack.pop()
-            while i < len(its):
-                it = its[i]
-                i += 1
-                if it[0] == "v":
-                    coords.extend((it[1], it[2]))
-                elif it[0] == "p":
-                    _, y, x_hit = bridge[it[1]]
-                    coords.extend((x_hit, y))
-                    stack.append((its, i))
-                    stack.append(([("v", x_hit, y)], 0))
-                    stack.append((hole_items(it[1]), 0))
-                    break
-        polygons.append(coords)
-    return polygons
-
-
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Rasterise COCO polygons the way pycocotools (and annToMask) does."""
+    """Rasterise the polygons of one annotation the way pycocotools (annToMask) does."""
     if not polygons:
         return np.zeros((height, width), dtype=np.uint8)
     rles = mask_utils.frPyObjects([list(map(float, p)) for p in polygons], height, width)
@@ -282,53 +72,10 @@ class Segment:
     """One annotation of one image (before ids are assigned)."""
 
     category_id: int
-    segmentation: Any          # RLE dict (iscrowd 1) or list of polygons (iscrowd 0)
+    segmentation: Any          # RLE dict or list of polygons
     area: int
     bbox: list[int]
     iscrowd: int
-
-
-def category_map(segments: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Cluster-id image -> category-id image via lut[cluster] (0 = not exported)."""
-    seg = np.asarray(segments)
-    if seg.size and int(seg.max()) >= len(lut):  # cluster ids the run did not list
-        lut = np.concatenate([lut, np.zeros(int(seg.max()) + 1 - len(lut), lut.dtype)])
-    return lut[seg]
-
-
-def stuff_segments(cat_map: np.ndarray) -> Iterator[tuple[Segment, np.ndarray]]:
-    """One crowd RLE per category present (ascending id); yields (segment, mask)."""
-    for cid in np.unique(cat_map):
-        if cid == 0:
-            continue
-        mask = cat_map == cid
-        yield Segment(int(cid), encode_rle(mask), int(mask.sum()), mask_bbox(mask), 1), mask
-
-
-def instance_segments(cat_map: np.ndarray, min_area: int) -> Iterator[tuple[Segment, tuple[slice, slice], np.ndarray]]:
-    """One polygon annotation per 8-connected component with area >= min_area.
-
-    Ordered by category id, then by the component's first pixel in raster order. Yields
-    (segment, (row slice, column slice), component mask inside that slice).
-    """
-    for cid in np.unique(cat_map):
-        if cid == 0:
-            continue
-        labels, n = ndimage.label(cat_map == cid, structure=_EIGHT)
-        if n == 0:
-            continue
-        areas = np.bincount(labels.ravel(), minlength=n + 1)
-        for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-            if sl is None or areas[k] < max(min_area, 1):
-                continue
-            comp = labels[sl] == k
-            y0, x0 = sl[0].start, sl[1].start
-            polys = mask_to_polygons(comp)
-            for p in polys:
-                p[0::2] = [v + x0 for v in p[0::2]]
-                p[1::2] = [v + y0 for v in p[1::2]]
-            bbox = [int(x0), int(y0), int(sl[1].stop - x0), int(sl[0].stop - y0)]
-            yield Segment(int(cid), polys, int(areas[k]), bbox, 0), sl, comp
 
 
 # ----------------------------------------------------------------------- PNG output
@@ -499,13 +246,3 @@ def panoptic_segment_info(segment_id: int, seg: Segment) -> dict[str, Any]:
     """segments_info entry (panoptic segments are never crowd here)."""
     return {"id": int(segment_id), "category_id": seg.category_id, "area": seg.area,
             "bbox": seg.bbox, "iscrowd": 0}
-
-
-def unique_png_name(file_name: str, image_id: int, used: set[str]) -> str:
-    """<stem>.png, or <stem>_<image_id>.png when that stem was already used."""
-    stem = Path(file_name).stem or f"image_{image_id}"
-    name = f"{stem}.png"
-    if name in used:
-        name = f"{stem}_{image_id}.png"
-    used.add(name)
-    return name

@@ -1,23 +1,26 @@
-"""Export a run's pseudo-labels (segments + the cluster->label mapping) as COCO.
+"""Export a run's pseudo-labels (segments + the label mapping) for annotation tools.
 
-Layout of <data_dir>/exports/<export_id>/::
+Layout of <data_dir>/exports/<export_id>/ (and of the zip beside it)::
 
     annotations/instances_default.json        COCO: images, categories, annotations
     annotations/panoptic_default.json         (option) COCO panoptic JSON
-    annotations/panoptic_default/<stem>.png   (option) panoptic PNGs, id = R + 256 G + 256^2 B
-    labels/<stem>.png                         (option) category id per pixel, 0 = none
+    annotations/panoptic_default/<name>.png   (option) panoptic PNGs, id = R + 256 G + 256^2 B
+    images/<file_name>                        (option) the images, as CVAT/Datumaro expect
+    labels/<name>.png                         (option) category id per pixel, 0 = none
     labels/categories.json                    (option) id -> name, colour for the label PNGs
+    label_studio/tasks.json                   (option) Label Studio tasks with predictions
+    label_studio/label_config.xml             (option) the matching labelling config
+    manifest.json                             image id, name as ingested, file_name, PNGs
     stego_run<run>_export<id>.zip             everything above, for download
 
-Categories are the run's named labels with COCO id = Label.id (stable across exports
-of the run: renaming keeps the id, merging label A into B gives A's pixels B's id);
-clusters mapped to one label (merged) form one category; ignored clusters are void. Unnamed clusters are void unless
-`include_unnamed`, then each is category "cluster <index>" with id
-UNNAMED_CATEGORY_BASE + index. Images are streamed one at a time; the JSON files are
-byte-identical for identical input (no timestamps or export ids inside).
+Categories and masks come from stego_app.masks (the same path as seed annotations):
+COCO id = Label.id (stable), merged clusters form one category, ignored clusters are
+void. Thing labels give one annotation per connected region, stuff labels one per image.
+Images are streamed one at a time; every file is byte-identical for identical input.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -25,64 +28,104 @@ import shutil
 import socket
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select, update
 
 from core.rundir import RunDir
-from stego_app import coco
+from stego_app import coco, masks, polygons
+from stego_app import label_studio as ls_files
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
+from stego_app.export_files import copy_image, export_file_names, png_name
 from stego_app.labels.views import read_segments
-from stego_app.models import (
-    RUN_DONE,
-    Cluster,
-    Export,
-    Image,
-    Label,
-    Project,
-    Run,
-    RunImage,
-    utcnow,
-)
+from stego_app.masks import UNNAMED_CATEGORY_BASE, CategoryPlan, ClusterEntry, Region
+from stego_app.models import RUN_DONE, Cluster, Export, Image, Label, Project, Run, RunImage, utcnow
+from stego_app.render import hex_to_rgb
 
 log = logging.getLogger(__name__)
 
-STYLES = ("stuff", "instance")
-UNNAMED_CATEGORY_BASE = 60000          # + cluster index; keeps ids of unnamed clusters apart
+__all__ = ["ExportOptions", "ExportInfo", "export_run", "get_export", "list_exports",
+           "UNNAMED_CATEGORY_BASE", "mark_abandoned_exports"]
+
+STYLES = ("masks", "polygons")
+STYLE_ALIASES = {"stuff": "masks", "instance": "polygons"}     # names before thing/stuff labels
 INSTANCES_JSON = "annotations/instances_default.json"
 PANOPTIC_JSON = "annotations/panoptic_default.json"
 PANOPTIC_DIR = "annotations/panoptic_default"
+IMAGES_DIR = "images"
 LABELS_DIR = "labels"
+LS_TASKS = "label_studio/tasks.json"
+LS_CONFIG = "label_studio/label_config.xml"
+MANIFEST = "manifest.json"
 EXPORT_RUNNING, EXPORT_DONE, EXPORT_FAILED = "running", "done", "failed"
 EXPORT_STALE_AFTER = timedelta(hours=24)   # a 'running' export older than this is abandoned
+MAX_TOLERANCE = 10.0
+_COMPRESSED_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".jp2", ".tif", ".tiff"}
 
 Progress = Callable[[int, int], None]
+
+
+def _opt(default: Any, help: str, label: str, choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field carrying its CLI/UI help text (one home for each option's words)."""
+    return field(default=default, metadata={"help": help, "label": label, "choices": choices})
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """What to export. See docs/export.md."""
 
-    style: Literal["stuff", "instance"] = "stuff"   # stuff: RLE per image+label; instance: polygons
-    crf: bool = True                 # CRF-refined segments when the run has them
-    confirmed_only: bool = False     # only images a person confirmed
-    min_area: int = 64               # instance style: smallest component (pixels) kept
-    panoptic: bool = False           # also COCO panoptic JSON + PNGs
-    label_pngs: bool = False         # also one category-id PNG per image
-    include_unnamed: bool = False    # unnamed clusters as "cluster N" categories
-    refined: bool = True             # refined (propagated) maps when the run has them for every image
+    style: str = _opt("masks", "masks: pixel-exact COCO RLE (CVAT masks, brush editing); polygons: "
+                      "editable outlines (CVAT/Label Studio polygons)", "COCO segmentation", STYLES)
+    crf: bool = _opt(True, "use the CRF-refined segments when the run has them", "CRF-refined segments")
+    confirmed_only: bool = _opt(False, "only images a person marked as checked", "confirmed images only")
+    min_area: int = _opt(64, "thing labels: leave out objects smaller than this many pixels",
+                         "smallest object (pixels)")
+    tolerance: float = _opt(polygons.DEFAULT_TOLERANCE, "polygons: simplify outlines by up to this many "
+                            "pixels (area kept within 1%); 0 = exact pixel outlines", "polygon tolerance (px)")
+    stuff_iscrowd: int = _opt(1, "masks: iscrowd of stuff regions; 1 = COCO-stuff convention, 0 = usable "
+                              "as COCOeval ground truth", "iscrowd of stuff masks", (0, 1))
+    include_images: bool = _opt(False, "put the images in images/ beside annotations/ (needed by CVAT "
+                                "project import and Datumaro)", "include images")
+    panoptic: bool = _opt(False, "also COCO panoptic: a JSON file plus one PNG per image",
+                          "COCO panoptic")
+    label_pngs: bool = _opt(False, "also one PNG per image with the category id of each pixel",
+                            "label PNGs")
+    label_studio: bool = _opt(False, "also Label Studio tasks with predictions and the labelling config",
+                              "Label Studio tasks")
+    ls_regions: str = _opt("brush", "Label Studio regions: brush (pixel-exact masks) or polygons "
+                           "(editable outlines)", "Label Studio regions", ls_files.REGION_KINDS)
+    ls_image_prefix: str = _opt(ls_files.DEFAULT_IMAGE_PREFIX, "Label Studio: URL put before each "
+                                "image's file_name (default: Label Studio's local-files serving)",
+                                "Label Studio image URL prefix")
+    include_unnamed: bool = _opt(False, "export unnamed clusters as 'cluster N' categories",
+                                 "include unnamed clusters")
+    refined: bool = _opt(True, "use the maps refined with names (propagation) when the run has them for "
+                         "every image; off = the discovered segments", "maps refined with names")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "style", STYLE_ALIASES.get(self.style, self.style))
 
     def validate(self) -> None:
         """Raise UserError for a value a person can fix."""
         if self.style not in STYLES:
             raise UserError(f"export style {self.style!r} must be one of {', '.join(STYLES)}")
-        if not isinstance(self.min_area, int) or self.min_area < 0:
+        if isinstance(self.min_area, bool) or not isinstance(self.min_area, int) or self.min_area < 0:
             raise UserError(f"minimum area {self.min_area!r} must be a whole number >= 0")
+        if (isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float))
+                or not 0 <= self.tolerance <= MAX_TOLERANCE):
+            raise UserError(f"polygon tolerance {self.tolerance!r} must be between 0 and {MAX_TOLERANCE:g} pixels")
+        if self.stuff_iscrowd not in (0, 1) or isinstance(self.stuff_iscrowd, bool):
+            raise UserError(f"iscrowd of stuff masks {self.stuff_iscrowd!r} must be 0 or 1")
+        if self.ls_regions not in ls_files.REGION_KINDS:
+            raise UserError(f"Label Studio regions {self.ls_regions!r} must be one of "
+                            f"{', '.join(ls_files.REGION_KINDS)}")
+        if not isinstance(self.ls_image_prefix, str) or any(c in self.ls_image_prefix for c in "\n\r\t"):
+            raise UserError("the Label Studio image URL prefix must be one line of text")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +134,32 @@ class ExportOptions:
     def from_dict(cls, data: dict[str, Any]) -> ExportOptions:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def option_fields() -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, default, {help, label, choices}) of every export option, in order (CLI and UI)."""
+    return [(f.name, f.default if f.default is not MISSING else None, dict(f.metadata))
+            for f in fields(ExportOptions)]
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export options as command-line flags (bool True -> --no-x, bool False -> --x)."""
+    for name, default, meta in option_fields():
+        flag = name.replace("_", "-")
+        meta = {**meta, "help": meta["help"].replace("%", "%%")}
+        if isinstance(default, bool):
+            if default:
+                parser.add_argument(f"--no-{flag}", dest=name, action="store_false", help=meta["help"])
+            else:
+                parser.add_argument(f"--{flag}", dest=name, action="store_true", help=meta["help"])
+        else:
+            parser.add_argument(f"--{flag}", dest=name, type=type(default), default=default,
+                                choices=meta["choices"] if name != "style" else None,
+                                help=meta["help"] + (f" (default {default})" if default != "" else ""))
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    return ExportOptions(**{name: getattr(args, name) for name, _, _ in option_fields() if hasattr(args, name)})
 
 
 @dataclass(frozen=True)
@@ -115,6 +184,10 @@ class ExportInfo:
     created_at: datetime | None
     finished_at: datetime | None
     warnings: tuple[str, ...] = ()   # things a person should know about this export
+    images_dir: Path | None = None
+    label_studio_tasks: Path | None = None
+    label_studio_config: Path | None = None
+    manifest_path: Path | None = None
     refined_used: bool = False       # refined (propagated) maps were exported
 
     @property
@@ -123,62 +196,16 @@ class ExportInfo:
         return "refined" if self.refined_used else ("CRF" if self.crf_used else "raw")
 
 
-@dataclass(frozen=True)
-class CategoryPlan:
-    """COCO categories plus the lookup table cluster index -> category id (0 = void)."""
-
-    categories: list[dict[str, Any]]
-    colours: dict[int, str]          # category id -> '#rrggbb'
-    lut: np.ndarray                  # int32, len = max cluster index + 1
-
-
-@dataclass(frozen=True)
-class _ClusterRow:
-    index: int
-    label_id: int | None
-    label_name: str | None
-    label_colour: str | None
-    ignored: bool
-    colour: str
-
-
-def plan_categories(clusters: Sequence[_ClusterRow], include_unnamed: bool) -> CategoryPlan:
-    """Categories sorted by id; merged clusters share their label's id; ignored -> void."""
-    names: dict[int, str] = {}
-    colours: dict[int, str] = {}
-    lut = np.zeros(max((c.index for c in clusters), default=-1) + 1, dtype=np.int32)
-    label_ids = {c.label_id for c in clusters if c.label_id is not None}
-    for c in clusters:
-        if c.ignored:
-            continue
-        if c.label_id is not None:
-            cid, name, colour = c.label_id, c.label_name or f"label {c.label_id}", c.label_colour or c.colour
-        elif include_unnamed:
-            cid, name, colour = UNNAMED_CATEGORY_BASE + c.index, f"cluster {c.index}", c.colour
-            if cid in label_ids:
-                raise UserError("label ids of this database collide with the ids reserved for unnamed "
-                                "clusters; name the clusters instead of including unnamed ones")
-        else:
-            continue
-        lut[c.index] = cid
-        names[cid] = name
-        colours[cid] = colour
-    cats = [coco.category_entry(cid, names[cid]) for cid in sorted(names)]
-    return CategoryPlan(categories=cats, colours=colours, lut=lut)
-
-
-def _hex_rgb(colour: str) -> list[int]:
-    h = colour.lstrip("#")
-    try:
-        return [int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)]
-    except (ValueError, IndexError):
-        return [128, 128, 128]
-
-
-def _paths(directory: Path, options: ExportOptions) -> dict[str, Path | None]:
+def _paths(directory: Path | None, options: ExportOptions) -> dict[str, Path | None]:
+    if directory is None:
+        return dict.fromkeys(("json", "panoptic", "labels", "images", "ls_tasks", "ls_config", "manifest"))
     return {"json": directory / INSTANCES_JSON,
             "panoptic": directory / PANOPTIC_JSON if options.panoptic else None,
-            "labels": directory / LABELS_DIR if options.label_pngs else None}
+            "labels": directory / LABELS_DIR if options.label_pngs else None,
+            "images": directory / IMAGES_DIR if options.include_images else None,
+            "ls_tasks": directory / LS_TASKS if options.label_studio else None,
+            "ls_config": directory / LS_CONFIG if options.label_studio else None,
+            "manifest": directory / MANIFEST}
 
 
 def _warnings(recorded: dict[str, Any]) -> tuple[str, ...]:
@@ -192,7 +219,14 @@ def _warnings(recorded: dict[str, Any]) -> tuple[str, ...]:
     empty = int(recorded.get("empty_images") or 0)
     if empty:
         out.append(f"{empty} image{'s' if empty != 1 else ''} got no annotation (only ignored or "
-                   "unnamed clusters there, or regions below the minimum area)")
+                   "unnamed clusters there, or objects below the minimum area)")
+    renamed = recorded.get("renamed") or []
+    if renamed:
+        shown = ", ".join(f"{a} -> {b}" for a, b in renamed[:5])
+        more = f" and {len(renamed) - 5} more" if len(renamed) > 5 else ""
+        out.append(f"{len(renamed)} image{'s' if len(renamed) != 1 else ''} would share a file name with "
+                   f"another image, so {'they are' if len(renamed) != 1 else 'it is'} exported as: "
+                   f"{shown}{more} (all names: manifest.json)")
     return tuple(out)
 
 
@@ -200,7 +234,7 @@ def _info(row: Export) -> ExportInfo:
     options = ExportOptions.from_dict(row.options or {})
     directory = Path(row.directory) if row.directory else None
     done = row.status == EXPORT_DONE and directory is not None
-    paths = _paths(directory, options) if done else {"json": None, "panoptic": None, "labels": None}
+    paths = _paths(directory if done else None, options)
     return ExportInfo(id=row.id, run_id=row.run_id, status=row.status, options=options,
                       crf_used=bool((row.options or {}).get("crf_used", False)),
                       directory=directory, zip_path=Path(row.path) if row.path else None,
@@ -210,6 +244,8 @@ def _info(row: Export) -> ExportInfo:
                       mapping_version=row.mapping_version, error=row.error,
                       created_at=as_utc(row.created_at), finished_at=as_utc(row.finished_at),
                       warnings=_warnings(row.options or {}) if row.status == EXPORT_DONE else (),
+                      images_dir=paths["images"], label_studio_tasks=paths["ls_tasks"],
+                      label_studio_config=paths["ls_config"], manifest_path=paths["manifest"],
                       refined_used=bool((row.options or {}).get("refined_used", False)))
 
 
@@ -236,7 +272,9 @@ def list_exports(ctx, run_id: int) -> list[ExportInfo]:
 class _Item:
     image_id: int
     position: int
-    name: str
+    name: str                        # as ingested
+    file_name: str                   # unique name in the export
+    path: Path
     width: int
     height: int
 
@@ -252,15 +290,15 @@ def _load_snapshot(ctx, run_id: int, options: ExportOptions):
         project = s.get(Project, run.project_id)
         rows = s.execute(select(Cluster, Label).outerjoin(Label, Cluster.label_id == Label.id)
                          .where(Cluster.run_id == run_id).order_by(Cluster.index)).all()
-        clusters = [_ClusterRow(c.index, c.label_id, lab.name if lab else None,
-                                lab.colour if lab else None, bool(c.ignored), c.colour)
+        clusters = [ClusterEntry(c.index, c.label_id, lab.name if lab else None,
+                                 lab.colour if lab else None, lab.isthing if lab else None,
+                                 bool(c.ignored), c.colour)
                     for c, lab in rows]
-        q = (select(RunImage, Image).join(Image, RunImage.image_id == Image.id)
-             .where(RunImage.run_id == run_id).order_by(RunImage.position))
-        if options.confirmed_only:
-            q = q.where(RunImage.confirmed.is_(True))
-        items = [_Item(img.id, ri.position, img.name, img.width, img.height)
-                 for ri, img in s.execute(q).all()]
+        rows = s.execute(select(RunImage, Image).join(Image, RunImage.image_id == Image.id)
+                         .where(RunImage.run_id == run_id).order_by(RunImage.position)).all()
+        names = export_file_names((img.id, img.name) for _, img in rows)   # over all the run's images
+        items = [_Item(img.id, ri.position, img.name, names[img.id], Path(img.path), img.width, img.height)
+                 for ri, img in rows if ri.confirmed or not options.confirmed_only]
         return (Path(run.run_dir), project.name if project else "", run.mapping_version,
                 bool((run.params or {}).get("crf", True)), clusters, items)
 
@@ -329,7 +367,8 @@ def _zip_dir(directory: Path, zip_path: Path) -> None:
             rel = p.relative_to(directory).as_posix()
             info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_STORED if p.suffix == ".png" else zipfile.ZIP_DEFLATED
+            stored = p.suffix.lower() in _COMPRESSED_SUFFIXES           # images: already compressed
+            info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
             with open(p, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
     tmp.replace(zip_path)
@@ -337,11 +376,11 @@ def _zip_dir(directory: Path, zip_path: Path) -> None:
 
 def export_run(ctx, run_id: int, options: ExportOptions | None = None,
                progress: Progress | None = None) -> ExportInfo:
-    """Write the COCO export of a finished run, zip it and record it in the database."""
+    """Write the export of a finished run, zip it and record it in the database."""
     options = options or ExportOptions()
     options.validate()
     run_dir, project_name, mapping_version, run_crf, clusters, items = _load_snapshot(ctx, run_id, options)
-    plan = plan_categories(clusters, options.include_unnamed)
+    plan = masks.plan_categories(clusters, options.include_unnamed)
     if not plan.categories:
         raise UserError("nothing to export: name at least one cluster"
                         + ("" if options.include_unnamed else " (or include unnamed clusters)"))
@@ -352,6 +391,9 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
         if not RunDir(run_dir).segment_path(it.position, "plain").is_file():
             raise UserError(f"run {run_id} has no segment map for image {it.name!r}; "
                             "resume the run before exporting")
+        if options.include_images and not it.path.is_file():
+            raise UserError(f"the file of image {it.name!r} is missing ({it.path}); export without "
+                            "images or put the file back")
     crf_used = options.crf and all(RunDir(run_dir).segment_path(it.position, "crf").is_file() for it in items)
     crf_missing = options.crf and not crf_used and run_crf   # made with CRF, yet maps are missing
     if crf_missing:
@@ -359,10 +401,12 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     label_dtype: type = np.uint8
     if options.label_pngs:
         try:
-            label_dtype = coco.label_png_dtype(max(c["id"] for c in plan.categories))
+            label_dtype = coco.label_png_dtype(max(c.id for c in plan.categories))
         except ValueError:
             raise UserError("category ids above 65535 do not fit in label PNGs; export without "
                             "label PNGs (the COCO JSON has no such limit)") from None
+    renamed = [[it.name, it.file_name] for it in sorted(items, key=lambda i: i.image_id)
+               if it.file_name != it.name]
 
     from stego_app import segmaps
 
@@ -370,7 +414,7 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     refined_used = bool(refined_meta is not None
                         and segmaps.has_maps(run_dir, "refined", [it.position for it in items]))
     refined_stale = refined_used and refined_meta.get("mapping_version") != mapping_version
-    recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing,
+    recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing, "renamed": renamed,
                 "refined_used": refined_used, "refined_stale": refined_stale}
     with ctx.db.write() as s:
         row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
@@ -387,8 +431,9 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
         info = {"description": f"STEGO pseudo-labels: project {project_name}, run {run_id}",
                 "version": "1.0", "run_id": run_id, "style": options.style, "crf": crf_used,
                 "maps": "refined" if refined_used else ("crf" if crf_used else "raw")}
-        n_ann, n_empty = _write(directory, options, plan, items, run_dir, crf_used, label_dtype,
-                                info=info, progress=progress, refined=refined_used)
+        writer = _Writer(directory, options, plan, run_dir, crf_used, label_dtype, info,
+                         model_version=f"stego run {run_id}, mapping {mapping_version}", refined=refined_used)
+        n_ann, n_empty = writer.write(items, progress)
         _zip_dir(directory, zip_path)
     except BaseException as exc:
         shutil.rmtree(directory, ignore_errors=True)
@@ -413,60 +458,119 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     return get_export(ctx, export_id)
 
 
-def _write(directory: Path, options: ExportOptions, plan: CategoryPlan, items: Sequence[_Item],
-           run_dir: Path, crf_used: bool, label_dtype: type, info: dict[str, Any],
-           progress: Progress | None, refined: bool = False) -> tuple[int, int]:
-    """Stream every image through the writers; returns (COCO annotations, images without any)."""
-    paths = _paths(directory, options)
-    isthing = 1 if options.style == "instance" else 0
-    pan_writer = None
-    if options.panoptic:
-        pan_cats = [coco.category_entry(c["id"], c["name"], c["supercategory"], isthing=isthing,
-                                        color=_hex_rgb(plan.colours[c["id"]])) for c in plan.categories]
-        pan_writer = coco.PanopticWriter(paths["panoptic"], directory / PANOPTIC_DIR, info, pan_cats)
-    labels_dir = paths["labels"]
-    if labels_dir is not None:
-        labels_dir.mkdir(parents=True)
-        legend = [{"id": c["id"], "name": c["name"], "colour": plan.colours[c["id"]]}
-                  for c in plan.categories]
-        (labels_dir / "categories.json").write_text(
-            json.dumps({"background": 0, "dtype": np.dtype(label_dtype).name, "categories": legend},
-                       ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    used_names: set[str] = set()
-    n_empty = 0
-    try:
-        with coco.CocoWriter(paths["json"], info, plan.categories) as writer:
-            for k, it in enumerate(items):
-                seg = read_segments(run_dir, it.position, crf_used, size=(it.width, it.height), refined=refined)
-                cat_map = coco.category_map(seg, plan.lut)
-                writer.add_image(coco.image_entry(it.image_id, it.name, it.width, it.height))
-                n_before = writer.n_annotations
-                pan_ids = np.zeros(cat_map.shape, np.uint32) if pan_writer else None
-                pan_info: list[dict[str, Any]] = []
-                if options.style == "stuff":
-                    for seg, mask in coco.stuff_segments(cat_map):
-                        writer.add_segment(it.image_id, seg)
-                        if pan_ids is not None:
-                            pan_info.append(coco.panoptic_segment_info(len(pan_info) + 1, seg))
-                            pan_ids[mask] = len(pan_info)
+class _Writer:
+    """Streams every image through the COCO, panoptic, label PNG and Label Studio outputs."""
+
+    def __init__(self, directory: Path, options: ExportOptions, plan: CategoryPlan, run_dir: Path,
+                 crf_used: bool, label_dtype: type, info: dict[str, Any], model_version: str,
+                 refined: bool = False):
+        self.directory, self.options, self.plan = directory, options, plan
+        self.run_dir, self.crf_used, self.label_dtype = run_dir, crf_used, label_dtype
+        self.refined = refined
+        self.info, self.model_version = info, model_version
+        self.paths = _paths(directory, options)
+        self.names = {c.id: c.name for c in plan.categories}
+
+    def _coco_categories(self, panoptic: bool) -> list[dict[str, Any]]:
+        return [coco.category_entry(c.id, c.name, "", isthing=int(c.isthing), color=hex_to_rgb(c.colour))
+                if panoptic else coco.category_entry(c.id, c.name) for c in self.plan.categories]
+
+    def _polygons(self, r: Region) -> list[list[int]]:
+        return polygons.mask_polygons(r.mask, self.options.tolerance, offset=(r.rows.start, r.cols.start))
+
+    def _segment(self, r: Region, polys: list[list[int]] | None) -> coco.Segment:
+        if polys is None:                                        # masks: exact RLE
+            crowd = 0 if r.isthing else self.options.stuff_iscrowd
+            full = r.full_mask(self.shape)
+            return coco.Segment(r.category_id, coco.encode_rle(full), r.area, r.bbox, crowd)
+        # polygons: area and box of what pycocotools rasterises (the simplified outline)
+        y0, x0 = r.rows.start, r.cols.start
+        local = [[v - (x0 if i % 2 == 0 else y0) for i, v in enumerate(p)] for p in polys]
+        raster = coco.polygons_to_mask(local, r.mask.shape[0], r.mask.shape[1]).astype(bool)
+        bx, by, bw, bh = coco.mask_bbox(raster)
+        return coco.Segment(r.category_id, polys, int(raster.sum()), [bx + x0, by + y0, bw, bh], 0)
+
+    def write(self, items: Sequence[_Item], progress: Progress | None) -> tuple[int, int]:
+        opts, paths = self.options, self.paths
+        pan_writer = ls_writer = None
+        manifest: list[dict[str, Any]] = []
+        try:
+            if opts.panoptic:
+                pan_writer = coco.PanopticWriter(paths["panoptic"], self.directory / PANOPTIC_DIR, self.info,
+                                                 self._coco_categories(panoptic=True))
+            if opts.label_studio:
+                ls_writer = ls_files.TasksWriter(paths["ls_tasks"])
+                paths["ls_config"].write_text(ls_files.label_config(
+                    [(c.name, c.colour) for c in self.plan.categories], opts.ls_regions), encoding="utf-8")
+            if paths["labels"] is not None:
+                paths["labels"].mkdir(parents=True)
+                legend = [{"id": c.id, "name": c.name, "colour": c.colour, "isthing": int(c.isthing)}
+                          for c in self.plan.categories]
+                (paths["labels"] / "categories.json").write_text(json.dumps(
+                    {"background": 0, "dtype": np.dtype(self.label_dtype).name, "categories": legend},
+                    ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            n_empty = 0
+            with coco.CocoWriter(paths["json"], self.info, self._coco_categories(panoptic=False)) as writer:
+                for k, it in enumerate(items):
+                    n_empty += self._image(it, writer, pan_writer, ls_writer, manifest) == 0
+                    if progress is not None:
+                        progress(k + 1, len(items))
+            if pan_writer is not None:
+                pan_writer.close()
+            if ls_writer is not None:
+                ls_writer.close()
+            (self.directory / MANIFEST).write_text(json.dumps(
+                {"images": manifest}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        finally:
+            if pan_writer is not None:
+                pan_writer.abort()   # no-op after a successful close
+            if ls_writer is not None:
+                ls_writer.abort()
+        return writer.n_annotations, n_empty
+
+    def _image(self, it: _Item, writer: coco.CocoWriter, pan_writer, ls_writer,
+               manifest: list[dict[str, Any]]) -> int:
+        opts = self.options
+        self.shape = (it.height, it.width)
+        seg = read_segments(self.run_dir, it.position, self.crf_used, size=(it.width, it.height),
+                            refined=self.refined)
+        cat_map = masks.category_map(seg, self.plan.lut)
+        image = coco.image_entry(it.image_id, it.file_name, it.width, it.height)
+        writer.add_image(image)
+        n_before = writer.n_annotations
+        pan_ids = np.zeros(cat_map.shape, np.uint32) if pan_writer is not None else None
+        pan_info: list[dict[str, Any]] = []
+        ls_results: list[dict[str, Any]] = []
+        for k, r in enumerate(masks.regions(cat_map, self.plan.things, opts.min_area)):
+            polys = self._polygons(r) if opts.style == "polygons" else None
+            segment = self._segment(r, polys)
+            writer.add_segment(it.image_id, segment)
+            if pan_ids is not None:
+                pan_info.append({"id": len(pan_info) + 1, "category_id": r.category_id, "area": r.area,
+                                 "bbox": r.bbox, "iscrowd": 0})
+                pan_ids[r.rows, r.cols][r.mask] = len(pan_info)
+            if ls_writer is not None:
+                rid = f"i{it.image_id}r{k}"
+                if opts.ls_regions == "brush":
+                    ls_results.append(ls_files.brush_result(rid, self.names[r.category_id],
+                                                                r.full_mask(self.shape)))
                 else:
-                    for seg, sl, comp in coco.instance_segments(cat_map, options.min_area):
-                        writer.add_segment(it.image_id, seg)
-                        if pan_ids is not None:
-                            pan_info.append(coco.panoptic_segment_info(len(pan_info) + 1, seg))
-                            pan_ids[sl][comp] = len(pan_info)
-                n_empty += writer.n_annotations == n_before
-                png_name = coco.unique_png_name(it.name, it.image_id, used_names)
-                if pan_writer is not None:
-                    pan_writer.add_image(coco.image_entry(it.image_id, it.name, it.width, it.height),
-                                         png_name, pan_ids, pan_info)
-                if labels_dir is not None:
-                    coco.write_png(labels_dir / png_name, cat_map.astype(label_dtype))
-                if progress is not None:
-                    progress(k + 1, len(items))
+                    ls_results.extend(ls_files.polygon_results(
+                        rid, self.names[r.category_id], polys if polys is not None else self._polygons(r),
+                        it.width, it.height))
+        entry: dict[str, Any] = {"image_id": it.image_id, "name": it.name, "file_name": it.file_name}
+        if opts.include_images:
+            copy_image(it.path, self.directory / IMAGES_DIR / it.file_name)
+            entry["image"] = f"{IMAGES_DIR}/{it.file_name}"
+        png = png_name(it.file_name)
         if pan_writer is not None:
-            pan_writer.close()
-    finally:
-        if pan_writer is not None:
-            pan_writer.abort()   # no-op after a successful close
-    return writer.n_annotations, n_empty
+            pan_writer.add_image(image, png, pan_ids, pan_info)
+            entry["panoptic_png"] = f"{PANOPTIC_DIR}/{png}"
+        if self.paths["labels"] is not None:
+            coco.write_png(self.paths["labels"] / png, cat_map.astype(self.label_dtype))
+            entry["label_png"] = f"{LABELS_DIR}/{png}"
+        if ls_writer is not None:
+            ls_writer.add(ls_files.image_url(opts.ls_image_prefix, it.file_name), it.image_id,
+                          it.file_name, self.model_version, ls_results)
+        manifest.append(entry)
+        return writer.n_annotations - n_before

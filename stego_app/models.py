@@ -177,7 +177,11 @@ class RunImage(Base):
 
 
 class Label(Base):
-    """A class name chosen by a person within one run; colour is '#rrggbb', unique per run."""
+    """A class name chosen by a person within one run; colour is '#rrggbb', unique per run.
+
+    `isthing`: True = countable objects (exported as instances), False = stuff (one region
+    per image), NULL = not chosen: guessed from the name (stego_app.label_kinds).
+    """
 
     __tablename__ = "labels"
     __table_args__ = (UniqueConstraint("run_id", "name", name="uq_labels_run_name"),)
@@ -186,6 +190,7 @@ class Label(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     colour: Mapped[str] = mapped_column(String(7))
+    isthing: Mapped[Optional[bool]] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     run: Mapped[Run] = relationship(back_populates="labels")

@@ -145,7 +145,13 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
     assert zip_path.is_file() and zipfile.is_zipfile(zip_path)
     assert "2 images" in out and "warning" not in err
     # what a person should know about an export is printed (on stderr; stdout ends with the zip)
-    code, out, err = _main(capsys, "export", "1", "--style", "instance", "--min-area", "1000000", *data)
+    code, out, _ = _main(capsys, "label", "1", "kind", *data)
+    assert code == 0 and "sky" in out and "stuff  (guessed from the name)" in out
+    for name in ("sky", "ground"):                     # things: objects below min-area are left out
+        code, out, _ = _main(capsys, "label", "1", "kind", name, "thing", *data)
+        assert code == 0
+    assert "ground                         thing\n" in out + "\n"
+    code, out, err = _main(capsys, "export", "1", "--style", "polygons", "--min-area", "1000000", *data)
     assert code == 0, err
     assert "warning: 4 images got no annotation" in err
     assert Path(out.strip().splitlines()[-1].strip()).is_file()
@@ -197,5 +203,5 @@ def test_groups_suggestions_find_and_refine_from_the_command_line(tmp_path, caps
     assert code == 0 and "refinement 1: done" in out and "up to date" in out, err
     code, out, err = _main(capsys, "export", "1", *data)
     assert code == 0 and "refined maps" in out, err
-    code, out, err = _main(capsys, "export", "1", "--raw-maps", *data)
+    code, out, err = _main(capsys, "export", "1", "--no-refined", *data)
     assert code == 0 and "CRF maps" in out, err

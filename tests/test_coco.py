@@ -1,4 +1,4 @@
-"""COCO building blocks: masks <-> RLE/polygons, streaming writers, panoptic/label PNGs."""
+"""COCO building blocks: masks <-> RLE, streaming writers, panoptic/label PNGs."""
 from __future__ import annotations
 
 import json
@@ -8,50 +8,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from scipy import ndimage
 
-from stego_app import coco
-
-
-def _random_masks(n: int, seed: int = 0):
-    """Blobs, noise, rings and diagonal pinches of random sizes."""
-    rng = np.random.default_rng(seed)
-    for t in range(n):
-        h, w = (int(v) for v in rng.integers(1, 24, 2))
-        m = rng.random((h, w)) < rng.random()
-        if t % 3 == 1:
-            m = ndimage.binary_opening(m) if m.any() else m
-        elif t % 3 == 2 and m.any():
-            m = ndimage.binary_dilation(m) ^ m        # thin outlines: holes and pinches
-        yield m
-
-
-def test_polygons_rasterise_back_exactly_one_per_component():
-    for m in _random_masks(1500):
-        polys = coco.mask_to_polygons(m)
-        back = coco.polygons_to_mask(polys, *m.shape).astype(bool)
-        assert np.array_equal(back, m)
-        assert len(polys) == ndimage.label(m, structure=np.ones((3, 3)))[1]
-        assert all(len(p) >= 8 and len(p) % 2 == 0 for p in polys)
-
-
-def test_ring_is_one_polygon_that_leaves_the_hole_empty():
-    m = np.zeros((9, 9), bool)
-    m[1:8, 1:8] = True
-    m[3:6, 3:6] = False
-    assert sorted(coco.loop_area(lp) for lp in coco.trace_loops(m)) == [-9, 49]
-    [poly] = coco.mask_to_polygons(m)            # tools that read only the first polygon get it all
-    back = coco.polygons_to_mask([poly], 9, 9)
-    assert back[4, 4] == 0 and back.sum() == 40
-    assert np.array_equal(back.astype(bool), m)
-
-
-def test_corner_touching_pixels_are_one_polygon_or_separate_loops():
-    m = np.eye(4, dtype=bool) | np.eye(4, dtype=bool)[::-1]     # an X: pinches everywhere
-    assert len(coco.trace_loops(m, connectivity=4)) == 5      # 4 corner pixels + the centre block
-    assert len(coco.trace_loops(m, connectivity=8)) == 1
-    [poly] = coco.mask_to_polygons(m)
-    assert np.array_equal(coco.polygons_to_mask([poly], 4, 4).astype(bool), m)
+from stego_app import coco, masks
+from tests.test_polygons import _random_masks
 
 
 def test_rle_area_and_bbox_agree_with_pycocotools():
@@ -66,29 +25,6 @@ def test_rle_area_and_bbox_agree_with_pycocotools():
     assert coco.mask_bbox(np.zeros((3, 4), bool)) == [0, 0, 0, 0]
 
 
-def test_instance_segments_split_components_and_drop_small_ones():
-    cat = np.zeros((20, 30), np.int64)
-    cat[2:8, 2:10] = 5           # 48 px
-    cat[12:14, 20:22] = 5        # 4 px: below min_area
-    cat[10:18, 0:4] = 7          # 32 px
-    cat[9, 4] = 7                # touches the block only diagonally: same component (8-connected)
-    segs = list(coco.instance_segments(cat, min_area=10))
-    assert [(s.category_id, s.area, s.bbox) for s, _, _ in segs] == [
-        (5, 48, [2, 2, 8, 6]), (7, 33, [0, 9, 5, 9])]
-    for s, sl, comp in segs:
-        full = np.zeros(cat.shape, bool)
-        full[sl] = comp
-        assert np.array_equal(coco.polygons_to_mask(s.segmentation, 20, 30).astype(bool), full)
-        assert s.iscrowd == 0
-    assert len(list(coco.instance_segments(cat, min_area=1))) == 3
-
-
-def test_category_map_maps_void_and_unknown_clusters_to_zero():
-    lut = np.array([0, 3, 3, 9])
-    seg = np.array([[0, 1, 2], [3, 4, 1]])
-    assert coco.category_map(seg, lut).tolist() == [[0, 3, 3], [9, 0, 3]]
-
-
 def _write_sample(path, n_images=3, seed=0):
     rng = np.random.default_rng(seed)
     cats = [coco.category_entry(4, "sky"), coco.category_entry(11, "tree")]
@@ -99,8 +35,9 @@ def _write_sample(path, n_images=3, seed=0):
             cat = np.where(rng.random((h, w_)) < 0.5, 4, 11)
             cat[: h // 3] = 0
             w.add_image(coco.image_entry(100 + i, f"img{i}.jpg", w_, h))
-            for seg, mask in coco.stuff_segments(cat):
-                sources[w.add_segment(100 + i, seg)] = mask
+            for cid, mask in masks.label_masks(cat):
+                rle, area, bbox = masks.rle_area_bbox(mask)
+                sources[w.add_segment(100 + i, coco.Segment(cid, rle, area, bbox, 1))] = mask
     return sources
 
 
@@ -154,9 +91,10 @@ def test_panoptic_writer_json_and_pngs_match(tmp_path):
     with coco.PanopticWriter(tmp_path / "pan.json", tmp_path / "pan", {}, cats) as w:
         ids = np.zeros(cat.shape, np.uint32)
         infos = []
-        for seg, sl, comp in coco.instance_segments(cat, min_area=1):
-            infos.append(coco.panoptic_segment_info(len(infos) + 1, seg))
-            ids[sl][comp] = len(infos)
+        for r in masks.regions(cat, {2}, min_area=1):
+            infos.append({"id": len(infos) + 1, "category_id": r.category_id, "area": r.area,
+                          "bbox": r.bbox, "iscrowd": 0})
+            ids[r.rows, r.cols][r.mask] = len(infos)
         w.add_image(coco.image_entry(7, "a.jpg", 12, 12), "a.png", ids, infos)
     data = json.loads((tmp_path / "pan.json").read_text())
     assert data["categories"] == [{"id": 2, "name": "road", "supercategory": "", "isthing": 1,
@@ -176,10 +114,3 @@ def test_label_png_uses_16_bit_only_when_needed(tmp_path):
     a = np.array([[0, 300], [60000, 7]], np.uint16)
     coco.write_png(tmp_path / "l.png", a)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "l.png")), a)
-
-
-def test_unique_png_names_do_not_collide():
-    used: set[str] = set()
-    assert coco.unique_png_name("dir/a.jpg", 1, used) == "a.png"
-    assert coco.unique_png_name("a.png", 2, used) == "a_2.png"
-    assert coco.unique_png_name("b.tif", 3, used) == "b.png"

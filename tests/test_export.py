@@ -16,7 +16,9 @@ from PIL import Image as PILImage
 from pycocotools.coco import COCO
 from scipy import ndimage
 
-from stego_app import coco
+import shapely
+
+from stego_app import coco, label_kinds
 from stego_app.labels import annotations, mapping
 from stego_app.config import AppConfig
 from stego_app.context import create_context
@@ -171,9 +173,10 @@ def test_confirmed_only_exports_just_the_confirmed_images(app):
     assert {a["image_id"] for a in data["annotations"]} == {chosen}
 
 
-def test_instance_style_polygons_match_components(app):
+def test_polygons_style_things_per_object_stuff_per_image_exact_and_valid(app):
     ctx, run_id, raw, _ = app
-    info = export_run(ctx, run_id, ExportOptions(style="instance", crf=False, min_area=10))
+    label_kinds.set_label_kind(ctx, run_id, "tree", "thing")
+    info = export_run(ctx, run_id, ExportOptions(style="polygons", crf=False, min_area=10, tolerance=0))
     assert not info.crf_used
     ids = _label_ids(ctx, run_id)
     api = COCO(str(info.json_path))
@@ -181,30 +184,32 @@ def test_instance_style_polygons_match_components(app):
     for image_id, seg in raw.items():
         expected = _expected(seg, ids)
         anns = api.loadAnns(api.getAnnIds(imgIds=[image_id]))
-        kept = 0
-        for cid in set(np.unique(expected)) - {0}:
-            comps, _ = ndimage.label(expected == cid, structure=np.ones((3, 3)))
-            sizes = np.bincount(comps.ravel())[1:]
-            kept += int((sizes >= 10).sum())
-        assert len(anns) == kept
+        comps, _ = ndimage.label(expected == ids["tree"], structure=np.ones((3, 3)))
+        kept = int((np.bincount(comps.ravel())[1:] >= 10).sum())
+        stuff = [c for c in (ids["sky"], ids["road"]) if (expected == c).any()]
+        assert len(anns) == kept + len(stuff)
         for a in anns:
-            assert a["iscrowd"] == 0 and len(a["segmentation"]) == 1   # one polygon, holes bridged
             m = api.annToMask(a).astype(bool)
-            assert a["area"] == int(m.sum()) >= 10 and a["bbox"] == coco.mask_bbox(m)
-            assert np.all(expected[m] == a["category_id"])     # the polygon covers only its label
-            comps, _ = ndimage.label(expected == a["category_id"], structure=np.ones((3, 3)))
-            assert len(set(np.unique(comps[m]))) == 1          # ... and exactly one whole component
-            assert (comps == comps[m][0]).sum() == m.sum()
+            assert a["iscrowd"] == 0 and a["area"] == int(m.sum()) and a["bbox"] == coco.mask_bbox(m)
+            for p in a["segmentation"]:
+                ring = shapely.Polygon(np.asarray(p, float).reshape(-1, 2))
+                assert ring.is_valid and not ring.interiors
+            if a["category_id"] == ids["tree"]:               # one whole object
+                assert len(set(np.unique(comps[m]))) == 1 and (comps == comps[m][0]).sum() == m.sum() >= 10
+            else:                                             # the whole stuff label, exactly
+                assert np.array_equal(m, expected == a["category_id"])
             n += 1
     assert n == info.n_annotations > 0
 
 
 def test_panoptic_and_label_pngs_agree_with_the_masks(app):
     ctx, run_id, _, crf = app
-    info = export_run(ctx, run_id, ExportOptions(panoptic=True, label_pngs=True))
+    label_kinds.set_label_kind(ctx, run_id, "tree", "thing")
+    info = export_run(ctx, run_id, ExportOptions(panoptic=True, label_pngs=True, min_area=0))
     ids = _label_ids(ctx, run_id)
     pan = json.loads(info.panoptic_json_path.read_text())
-    assert {c["id"]: c["isthing"] for c in pan["categories"]} == {v: 0 for v in ids.values()}
+    assert {c["id"]: c["isthing"] for c in pan["categories"]} == {
+        ids["sky"]: 0, ids["road"]: 0, ids["tree"]: 1}
     by_image = {a["image_id"]: a for a in pan["annotations"]}
     legend = json.loads((info.labels_dir / "categories.json").read_text())
     assert {c["name"]: c["id"] for c in legend["categories"]} == ids
@@ -213,9 +218,14 @@ def test_panoptic_and_label_pngs_agree_with_the_masks(app):
         ann = by_image[image_id]
         png = coco.decode_panoptic(np.asarray(PILImage.open(info.directory / "annotations" /
                                                             "panoptic_default" / ann["file_name"])))
+        comps, n_trees = ndimage.label(expected == ids["tree"], structure=np.ones((3, 3)))
+        assert sum(s["category_id"] == ids["tree"] for s in ann["segments_info"]) == n_trees
         for s in ann["segments_info"]:
             m = png == s["id"]
-            assert np.array_equal(m, expected == s["category_id"])
+            if s["category_id"] == ids["tree"]:                # a thing: one object per segment
+                assert (comps == comps[m][0]).sum() == m.sum()
+            else:
+                assert np.array_equal(m, expected == s["category_id"])
             assert s["area"] == int(m.sum()) and s["bbox"] == coco.mask_bbox(m)
         assert np.array_equal(png == 0, expected == 0)
         label_png = np.asarray(PILImage.open(info.labels_dir / ann["file_name"]))
@@ -256,6 +266,9 @@ def test_crf_falls_back_to_raw_segments_when_the_run_has_none(app):
 
 def test_images_without_annotations_are_reported(app):
     ctx, run_id, _, _ = app
+    label_kinds.set_label_kind(ctx, run_id, "sky", "thing")
+    label_kinds.set_label_kind(ctx, run_id, "tree", "thing")
+    label_kinds.set_label_kind(ctx, run_id, "road", "thing")
     info = export_run(ctx, run_id, ExportOptions(style="instance", min_area=10_000))
     assert info.n_annotations == 0 and info.n_images == 3
     assert any("3 images got no annotation" in w for w in info.warnings)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 from sqlalchemy import delete, func, select
 
+from stego_app import masks
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.labels.mapping import Mapping, get_done_run, snapshot
@@ -35,27 +35,12 @@ class SeedAnnotationInfo:
 
 # ---------------------------------------------------------------- seed annotations
 
-def _encode(mask: np.ndarray) -> tuple[dict, int, tuple[int, int, int, int]]:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    area = int(mask_utils.area(rle))
-    bbox = tuple(int(round(v)) for v in mask_utils.toBbox(rle))
-    counts = rle["counts"]
-    return ({"size": [int(x) for x in rle["size"]],
-             "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}, area, bbox)  # type: ignore[return-value]
-
-
 def _compute_image(mapping: Mapping, position: int, size: tuple[int, int], crf: bool
-                   ) -> list[tuple[int, dict, int, tuple[int, int, int, int]]]:
-    seg = read_segments(mapping.run_dir, position, crf, size=size)
-    out = []
-    for label_id, indices in sorted(mapping.label_clusters().items()):
-        mask = np.isin(seg, np.asarray(indices, dtype=np.int32))
-        if mask.any():
-            rle, area, bbox = _encode(mask)
-            out.append((label_id, rle, area, bbox))
-    return out
+                   ) -> list[tuple[int, dict, int, list[int]]]:
+    plan = masks.plan_categories([masks.ClusterEntry(c.index, c.label_id, c.label_name, None, None,
+                                                     c.ignored, c.colour) for c in mapping.clusters])
+    cat_map = masks.category_map(read_segments(mapping.run_dir, position, crf, size=size), plan.lut)
+    return [(cid, *masks.rle_area_bbox(mask)) for cid, mask in masks.label_masks(cat_map)]
 
 
 def seed_annotations(ctx, run_id: int, image_ids: Sequence[int] | None = None, crf: bool | None = None,

@@ -14,6 +14,9 @@ from stego_app.ui import formatting as H
 from stego_app.ui.common import guard, progress_cb
 
 
+_EXTRA = ("include_images", "label_studio", "ls_regions", "ls_image_prefix", "tolerance", "stuff_iscrowd")
+
+
 def _dataclass_from(cls, values: dict[str, Any]):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
@@ -29,10 +32,10 @@ class ExportTab:
                     "clusters are left out unless you include them).")
         with gr.Row():
             self.style = gr.Radio(label="Annotation style",
-                                  choices=[("stuff: one mask per image and label", "stuff"),
-                                           ("instance: one polygon set per connected region", "instance")],
-                                  value=d.style, elem_id="export-style")
-            self.min_area = gr.Number(label="Smallest region kept (px, instance style)",
+                                  choices=[("masks: pixel-exact RLE (things: one per object, stuff: one per image)", "stuff"),
+                                           ("polygons: editable outlines, simplified", "instance")],
+                                  value={"masks": "stuff", "polygons": "instance"}[d.style], elem_id="export-style")
+            self.min_area = gr.Number(label="Smallest object kept (px, thing labels)",
                                       value=d.min_area, precision=0, minimum=0, elem_id="export-min-area")
         with gr.Row():
             self.crf = gr.Checkbox(label="Use CRF-refined segments", value=d.crf, elem_id="export-crf")
@@ -43,7 +46,22 @@ class ExportTab:
             self.panoptic = gr.Checkbox(label="Also COCO panoptic", value=d.panoptic, elem_id="export-panoptic")
             self.pngs = gr.Checkbox(label="Also label PNGs", value=d.label_pngs, elem_id="export-pngs")
             self.refined = gr.Checkbox(label="Use maps refined with names (when ready)",
-                                       value=getattr(d, "refined", True), elem_id="export-refined")
+                                       value=d.refined, elem_id="export-refined")
+        # the newer options, built from ExportOptions' own labels and help texts
+        self.extra: dict[str, Any] = {}
+        with gr.Accordion("More formats and options (images, Label Studio, polygons, iscrowd)", open=False):
+            for name, default, meta in export_svc.option_fields():
+                if name not in _EXTRA:
+                    continue
+                kw = dict(label=meta["label"], info=meta["help"], value=default, elem_id=f"export-{name}")
+                if isinstance(default, bool):
+                    self.extra[name] = gr.Checkbox(**kw)
+                elif meta.get("choices"):
+                    self.extra[name] = gr.Radio(choices=list(meta["choices"]), **kw)
+                elif isinstance(default, (int, float)):
+                    self.extra[name] = gr.Number(minimum=0, **kw)
+                else:
+                    self.extra[name] = gr.Textbox(**kw)
         self.export_btn = gr.Button("Export COCO", variant="primary", elem_id="btn-export")
         self.summary_md = gr.Markdown(elem_id="export-summary")
         self.download_btn = gr.DownloadButton("Download export (.zip)", visible=False, elem_id="btn-download")
@@ -70,7 +88,7 @@ class ExportTab:
 
     @guard
     def on_export(self, run_id, style, min_area, use_crf, confirmed_only, unnamed, panoptic, pngs, use_refined,
-                  progress=gr.Progress()):
+                  *extra, progress=gr.Progress()):
         run_id = H.as_id(run_id, "run")
         if run_id is None:
             raise UserError("no run selected")
@@ -78,6 +96,10 @@ class ExportTab:
                       min_area=int(min_area if min_area is not None else self.defaults.min_area),
                       panoptic=bool(panoptic), label_pngs=bool(pngs), include_unnamed=bool(unnamed),
                       refined=bool(use_refined))
+        for name, value in zip(self.extra, extra):
+            if name == "stuff_iscrowd":
+                value = int(value)
+            wanted[name] = value
         options = _dataclass_from(export_svc.ExportOptions, wanted)
         info = export_svc.export_run(self.ctx, run_id, options, progress=progress_cb(progress, "Exporting"))
         if info.status != "done" or not info.zip_path:
@@ -88,5 +110,5 @@ class ExportTab:
     def wire(self) -> None:
         self.export_btn.click(self.on_export, [self.app.run_dd, self.style, self.min_area, self.crf,
                                                self.confirmed, self.unnamed, self.panoptic, self.pngs,
-                                               self.refined],
+                                               self.refined, *self.extra.values()],
                               self.outputs)

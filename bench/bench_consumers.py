@@ -1,0 +1,46 @@
+"""Feed the exports to the real consumer tools, each in its own venv (opt-in; needs the venvs).
+
+    python bench/bench_consumers.py [--venvs /work/venvs] [--port 7840]
+
+Makes the exports (bench/consumers_make_exports.py, this interpreter), then runs
+bench/consumers/check_datumaro.py with PyPI Datumaro (venv dm) and CVAT's fork (venv cvatdm)
+and bench/consumers/check_label_studio.py with a real Label Studio server (venv ls);
+writes bench/results/consumers.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(python: Path, script: str, *args: str) -> dict:
+    out = subprocess.run([str(python), str(HERE / "consumers" / script), *args], capture_output=True,
+                         text=True, timeout=900)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"ok": False, "error": out.stderr[-2000:]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--venvs", type=Path, default=Path("/work/venvs"))
+    p.add_argument("--port", default="7840")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="consumers-"))
+    subprocess.run([sys.executable, str(HERE / "consumers_make_exports.py"), str(work)], check=True,
+                   capture_output=True)
+    exports = str(work / "exports.json")
+    result = {"datumaro_pypi": _run(a.venvs / "dm/bin/python", "check_datumaro.py", exports),
+              "datumaro_cvat_fork": _run(a.venvs / "cvatdm/bin/python", "check_datumaro.py", exports),
+              "label_studio_server": _run(a.venvs / "ls/bin/python", "check_label_studio.py", exports, a.port)}
+    (HERE / "results" / "consumers.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
