@@ -531,6 +531,22 @@ def extract_features(image_paths: Sequence[Path], backbone: Backbone, config: Fe
     return FeatureStore.open(root)
 
 
+def encode_batch(backbone: Backbone, x: torch.Tensor, flip: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """What the store keeps of one batch (call under inference_mode + autocast): float16 tokens
+    (B, h, w, C), the flipped image's tokens flipped back (or None), L2-normalised pooled (B, C)."""
+    x = x.to(backbone.device, non_blocking=True)
+    B = x.shape[0]
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    f = backbone(x).float().permute(0, 2, 3, 1).to(torch.float16)  # (B', h, w, C)
+    main = np.ascontiguousarray(f[:B].cpu().numpy())
+    flipped = np.ascontiguousarray(f[B:].flip(2).cpu().numpy()) if flip else None
+    pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return main, flipped, pooled
+
+
 def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarray, backbone: Backbone,
                     config: FeatureConfig, pending: np.ndarray, progress: Callable[[int, int], None] | None,
                     cancel: Callable[[], bool] | None, precision: str) -> None:
@@ -548,17 +564,9 @@ def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarra
             for items, x in loader:
                 if cancel is not None and cancel():
                     raise Cancelled(f"feature extraction cancelled after {done_count} of {n} items")
-                x = x.to(device, non_blocking=True)
-                B = x.shape[0]
-                if config.flip:
-                    x = torch.cat([x, x.flip(-1)])
-                f = backbone(x).float().permute(0, 2, 3, 1).to(torch.float16)  # (B', h, w, C)
-                main = np.ascontiguousarray(f[:B].cpu().numpy())
-                flipped = np.ascontiguousarray(f[B:].flip(2).cpu().numpy()) if config.flip else None
-                pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)
-                pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+                main, flipped, pooled = encode_batch(backbone, x, config.flip)
                 writer.write(items, index, main, flipped, pooled)
-                done_count += B
+                done_count += len(items)
                 if progress:
                     progress(done_count, n)
         writer.sync()

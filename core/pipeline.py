@@ -136,9 +136,12 @@ def item_codes(head: SegmentationHead, store: FeatureStore, i: int) -> np.ndarra
 class StegoPipeline:
     """Fits STEGO on a list of images and segments them (and new images)."""
 
-    def __init__(self, config: PipelineConfig, run_dir: Path, cache_root: Path):
+    def __init__(self, config: PipelineConfig, run_dir: Path, cache_root: Path, engine=None):
+        """``engine``: a ``core.distributed.RayEngine`` for the features and segments/CRF stages
+        (None = this process and its local worker pool)."""
         config.validate()
         self.config = config
+        self.engine = engine
         self.run_dir = Path(run_dir)
         self.dir = RunDir(self.run_dir)
         self.cache_root = Path(cache_root)
@@ -285,7 +288,7 @@ class StegoPipeline:
 
     def _extract(self, paths: list[Path], report: Progress, check: Callable[[], bool]) -> dict[str, FeatureStore]:
         cfg = self.config.features
-        backbone = self.backbone()
+        backbone = self.backbone() if self.engine is None else None
         root = self.cache_root / "features"
         # Inference needs whole images; five-crop items are for training only.
         jobs = [("infer", dataclasses.replace(cfg, crop_mode="none"))]
@@ -296,6 +299,11 @@ class StegoPipeline:
             def on_batch(done: int, total: int, j: int = j) -> None:
                 report("features", (j + done / max(total, 1)) / len(jobs),
                        {"items": done, "total": total, "part": j + 1, "parts": len(jobs)})
+            if self.engine is not None:
+                out[name] = self.engine.extract_features(paths, fcfg, root, checkpoint=self.config.checkpoint,
+                                                         device=self.config.device, weights_cache=self.cache_root,
+                                                         progress=on_batch, cancel=check)
+                continue
             out[name] = extract_features(paths, backbone, fcfg, root, progress=on_batch, cancel=check)
         out.setdefault("train", out["infer"])
         return out
@@ -387,7 +395,9 @@ class StegoPipeline:
         """Run the jobs over the worker pool and write each result as it arrives."""
         last_save = time.monotonic()
         finished = n - len(todo)
-        for i, res in zip(todo, ordered_map(cluster_map, jobs, self.config.n_jobs)):
+        mapper = self.engine.ordered_map(cluster_map, jobs) if self.engine is not None \
+            else ordered_map(cluster_map, jobs, self.config.n_jobs)
+        for i, res in zip(todo, mapper):
             if want_crf:
                 self.dir.write_segments(i, res.labels_crf, "crf")
             if want_argmax:
