@@ -55,6 +55,7 @@ ENV_ADDRESS = "STEGO_RAY_ADDRESS"
 LOCAL_ADDRESSES = ("auto", "local")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARD_SUFFIX = ".npz"
+WORKER_START_TIMEOUT_S = 600
 
 
 def address_from_env(environ: dict | None = None) -> str | None:
@@ -280,7 +281,13 @@ class RayEngine:
         ray = _ray()
         actors = self._feature_actors(config.backbone, checkpoint, device,
                                       str(weights_cache) if weights_cache else None)
-        infos = ray.get([a.describe.remote(config.precision) for a in actors])
+        try:
+            infos = ray.get([a.describe.remote(config.precision) for a in actors], timeout=WORKER_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.release_workers()
+            raise TimeoutError(f"{len(actors)} Ray feature workers did not start within {WORKER_START_TIMEOUT_S} s: "
+                               "the cluster has too few free CPUs/GPUs (another job holds them?) or the "
+                               "workers cannot load the backbone; lower num_workers or free the cluster") from None
         for field_name in ("name", "weights_id", "embed_dim", "patch_size", "precision"):
             values = {i[field_name] for i in infos}
             if len(values) > 1:

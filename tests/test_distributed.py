@@ -39,7 +39,7 @@ def ray_cluster():
            "--object-store-memory", str(200 << 20), "--include-dashboard", "false", "--temp-dir", temp,
            "--node-manager-port", "6381", "--object-manager-port", "6382", "--metrics-export-port", "6383",
            "--dashboard-agent-grpc-port", "6384", "--dashboard-agent-listen-port", "6385",
-           "--runtime-env-agent-port", "6386", "--ray-client-server-port", "6387"]
+           "--runtime-env-agent-port", "6386"]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
     address = f"127.0.0.1:{HEAD_PORT}"
@@ -61,7 +61,7 @@ def ray_cluster():
             ray.shutdown()
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -139,14 +139,16 @@ def test_ray_feature_extraction_resumes_per_shard(tmp_path, engine):
         np.testing.assert_array_equal(ref.tokens(i), store.tokens(i))
 
 
-def test_shards_can_be_staged_in_an_fsspec_url(tmp_path, ray_cluster):
+def test_shards_can_be_staged_in_an_fsspec_url(tmp_path, engine):
     paths = _write_images(tmp_path / "imgs", n=4, seed=7)
     cfg = FeatureConfig(backbone="test_tiny", resolution=32, batch_size=2)
     staging = f"file://{tmp_path / 'bucket'}"
-    eng = RayEngine(RayConfig(address=ray_cluster, shard_items=2, staging=staging))
+    engine.release_workers()               # the cluster has 2 CPUs: one engine's actors at a time
+    eng = RayEngine(RayConfig(address=engine.config.address, shard_items=2, staging=staging))
     store = eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu")
     assert store.complete and eng.last_stats["features"]["shards"] == 2
     assert Location(staging + "/" + store.root.name).list() == []      # ingested, then removed
+    eng.release_workers()
 
 
 def test_without_an_address_there_is_no_engine(monkeypatch):
