@@ -39,15 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("bench_scale")
 RESULTS = ROOT / "bench" / "results"
+PARTIAL = Path(os.environ.get("BENCH_SCALE_PARTIAL", "/tmp/bench_scale_partial.jsonl"))
 CAMVID = ROOT.parent / "shared" / "data" / "camvid" / "train" / "images"
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_features import _status_mb  # noqa: E402  (VmRSS / VmHWM of this process)
 
 
 def synthetic_pooled(n: int, d: int = 384, seed: int = 0, centres: int = 500, latent: int = 24) -> np.ndarray:
@@ -349,11 +346,14 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "knn":
-            print(json.dumps(knn_child(int(rest[0]), rest[1], rest[2] if len(rest) > 2 else None)))
+            out = knn_child(int(rest[0]), rest[1], rest[2] if len(rest) > 2 else None)
         elif kind == "run":
-            print(json.dumps(run_child(int(rest[0]), Path(rest[1]), int(rest[2]), rest[3] == "1")))
-        elif kind == "ray":
-            print(json.dumps(ray_child(int(rest[0]), int(rest[1]), Path(rest[2]))))
+            out = run_child(int(rest[0]), Path(rest[1]), int(rest[2]), rest[3] == "1")
+        else:
+            out = ray_child(int(rest[0]), int(rest[1]), Path(rest[2]))
+        with open(PARTIAL, "a") as f:      # kept even if the parent is stopped before it writes the results
+            f.write(json.dumps({"kind": kind, **out}) + "\n")
+        print(json.dumps(out))
         return
     if args.quick:
         args.knn_sizes, args.run_sizes, args.steps, args.ray_images = [5000], [3000], 5, 8
