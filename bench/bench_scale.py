@@ -272,10 +272,15 @@ def write_md(result: dict) -> None:
          "## KNN table (k = 30), synthetic clustered pooled features, 384 dims", "",
          "| N | method | seconds | recall@30 vs exact | estimated recall (512 queries) | peak RSS MB (input alone) |",
          "| --- | --- | --- | --- | --- | --- |"]
+    def num(v, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
     for r in result["knn"]:
-        est = r["info"]["recall_estimate"] if r.get("info") and r["info"].get("recall_estimate") is not None else None
-        L.append(f"| {r['n']:,} | {r['method']} | {r['seconds']:.1f} | {r.get('recall_at_30', float('nan')):.4f} | "
-                 f"{'-' if est is None else f'{est:.4f}'} | {r['peak_rss_mb']:.0f} ({r['rss_with_input_mb']:.0f}) |")
+        est = (r.get("info") or {}).get("recall_estimate")
+        rss = f"{num(r.get('peak_rss_mb'), '.0f')} ({num(r.get('rss_with_input_mb'), '.0f')})"
+        note = f" ({r['note']})" if r.get("note") else ""
+        L.append(f"| {r['n']:,} | {r['method']}{note} | {r['seconds']:.1f} | {num(r.get('recall_at_30'), '.4f')} | "
+                 f"{num(est, '.4f')} | {rss} |")
     L += ["", ("The former hand-written chunked torch search took 192.3 s on 100,000 x 384 "
                "(bench/results/features.json); `torch_chunked` rows re-time it here under today's load. "
                "`auto` uses exact search up to `core.knn.EXACT_MAX_ITEMS` = 20,000 items and IVF beyond: "
