@@ -43,7 +43,6 @@ PARTIAL = Path(os.environ.get("BENCH_SCALE_PARTIAL", "/tmp/bench_scale_partial.j
 CAMVID = ROOT.parent / "shared" / "data" / "camvid" / "train" / "images"
 
 
-sys.path.insert(0, str(ROOT / "bench"))
 from bench_features import _status_mb  # noqa: E402  (VmRSS / VmHWM of this process)
 
 

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from core.errors import Cancelled
+from core.atomic import atomic_write_json
 from core.features import (FeatureConfig, FeatureStore, _batches, _locked, _open_or_create, _scan,
-                           _write_json_atomic, _Writer, cache_key, META, BOXES)
+                           _Writer, cache_key, META, BOXES)
 from core.storage import Location
 
 log = logging.getLogger(__name__)
@@ -335,7 +336,7 @@ class RayEngine:
                 writer.close()
             meta = dict(store.meta, completed=time.time(), seconds=round(time.perf_counter() - t0, 3),
                         engine={"ray": self.config.address, **{k: stats[k] for k in ("workers", "devices")}})
-            _write_json_atomic(root / META, meta)
+            atomic_write_json(root / META, meta)
         stats["seconds"] = time.perf_counter() - t0
         self.last_stats["features"] = stats
         return FeatureStore.open(root)

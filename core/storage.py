@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from core.atomic import atomic_write_bytes
 
 __all__ = ["Location", "TMP_SUFFIX"]
 
@@ -62,7 +63,8 @@ class Location:
         except FileNotFoundError:
             return []
         names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
-        return sorted(n for n in names if n.endswith(suffix) and not n.endswith(TMP_SUFFIX))
+        return sorted(n for n in names if n.endswith(suffix) and not n.endswith(TMP_SUFFIX)
+                      and not n.startswith("."))
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open(self.path(name), "rb") as f:
@@ -75,12 +77,7 @@ class Location:
         if parent:
             self.fs.makedirs(parent, exist_ok=True)
         if self.is_local:
-            tmp = f"{target}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write_bytes(target, data)
         else:  # object stores: a single PUT is atomic; in-memory and others: written in one call
             self.fs.pipe_file(target, data)
 
