@@ -251,13 +251,19 @@ def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int 
     """Up to ``max_tokens`` token rows drawn evenly over items (float32).
 
     Each item contributes in proportion to its token count. ``transform`` (e.g. the
-    head's encoder) maps an item's sampled (t, C) tokens to (t, D) before stacking.
+    head's encoder) maps sampled (t, C) token rows to (t, D) before stacking; it must act
+    row by row (corpora with more items than ``max_tokens`` transform rows of several
+    items at once). Memory is O(max_tokens) whatever the corpus size: with more items
+    than ``max_tokens``, positions are drawn uniformly over all tokens instead of at least
+    one per item (which would return one row per item).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     rng = np.random.default_rng(seed)
     n = len(features)
-    sizes = np.array([h * w for h, w in (features.grid(i) for i in range(n))], dtype=np.int64)
+    sizes = np.fromiter((h * w for h, w in (features.grid(i) for i in range(n))), dtype=np.int64, count=n)
+    if n > max_tokens:
+        return _sample_uniform(features, sizes, max_tokens, rng, transform)
     frac = min(1.0, max_tokens / max(int(sizes.sum()), 1))
     parts = []
     for i in range(n):
@@ -266,3 +272,37 @@ def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int 
         x = np.asarray(features.tokens(i)[pos], dtype=np.float32)
         parts.append(transform(x) if transform is not None else x)
     return np.concatenate(parts)
+
+
+def _sample_uniform(features: TokenFeatures, sizes: np.ndarray, max_tokens: int, rng: np.random.Generator,
+                    transform: Callable[[np.ndarray], np.ndarray] | None, block: int = 16_384) -> np.ndarray:
+    """``max_tokens`` distinct token positions uniform over the whole corpus, read item by item."""
+    ends = np.cumsum(sizes)
+    picks = np.sort(rng.choice(int(ends[-1]), size=max_tokens, replace=False))
+    items = np.searchsorted(ends, picks, side="right")
+    local = picks - (ends[items] - sizes[items])
+    bounds = np.flatnonzero(np.diff(items)) + 1
+    out: np.ndarray | None = None
+    pending: list[np.ndarray] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal out, filled
+        x = np.concatenate(pending)
+        pending.clear()
+        y = transform(x) if transform is not None else x
+        if out is None:
+            out = np.empty((max_tokens, y.shape[1]), dtype=np.float32)
+        out[filled:filled + len(y)] = y
+        filled += len(y)
+
+    rows = 0
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(picks)]):
+        pending.append(np.asarray(features.tokens(int(items[lo]))[local[lo:hi]], dtype=np.float32))
+        rows += hi - lo
+        if rows >= block:
+            flush()
+            rows = 0
+    if pending:
+        flush()
+    return out

@@ -543,6 +543,20 @@ def backbone_forward(backbone: "Backbone", x: torch.Tensor, flip: bool, precisio
     return f[:B], (f[B:].flip(2) if flip else None)
 
 
+def encode_batch(backbone: "Backbone", x: torch.Tensor, flip: bool, precision: str
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """What the store keeps of one batch: float16 tokens (B, h, w, C), the flipped image's tokens
+    flipped back (or None), L2-normalised pooled (B, C)."""
+    x = x.to(backbone.device, non_blocking=True)
+    B = x.shape[0]
+    f, f_flip = backbone_forward(backbone, x, flip, precision)   # (B, h, w, C)
+    main = np.ascontiguousarray(f.to(torch.float16).cpu().numpy())
+    flipped = np.ascontiguousarray(f_flip.to(torch.float16).cpu().numpy()) if f_flip is not None else None
+    pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return main, flipped, pooled
+
+
 def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarray, backbone: Backbone,
                     config: FeatureConfig, pending: np.ndarray, progress: Callable[[int, int], None] | None,
                     cancel: Callable[[], bool] | None, precision: str) -> None:
@@ -554,21 +568,13 @@ def _run_extraction(store: FeatureStore, paths: Sequence[Path], sizes: np.ndarra
         progress(done_count, n)
     loader = _Loader(paths, index, boxes, sizes, _batches(index, pending, config.batch_size), backbone, config)
     writer = _Writer(store.root, backbone.embed_dim, config.flip)
-    device = backbone.device
     try:
         for items, x in loader:
             if cancel is not None and cancel():
                 raise Cancelled(f"feature extraction cancelled after {done_count} of {n} items")
-            x = x.to(device, non_blocking=True)
-            B = x.shape[0]
-            f, f_flip = backbone_forward(backbone, x, config.flip, precision)   # (B, h, w, C)
-            main = np.ascontiguousarray(f.to(torch.float16).cpu().numpy())
-            flipped = (np.ascontiguousarray(f_flip.to(torch.float16).cpu().numpy())
-                       if f_flip is not None else None)
-            pooled = main.reshape(B, -1, main.shape[-1]).astype(np.float32).mean(axis=1)
-            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            main, flipped, pooled = encode_batch(backbone, x, config.flip, precision)
             writer.write(items, index, main, flipped, pooled)
-            done_count += B
+            done_count += len(items)
             if progress:
                 progress(done_count, n)
         writer.sync()

@@ -136,9 +136,12 @@ def item_codes(head: SegmentationHead, store: FeatureStore, i: int) -> np.ndarra
 class StegoPipeline:
     """Fits STEGO on a list of images and segments them (and new images)."""
 
-    def __init__(self, config: PipelineConfig, run_dir: Path, cache_root: Path):
+    def __init__(self, config: PipelineConfig, run_dir: Path, cache_root: Path, engine=None):
+        """``engine``: a ``core.distributed.RayEngine`` for the features and segments/CRF stages
+        (None = this process and its local worker pool)."""
         config.validate()
         self.config = config
+        self.engine = engine
         self.run_dir = Path(run_dir)
         self.dir = RunDir(self.run_dir)
         self.cache_root = Path(cache_root)
@@ -291,7 +294,7 @@ class StegoPipeline:
 
     def _extract(self, paths: list[Path], report: Progress, check: Callable[[], bool]) -> dict[str, FeatureStore]:
         cfg = self.config.features
-        backbone = self.backbone()
+        backbone = self.backbone() if self.engine is None else None
         root = self.cache_root / "features"
         # Inference needs whole images; five-crop items are for training only.
         jobs = [("infer", dataclasses.replace(cfg, crop_mode="none"))]
@@ -302,6 +305,11 @@ class StegoPipeline:
             def on_batch(done: int, total: int, j: int = j) -> None:
                 report("features", (j + done / max(total, 1)) / len(jobs),
                        {"items": done, "total": total, "part": j + 1, "parts": len(jobs)})
+            if self.engine is not None:
+                out[name] = self.engine.extract_features(paths, fcfg, root, checkpoint=self.config.checkpoint,
+                                                         device=self.config.device, weights_cache=self.cache_root,
+                                                         progress=on_batch, cancel=check)
+                continue
             out[name] = extract_features(paths, backbone, fcfg, root, progress=on_batch, cancel=check)
         out.setdefault("train", out["infer"])
         return out
@@ -394,7 +402,9 @@ class StegoPipeline:
         last_save = time.monotonic()
         finished = n - len(todo)
         job_s = crf_s = 0.0
-        for i, res in zip(todo, ordered_map(cluster_map, jobs, self.config.n_jobs)):
+        mapper = self.engine.ordered_map(cluster_map, jobs) if self.engine is not None \
+            else ordered_map(cluster_map, jobs, self.config.n_jobs)
+        for i, res in zip(todo, mapper):
             job_s, crf_s = job_s + res.seconds, crf_s + res.crf_seconds
             if want_argmax and want_crf and job_s > 0:
                 self._crf_share = crf_s / job_s

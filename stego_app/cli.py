@@ -53,6 +53,9 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     g.add_argument("--backbone", default=d, help="backbone name (default: best available)")
     g.add_argument("--weights", default=d, help="checkpoint file for the backbone")
     g.add_argument("--device", default=d, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--ray", default=d, metavar="ADDRESS", dest="ray_address",
+                   help="run features and segments/CRF on a Ray cluster: host:port, ray://host:10001, or auto "
+                        "(a local cluster); STEGO_RAY_ADDRESS; needs requirements-ray.txt")
     g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress else 0,
                    help="more log output (-vv for debug)")
     return p
@@ -282,7 +285,7 @@ def _config(args: argparse.Namespace, **extra) -> AppConfig:
         data_dir=getattr(args, "data_dir", None), database_url=getattr(args, "database_url", None),
         cache_dir=getattr(args, "cache_dir", None), allowed_roots=getattr(args, "allowed_root", None),
         backbone=getattr(args, "backbone", None), weights=getattr(args, "weights", None),
-        device=getattr(args, "device", None))
+        device=getattr(args, "device", None), ray_address=getattr(args, "ray_address", None))
     flags.update(extra)
     return AppConfig.from_env(**flags)
 

@@ -55,6 +55,7 @@ class AppConfig:
     worker: bool = True                      # start the background run worker
     pipeline_jobs: int = 2                   # processes for the segments/CRF stages (1 = in-process)
     precision: str = "auto"                  # backbone compute precision (core.constants.PRECISIONS)
+    ray_address: str | None = None           # STEGO_RAY_ADDRESS / --ray: Ray engine ("auto" = local cluster)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "AppConfig":
@@ -95,6 +96,7 @@ class AppConfig:
         except ValueError as exc:
             raise UserError(f"bad number in a STEGO_* variable: {exc}") from None
         cfg.auth = parse_auth(get("AUTH"))
+        cfg.ray_address = get("RAY_ADDRESS")
         if (v := get("DEMO")) is not None:
             cfg.demo = _parse_bool(v)
         return cfg.with_overrides(**overrides)

@@ -101,10 +101,17 @@ def build_pipeline_config(params: RunParams, backbone: str, config: AppConfig):
                           n_jobs=max(1, config.pipeline_jobs))
 
 
-def default_pipeline_factory(pipeline_config, run_dir: Path, cache_root: Path):
+def default_pipeline_factory(pipeline_config, run_dir: Path, cache_root: Path, engine=None):
     from core.pipeline import StegoPipeline
 
-    return StegoPipeline(pipeline_config, run_dir, cache_root)
+    return StegoPipeline(pipeline_config, run_dir, cache_root, engine=engine)
+
+
+def _ray_engine(address: str):
+    """The process's Ray engine for ``address`` (core.distributed; connected once)."""
+    from core.distributed import engine_for
+
+    return engine_for(address)
 
 
 def resolve_backbone(params: RunParams, config: AppConfig) -> str:
@@ -339,7 +346,8 @@ class RunWorker:
                 s.execute(update(Run).where(Run.id == run_id).values(
                     backbone=pipeline_config.features.backbone))
             run_dir.mkdir(parents=True, exist_ok=True)
-            pipeline = self.pipeline_factory(pipeline_config, run_dir, self.config.cache_dir)
+            engine = {"engine": _ray_engine(self.config.ray_address)} if self.config.ray_address else {}
+            pipeline = self.pipeline_factory(pipeline_config, run_dir, self.config.cache_dir, **engine)
             result = pipeline.fit(paths, progress=progress, cancel=cancelled)
             self._finish(run_id, run_dir, result, progress.close())
             log.info("run %s done", run_id)
