@@ -1,0 +1,413 @@
+"""Propagation ("refine with names"): a token classifier trained on the names people gave clusters.
+
+After a person has named (some of) the K discovered clusters, every token whose cluster is
+named confidently becomes a pseudo-label; tokens of person-checked images become true seeds
+with a larger weight. A small classifier (MLP, or linear with ``hidden=0``) is trained on the
+*backbone features* of those tokens (not on the codes, which lose information), then predicts
+every token of every image; ``class_map`` upsamples its log-probabilities to the image and
+refines them with the dense CRF.
+
+    labels, weights = pseudo_labels(cluster_probs, cluster_to_class)      # per item
+    prop = Propagator(n_classes).fit(features, labels_per_item, weights_per_item)
+    log_p = prop.predict_log_proba(features.tokens(i))                     # (T, n_classes)
+    result = class_map(ClassMapJob(log_p.reshape(h, w, -1), size, image_path, crf=True))
+
+This module imports torch only inside ``Propagator``'s methods, so worker processes that run
+``class_map`` start without it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from core.crf import CRFParams, crf_marginals, crf_size
+from core.errors import Cancelled
+from core.tokens import TokenFeatures
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Propagator", "pseudo_labels", "cluster_probabilities", "ClassMapJob", "ClassMap", "class_map",
+           "DEFAULT_PSEUDO_ALPHA"]
+
+# Temperature for cluster probabilities used to rank pseudo-labels (confidence = sigmoid(alpha *
+# margin) is monotone in the margin, so selection by quantile does not depend on it).
+DEFAULT_PSEUDO_ALPHA = 10.0
+
+Progress = Callable[[int, int, float], None]   # (step, steps, loss)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cluster_probabilities(vectors: np.ndarray, centroids: np.ndarray, alpha: float = DEFAULT_PSEUDO_ALPHA
+                          ) -> np.ndarray:
+    """(T, K) float32 softmax(alpha * cosine similarity) of (T, D) vectors to (K, D) centroids."""
+    logits = alpha * (_normalize(vectors) @ _normalize(centroids).T)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    return p.astype(np.float32)
+
+
+def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *, min_confidence: float = 0.5
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels of one item's tokens from cluster probabilities and the names of the clusters.
+
+    ``cluster_probs`` (T, K): each token's cluster probabilities; ``cluster_to_class`` (K,) int:
+    the class each cluster was named, -1 = unnamed or ignored (void). A token takes the class of
+    its most probable cluster; it gets no label (-1) when that cluster is unnamed. Its weight is
+    the confidence ``q1 / (q1 + q2)`` in [0.5, 1], where q1 is the largest cluster probability
+    and q2 the largest among clusters named another class (or unnamed): many clusters of one
+    class do not make a token more confident. Tokens below ``min_confidence`` get no label.
+
+    Returns (labels (T,) int64, weights (T,) float32; 0 where unlabelled).
+    """
+    p = np.asarray(cluster_probs, dtype=np.float32)
+    names = np.asarray(cluster_to_class).astype(np.int64).ravel()
+    if p.ndim != 2 or p.shape[1] != names.shape[0]:
+        raise ValueError(f"cluster_probs must be (T, K) with K = len(cluster_to_class) = {names.shape[0]}, "
+                         f"got {p.shape}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    if p.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    top = p.argmax(axis=1)
+    q1 = p[np.arange(p.shape[0]), top]
+    cls = names[top]
+    # unnamed clusters are each their own "class" for the margin (their key: -1 - k)
+    keys = np.where(names >= 0, names, -1 - np.arange(names.shape[0]))
+    other = np.where(keys[None, :] != keys[top][:, None], p, 0.0)
+    q2 = other.max(axis=1)
+    conf = q1 / np.maximum(q1 + q2, 1e-12)
+    labels = np.where((cls >= 0) & (conf >= min_confidence), cls, -1).astype(np.int64)
+    weights = np.where(labels >= 0, conf, 0.0).astype(np.float32)
+    return labels, weights
+
+
+class Propagator:
+    """Token classifier trained on pseudo-labels and seeds (scikit-learn style).
+
+    Hyper-parameters:
+    - ``hidden``: width of the MLP's hidden layer; 0 = a linear classifier.
+    - ``keep_fraction``: per class, the share of its labelled tokens kept for training, the ones
+      with the largest weights (seeds, whose weights exceed 1, come first); 1 keeps all.
+    - ``class_balance``: loss weight of class c is (n_max / n_c) ** class_balance (0 = none,
+      0.5 = inverse square root, 1 = inverse frequency), n_c counted after selection.
+    - ``weighted``: multiply each token's loss by its weight (else 1 for pseudo-labels, the
+      weight for seeds only).
+    - ``max_tokens``: cap on training tokens held in memory (a uniform subsample beyond it), so
+      memory is flat in the number of images.
+    - ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``dropout``, ``label_smoothing``: training.
+    """
+
+    def __init__(self, n_classes: int, *, hidden: int = 256, keep_fraction: float = 0.7,
+                 class_balance: float = 0.5, weighted: bool = False, max_tokens: int = 300_000,
+                 steps: int = 1500, batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 dropout: float = 0.2, label_smoothing: float = 0.1, seed: int = 0, device: str = "cpu"):
+        self.n_classes = n_classes
+        self.hidden = hidden
+        self.keep_fraction = keep_fraction
+        self.class_balance = class_balance
+        self.weighted = weighted
+        self.max_tokens = max_tokens
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.dropout = dropout
+        self.label_smoothing = label_smoothing
+        self.seed = seed
+        self.device = device
+
+    # ----------------------------------------------------------------- helpers
+    def get_params(self) -> dict:
+        return {k: getattr(self, k) for k in ("n_classes", "hidden", "keep_fraction", "class_balance", "weighted",
+                                               "max_tokens", "steps", "batch_size", "lr", "weight_decay",
+                                               "dropout", "label_smoothing", "seed", "device")}
+
+    def _validate(self) -> None:
+        if int(self.n_classes) < 2:
+            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
+        if int(self.hidden) < 0:
+            raise ValueError(f"hidden must be >= 0 (0 = linear), got {self.hidden}")
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.class_balance < 0:
+            raise ValueError(f"class_balance must be >= 0, got {self.class_balance}")
+        for name in ("max_tokens", "steps", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("dropout and label_smoothing must be in [0, 1)")
+
+    def _build(self, in_dim: int):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.hidden:
+                net = torch.nn.Sequential(torch.nn.Linear(in_dim, self.hidden), torch.nn.GELU(),
+                                          torch.nn.Dropout(self.dropout), torch.nn.Linear(self.hidden, self.n_classes))
+            else:
+                net = torch.nn.Sequential(torch.nn.Dropout(self.dropout), torch.nn.Linear(in_dim, self.n_classes))
+        return net
+
+    def _select(self, features: TokenFeatures, labels: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None,
+                rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Per item, the positions kept for training; and the kept labels/weights (concatenated)."""
+        C = int(self.n_classes)
+        n = len(features)
+        if len(labels) != n or (weights is not None and len(weights) != n):
+            raise ValueError(f"labels (and weights) need one array per item: {n} items, {len(labels)} label arrays"
+                             + ("" if weights is None else f", {len(weights)} weight arrays"))
+        labs, wts = [], []
+        for i in range(n):
+            h, w = features.grid(i)
+            lab = np.asarray(labels[i]).astype(np.int64).ravel()
+            if lab.shape[0] != h * w:
+                raise ValueError(f"labels[{i}] has {lab.shape[0]} entries, item {i} has {h * w} tokens ({h}x{w})")
+            if lab.size and lab.max() >= C:
+                raise ValueError(f"labels[{i}] holds class {lab.max()} but n_classes is {C}")
+            wt = np.ones(lab.shape, np.float32) if weights is None else np.asarray(weights[i], np.float32).ravel()
+            if wt.shape != lab.shape:
+                raise ValueError(f"weights[{i}] has {wt.shape[0]} entries, labels[{i}] {lab.shape[0]}")
+            lab = np.where(wt > 0, lab, -1)
+            labs.append(lab)
+            wts.append(wt)
+        flat_l = np.concatenate(labs)
+        flat_w = np.concatenate(wts)
+        keep = flat_l >= 0
+        if not keep.any():
+            raise ValueError("no labelled tokens: name at least one cluster (or give seed images) first")
+        present = np.unique(flat_l[keep])
+        if present.size < 2:
+            raise ValueError(f"only one class ({int(present[0])}) has labelled tokens; a classifier needs at "
+                             "least two: name clusters of another class too")
+        if self.keep_fraction < 1.0:  # per class, the top keep_fraction by weight (ties broken at random)
+            for c in present:
+                idx = np.flatnonzero(flat_l == c)
+                n_keep = max(1, int(round(self.keep_fraction * idx.size)))
+                if n_keep < idx.size:
+                    jitter = rng.random(idx.size) * 1e-6
+                    order = np.argsort(-(flat_w[idx] + jitter), kind="stable")
+                    keep[idx[order[n_keep:]]] = False
+        total = int(keep.sum())
+        if total > self.max_tokens:  # uniform subsample: memory is bounded whatever the corpus size
+            on = np.flatnonzero(keep)
+            drop = rng.choice(on, size=total - int(self.max_tokens), replace=False)
+            keep[drop] = False
+        positions, offset = [], 0
+        for lab in labs:
+            positions.append(np.flatnonzero(keep[offset:offset + lab.shape[0]]))
+            offset += lab.shape[0]
+        return positions, flat_l[keep], flat_w[keep]
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, features: TokenFeatures, labels: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None,
+            progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> "Propagator":
+        """Train on the labelled tokens of every item.
+
+        ``labels[i]`` (h*w,) int class per token of item i (-1 = no label); ``weights[i]`` (h*w,)
+        confidence per token (0 = unlabelled; pseudo-labels in (0, 1], seeds > 1, e.g. 3).
+        ``progress(step, steps, loss)`` is called every 50 steps; ``cancel()`` is polled as often
+        and raises core.errors.Cancelled.
+        """
+        import torch
+
+        self._validate()
+        rng = np.random.default_rng(self.seed)
+        positions, y, w = self._select(features, labels, weights, rng)
+        C = int(features.embed_dim)
+        X = np.empty((y.shape[0], C), dtype=np.float16)  # one buffer, float16 like the feature store
+        off = 0
+        for i, pos in enumerate(positions):
+            if pos.size:
+                X[off:off + pos.size] = np.asarray(features.tokens(i))[pos]
+                off += pos.size
+        mean = X.mean(axis=0, dtype=np.float64)
+        var = np.zeros(C)
+        for s in range(0, X.shape[0], 65536):
+            var += ((X[s:s + 65536].astype(np.float64) - mean) ** 2).sum(axis=0)
+        self.mean_ = mean.astype(np.float32)
+        self.scale_ = (np.sqrt(var / X.shape[0]) + 1e-6).astype(np.float32)
+        counts = np.bincount(y, minlength=self.n_classes).astype(np.float64)
+        cw = np.zeros(self.n_classes)
+        seen = counts > 0
+        cw[seen] = (counts[seen].max() / counts[seen]) ** float(self.class_balance)
+        cw[seen] /= (cw[seen] * counts[seen]).sum() / counts[seen].sum()  # mean token weight 1
+        sample_w = np.where(w > 1.0, w, w if self.weighted else 1.0).astype(np.float32)
+        self.class_counts_ = counts.astype(np.int64)
+        self.n_train_tokens_ = int(y.shape[0])
+
+        device = torch.device(self.device if self.device != "auto" else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
+        net = self._build(C).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=int(self.steps), pct_start=0.1)
+        gen = torch.Generator().manual_seed(self.seed)
+        mean_t, scale_t = torch.from_numpy(self.mean_).to(device), torch.from_numpy(self.scale_).to(device)
+        cw_t = torch.from_numpy(cw.astype(np.float32)).to(device)
+        yt, wt = torch.from_numpy(y), torch.from_numpy(sample_w)
+        n = y.shape[0]
+        bs = min(int(self.batch_size), n)
+        net.train()
+        self.history_: list[float] = []
+        running = 0.0
+        for step in range(1, int(self.steps) + 1):
+            idx = torch.randint(0, n, (bs,), generator=gen).sort().values  # sorted: faster gather
+            xb = (torch.from_numpy(X[idx.numpy()].astype(np.float32)).to(device) - mean_t) / scale_t
+            yb, wb = yt[idx].to(device), wt[idx].to(device)
+            loss_tok = torch.nn.functional.cross_entropy(net(xb), yb, reduction="none",
+                                                         label_smoothing=float(self.label_smoothing))
+            loss = (loss_tok * wb * cw_t[yb]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+            if step % 50 == 0 or step == self.steps:
+                k = 50 if step % 50 == 0 else step % 50
+                self.history_.append(running / k)
+                running = 0.0
+                if progress is not None:
+                    progress(step, int(self.steps), self.history_[-1])
+                if cancel is not None and cancel():
+                    raise Cancelled(f"propagation training cancelled at step {step}")
+        net.eval()
+        self.net_ = net.cpu()
+        self.n_features_in_ = C
+        return self
+
+    # -------------------------------------------------------------- inference
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "net_"):
+            raise RuntimeError("Propagator is not fitted: call fit() or Propagator.load() first")
+
+    def predict_log_proba(self, tokens: np.ndarray) -> np.ndarray:
+        """(T, n_classes) float32 log-probabilities of (T, C) tokens."""
+        import torch
+
+        self._check_fitted()
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] != self.n_features_in_:
+            raise ValueError(f"tokens must be (T, {self.n_features_in_}), got {tokens.shape}")
+        out = np.empty((tokens.shape[0], int(self.n_classes)), dtype=np.float32)
+        with torch.no_grad():
+            for s in range(0, tokens.shape[0], 65536):
+                x = (torch.from_numpy(np.asarray(tokens[s:s + 65536], dtype=np.float32)) - torch.from_numpy(self.mean_)) \
+                    / torch.from_numpy(self.scale_)
+                out[s:s + 65536] = torch.log_softmax(self.net_(x), dim=1).numpy()
+        return out
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        """(T,) int64 most probable class of each token."""
+        return self.predict_log_proba(tokens).argmax(axis=1)
+
+    # -------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> None:
+        """Write the fitted classifier to ``path`` atomically (one torch file)."""
+        import torch
+
+        self._check_fitted()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"params": self.get_params(), "state_dict": self.net_.state_dict(), "mean": self.mean_,
+                   "scale": self.scale_, "n_features_in": self.n_features_in_,
+                   "class_counts": self.class_counts_, "history": self.history_}
+        tmp = path.with_name(path.name + ".tmp")
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Propagator":
+        """A fitted Propagator from a file written by ``save``."""
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no propagation model at {path}; run propagation first")
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        params = dict(payload["params"])
+        self = cls(params.pop("n_classes"), **params)
+        self.n_features_in_ = int(payload["n_features_in"])
+        net = self._build(self.n_features_in_)
+        net.load_state_dict(payload["state_dict"])
+        self.net_ = net.eval()
+        self.mean_, self.scale_ = payload["mean"], payload["scale"]
+        self.class_counts_, self.history_ = payload["class_counts"], payload["history"]
+        return self
+
+    def __repr__(self) -> str:
+        return f"Propagator({json.dumps(self.get_params())})"
+
+
+@dataclass(frozen=True)
+class ClassMapJob:
+    """Token log-probabilities of one image -> full-resolution class labels (optionally CRF-refined)."""
+
+    log_probs: np.ndarray             # (h, w, n_classes) at token resolution
+    size: tuple[int, int]             # (H, W) of the full image
+    image_path: str | None = None     # needed when crf is True
+    crf: bool = False
+    crf_resolution: int | None = None # short side the CRF runs at (core.crf.crf_size); None = full size
+    params: CRFParams = CRFParams()
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    labels: np.ndarray                # (H, W) uint8/uint16 argmax of the upsampled probabilities
+    labels_crf: np.ndarray | None     # (H, W) after the CRF, when asked
+    confidence: np.ndarray            # (H, W) float16 max probability (before the CRF)
+
+
+def _upsampled_log_probs(log_probs: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(n, H, W) log_softmax of the bilinearly upsampled token logits."""
+    from core.clustering import upsample_bilinear
+
+    up = upsample_bilinear(np.asarray(log_probs, dtype=np.float32), hw)  # (H, W, n)
+    up -= up.max(axis=-1, keepdims=True)
+    up -= np.log(np.exp(up).sum(axis=-1, keepdims=True))
+    return np.ascontiguousarray(np.moveaxis(up, -1, 0))
+
+
+def class_map(job: ClassMapJob) -> ClassMap:
+    """Run one ClassMapJob (module-level, torch-free: worker processes can run it)."""
+    H, W = (int(v) for v in job.size)
+    lp = _upsampled_log_probs(job.log_probs, (H, W))
+    dtype = np.uint8 if lp.shape[0] <= 256 else np.uint16
+    labels = lp.argmax(axis=0).astype(dtype)
+    conf = np.exp(lp.max(axis=0)).astype(np.float16)
+    refined = None
+    if job.crf:
+        if job.image_path is None:
+            raise ValueError("a CRF job needs the image path")
+        from PIL import Image
+
+        from core.clustering import upsample_bilinear
+        from core.images import load_image
+
+        image = load_image(job.image_path)
+        if image.shape[:2] != (H, W):
+            raise ValueError(f"{job.image_path} is {image.shape[:2]}, expected {(H, W)}; "
+                             "did the file change since its features were extracted?")
+        h, w = crf_size(H, W, job.crf_resolution)
+        if (h, w) == (H, W):
+            refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
+        else:
+            small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+            q = crf_marginals(small, _upsampled_log_probs(job.log_probs, (h, w)), job.params)
+            refined = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(axis=-1).astype(dtype)
+    return ClassMap(labels, refined, conf)
