@@ -326,7 +326,11 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     images, masks = [Path(p) for p in images], [Path(p) for p in masks]
     if len(images) != len(masks) or not images:
         raise ValueError(f"need one mask per image, got {len(images)} images and {len(masks)} masks")
-    report = progress or (lambda stage, frac: None)
+    def report(stage: str, frac: float) -> None:
+        log.info("%s %.0f %%", stage, 100 * frac)
+        if progress is not None:
+            progress(stage, frac)
+
     cfg = pipeline.config
     C, names_cls, ignore = settings.n_classes, settings.names, settings.ignore_index
     timings: dict[str, float] = {}

@@ -77,20 +77,23 @@ class ConfusionMatrix:
         mapped = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)  # predicted class x true class
         for k, c in matching.items():
             mapped[c] += m[k]
-        tp = np.diag(mapped)
-        gt = m.sum(axis=0)
-        pred = mapped.sum(axis=1)
-        union = gt + pred - tp
-        present = gt > 0
-        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-        total = int(gt.sum())
-        return {
-            "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
-            "accuracy": float(tp.sum() / total) if total else float("nan"),
-            "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
-            "matching": {int(k): int(c) for k, c in matching.items()},
-            "n_pixels": total,
-        }
+        return {**_class_scores(mapped, m.sum(axis=0)), "matching": {int(k): int(c) for k, c in matching.items()}}
+
+
+def _class_scores(mapped: np.ndarray, gt: np.ndarray) -> dict:
+    """mIoU over present classes, pixel accuracy, per-class IoU from a (predicted class x true class)
+    matrix and the true pixels per class (which may exceed the matrix's column sums)."""
+    tp = np.diag(mapped)
+    union = gt + mapped.sum(axis=1) - tp
+    present = gt > 0
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    total = int(gt.sum())
+    return {
+        "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
+        "n_pixels": total,
+    }
 
 
 def with_void(mask: np.ndarray, n_classes: int, ignore_index: int | None = None) -> np.ndarray:
@@ -138,16 +141,8 @@ def named_scores(counts: np.ndarray, names: np.ndarray) -> dict:
     mapped = np.zeros((C, C), dtype=np.int64)
     for k in np.flatnonzero(names >= 0):
         mapped[names[k]] += m[k]
-    tp = np.diag(mapped)
-    gt = m.sum(axis=0)
-    union = gt + mapped.sum(axis=1) - tp
-    present = gt > 0
-    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    total = int(gt.sum())
     return {
-        "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
-        "accuracy": float(tp.sum() / total) if total else float("nan"),
-        "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
+        **_class_scores(mapped, m.sum(axis=0)),
         "naming_actions": int((names >= 0).sum()),
         "unnamed_clusters": int((names < 0).sum()),
         "classes_found": int(len(set(names[names >= 0].tolist()))),
