@@ -247,6 +247,29 @@ class _Concat:
         return i
 
 
+class _Subset:
+    """Some items of a whole-image feature store, in a given order (TokenFeatures + image_sizes)."""
+
+    def __init__(self, store: FeatureStore, items: Sequence[int]):
+        self.store, self.items = store, list(items)
+        self.embed_dim, self.has_flip = store.embed_dim, store.has_flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def grid(self, i: int) -> tuple[int, int]:
+        return self.store.grid(self.items[i])
+
+    def tokens(self, i: int, flipped: bool = False) -> np.ndarray:
+        return self.store.tokens(self.items[i], flipped)
+
+    def image_index(self, i: int) -> int:
+        return i
+
+    def image_sizes(self) -> np.ndarray:
+        return self.store.image_sizes()[[self.store.image_index(j) for j in self.items]]
+
+
 def _raw(store, i: int) -> np.ndarray:
     """(h, w, C) float32 raw features of item i (flip-averaged when stored)."""
     h, w = store.grid(i)
@@ -339,8 +362,11 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     fit_store, fit_images = pipeline_features(pipeline)
     if fit_masks is not None and len(fit_masks) != len(fit_images):
         raise ValueError(f"{len(fit_masks)} fit masks for the pipeline's {len(fit_images)} images")
+    position = {str(p): j for j, p in enumerate(fit_images)}
     if [str(p) for p in images] == [str(p) for p in fit_images]:
         store = fit_store
+    elif all(str(p) in position for p in images):  # a subset of the corpus: its features are there
+        store = _Subset(fit_store, [position[str(p)] for p in images])
     else:
         store = extract_features(images, pipeline.backbone(), dataclasses.replace(cfg.features, crop_mode="none"),
                                  pipeline.cache_root / "features")
@@ -392,7 +418,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             hung["stego_crf" + key] = ConfusionMatrix(C, C, ignore)
     hung.update({f"linear_probe_{n}": ConfusionMatrix(C, C, ignore) for n in probes})
     counts = {(kind, K): ConfusionMatrix(K, C + 1) for kind in FEATURE_KINDS for K in settings.sweep}
-    sizes = store.image_sizes() if hasattr(store, "image_sizes") else None
+    sizes = store.image_sizes()
     crf_side = cfg.crf_short_side
     tags: deque[tuple[int, str]] = deque()  # (image, row) of each job, in submission order
 
@@ -450,7 +476,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     props: dict[int, Propagator] = {}
     if settings.propagate:
         t = time.perf_counter()
-        corpus = store if store is fit_store else _Concat([store, fit_store])
+        corpus = fit_store if store is fit_store or isinstance(store, _Subset) else _Concat([store, fit_store])
         for K in prop_k:
             props[K] = _fit_propagator(corpus, pipeline.head, centroids[(settings.propagate_from, K)],
                                        names[(settings.propagate_from, K)], settings)

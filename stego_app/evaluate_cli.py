@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore", type=int, default=255, help="label value to ignore (values >= --classes are ignored too)")
     g.add_argument("--class-names", default=None, help="comma-separated class names for the report")
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images of each folder")
+    g.add_argument("--score-every", type=int, default=1,
+                   help="score every N-th scored image only (a subset of the fitting images reuses their features)")
     m = parser.add_argument_group("pipeline")
     m.add_argument("--backbone", default="dinov2_vits14")
     m.add_argument("--weights", default=None, help="explicit backbone checkpoint file")
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> Report:
 
     C = int(args.classes)
     images, masks = pair_images_and_masks(args.images, args.masks, args.max_images)
+    if args.score_every < 1:
+        raise ValueError("--score-every must be >= 1")
     if args.train_images is not None:
         if args.train_masks is None:
             raise ValueError("--train-images needs --train-masks (for the linear probes)")
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> Report:
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
         seed=args.seed)
-    report = evaluate(pipe, images, masks, settings, fit_masks=fit_masks, compare=compare)
+    report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
     report.write(Path(args.out))
     log.info("wrote %s.json and %s.md", args.out, args.out)
     return report
