@@ -64,6 +64,9 @@ class EvalSettings:
     class_names: tuple[str, ...] | None = None
     k_multiples: tuple[int, ...] = (1, 2, 4, 8)  # over-clustering sweep: K = m * n_classes
     sweep_n_init: int = 5                    # k-means restarts for sweep K other than the pipeline's
+    kmeans_samples: int | None = None        # tokens evaluate's own k-means fit on (None = the pipeline's)
+    kmeans_n_init: int | None = None         # restarts of every k-means here (None: pipeline's at K = C, else sweep_n_init)
+    probes: bool = True                      # supervised linear probes (when fit masks are given)
     max_void_share: float = 0.5              # clusters with more void pixels than this stay unnamed
     crf: bool = True
     propagate: bool = True
@@ -379,11 +382,12 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     seed = cfg.train.seed
     heads = {"": pipeline.head, **{f"_{n}": p.head for n, p in (compare or {}).items()}}
     enc = {key: (lambda x, h=h: encode_tokens(h, np.asarray(x))) for key, h in heads.items()}
-    raw_x = sample_tokens(fit_store, cfg.cluster_samples, seed=seed)
-    code_x = sample_tokens(fit_store, cfg.cluster_samples, seed=seed, transform=enc[""])
+    n_samples = settings.kmeans_samples or cfg.cluster_samples
+    raw_x = sample_tokens(fit_store, n_samples, seed=seed)
+    code_x = sample_tokens(fit_store, n_samples, seed=seed, transform=enc[""])
     centroids: dict[tuple[str, int], np.ndarray] = {}
     for K in sorted(set(settings.sweep) | {C}):
-        n_init = cfg.cluster_n_init if K == C else settings.sweep_n_init
+        n_init = settings.kmeans_n_init or (cfg.cluster_n_init if K == C else settings.sweep_n_init)
         centroids[("raw", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(raw_x).centroids_
         if K == cfg.n_clusters:
             centroids[("stego", K)] = pipeline.centroids
@@ -396,12 +400,12 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         if key:
             pipe = compare[key[1:]]
             compare_centroids[key] = pipe.centroids if pipe.config.n_clusters == C else CosineKMeans(
-                C, n_init=cfg.cluster_n_init, seed=seed).fit(
-                sample_tokens(fit_store, cfg.cluster_samples, seed=seed, transform=enc[key])).centroids_
+                C, n_init=settings.kmeans_n_init or cfg.cluster_n_init, seed=seed).fit(
+                sample_tokens(fit_store, n_samples, seed=seed, transform=enc[key])).centroids_
     timings["clustering"] = time.perf_counter() - t
 
     probes = {}
-    if fit_masks is not None:
+    if fit_masks is not None and settings.probes:
         t = time.perf_counter()
         probes = {"raw": _train_probe(fit_store, fit_masks, settings),
                   "codes": _train_probe(fit_store, fit_masks, settings, encode=enc[""], dim=pipeline.head.code_dim)}
@@ -540,7 +544,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "n_fit_images": len(fit_images), "n_images": len(images), "n_classes": C, "class_names": names_cls,
         "ignore_index": ignore, "n_clusters": cfg.n_clusters, "train_steps": cfg.train.steps,
         "code_dim": cfg.train.code_dim, "seed": seed, "alpha": cfg.alpha, "sweep": list(settings.sweep),
-        "max_void_share": settings.max_void_share,
+        "max_void_share": settings.max_void_share, "kmeans_samples": n_samples,
+        "kmeans_n_init": settings.kmeans_n_init,
         "propagation": ({"from": settings.propagate_from, "k": list(prop_k), "pseudo_alpha": settings.pseudo_alpha,
                          "min_confidence": settings.min_confidence,
                          **Propagator(C, **settings.propagation).get_params()} if settings.propagate else {}),

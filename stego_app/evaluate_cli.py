@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("evaluation")
     e.add_argument("--no-crf", action="store_true", help="skip the CRF rows")
     e.add_argument("--k-multiples", default="1,2,4,8", help="over-clustering sweep: K = each multiple x --classes")
+    e.add_argument("--kmeans-samples", type=int, default=None,
+                   help="tokens the evaluation's own k-means are fitted on (default: the pipeline's)")
+    e.add_argument("--kmeans-n-init", type=int, default=None, help="k-means restarts (default: 20 at K = C, 5 above)")
+    e.add_argument("--no-probes", action="store_true", help="skip the supervised linear probes")
     e.add_argument("--no-propagation", action="store_true", help="skip the propagation rows")
     e.add_argument("--propagate-k", default=None, help="comma-separated K values to propagate (default: all)")
     e.add_argument("--propagate-from", default="stego", choices=("stego", "raw"))
@@ -121,7 +125,8 @@ def run(args: argparse.Namespace) -> Report:
         n_classes=C, ignore_index=args.ignore,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
         k_multiples=tuple(int(v) for v in args.k_multiples.split(",")), crf=not args.no_crf,
-        propagate=not args.no_propagation,
+        propagate=not args.no_propagation, kmeans_samples=args.kmeans_samples, kmeans_n_init=args.kmeans_n_init,
+        probes=not args.no_probes,
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
         seed=args.seed)
