@@ -213,14 +213,13 @@ def load_mask(path: Path) -> np.ndarray:
 
 def pipeline_features(pipeline: StegoPipeline) -> tuple[FeatureStore, list[Path]]:
     """The whole-image feature store of a fitted pipeline's corpus, and the corpus's image paths."""
-    run_dir = pipeline.run_dir
-    state_path, images_path = run_dir / "state.json", run_dir / "images.json"
-    if not state_path.is_file() or not images_path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no fitted run: call StegoPipeline.fit first")
-    state = json.loads(state_path.read_text())
+    rd = pipeline.dir
+    if not rd.state_json.is_file() or not rd.images_json.is_file():
+        raise FileNotFoundError(f"{rd.path} holds no fitted run: call StegoPipeline.fit first")
+    state = rd.read_json(rd.state_json)
     if "stores" not in state:
-        raise FileNotFoundError(f"{run_dir}: the run has not finished its features stage")
-    return FeatureStore.open(Path(state["stores"]["infer"])), [Path(p) for p in json.loads(images_path.read_text())]
+        raise FileNotFoundError(f"{rd.path}: the run has not finished its features stage")
+    return FeatureStore.open(Path(state["stores"]["infer"])), [Path(p) for p in rd.read_json(rd.images_json)]
 
 
 class _Concat:
@@ -557,8 +556,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
 
 
 def _shifts(p: StegoPipeline) -> dict:
-    state = p.run_dir / "state.json"
-    return json.loads(state.read_text()).get("shifts", {}) if state.is_file() else {}
+    return p.dir.read_json(p.dir.state_json).get("shifts", {}) if p.dir.state_json.is_file() else {}
 
 
 def _count_sweep(store, i: int, mask: np.ndarray, head, centroids: dict, counts: dict, settings: EvalSettings
