@@ -151,7 +151,8 @@ class Report:
                  f"Pipeline fitted on {m['n_fit_images']} images ({m['train_steps']} training steps, code dim "
                  f"{m['code_dim']}, seed {m['seed']}); scored on {m['n_images']} images at full resolution; "
                  f"{m['n_classes']} classes; flip averaging {'on' if m['flip'] else 'off'}; "
-                 f"backbone precision {m['precision']}; CRF at short side {m['crf_short_side'] or 'full size'}.", "",
+                 f"backbone precision {m['precision']}; "
+                 + (f"CRF at short side {m['crf_short_side']}." if m['crf_short_side'] else "no CRF rows."), "",
                  "## K = C, Hungarian matching", "",
                  "| method | mIoU | pixel accuracy |", "| --- | --- | --- |"]
         for r in self.results.values():
