@@ -41,24 +41,27 @@ def main() -> None:
     from core.backbones import create_backbone
     from core.clustering import DEFAULT_ALPHA, CosineKMeans, cluster_log_probs, sample_tokens
     from core.crf import CRFParams, crf_model, refine_labels
-    from core.evaluate import _checkpoint_path, _fit_stego, _load_mask, pair_images_and_masks
+    from core.evaluate import load_mask as _load_mask
+    from core.evaluate import pair_images_and_masks, pipeline_features
     from core.features import FeatureConfig, extract_features
     from core.metrics import ConfusionMatrix
-    from core.pipeline import item_codes
+    from core.pipeline import PipelineConfig, item_codes
+    from core.training import encode_tokens
     from core.training import TrainConfig
     from core.weights import default_cache_dir
+    from stego_app.evaluate_cli import fit_pipeline
 
     cache = Path(args.cache_dir or default_cache_dir())
     tr_imgs, _ = pair_images_and_masks(CAMVID / "train" / "images", CAMVID / "train" / "masks")
     va_imgs, va_masks = pair_images_and_masks(CAMVID / "val" / "images", CAMVID / "val" / "masks", args.images)
     backbone = create_backbone("dinov2_vits14", device="cpu", cache_dir=cache)
     fcfg = FeatureConfig(backbone="dinov2_vits14", resolution=322)
-    train = extract_features(tr_imgs, backbone, fcfg, cache / "features")
     val = extract_features(va_imgs, backbone, fcfg, cache / "features")
-    knn = train.knn(30)
-    tcfg = TrainConfig(steps=2000, seed=0)
-    stego = _fit_stego(train, knn, tcfg, _checkpoint_path(cache, train, tcfg))
-    km = CosineKMeans(11, seed=0).fit(sample_tokens(train, 100_000, seed=0, transform=stego.encode))
+    pipe = fit_pipeline(PipelineConfig(features=fcfg, train=TrainConfig(steps=2000, seed=0), n_clusters=11, crf=False),
+                        tr_imgs, cache)
+    train, _ = pipeline_features(pipe)
+
+    km = CosineKMeans(11, seed=0).fit(sample_tokens(train, 100_000, seed=0, transform=lambda t: encode_tokens(pipe.head, t)))
     params = CRFParams()
 
     def changes_per_iteration(image: np.ndarray, lp: np.ndarray) -> list[float]:
@@ -79,7 +82,7 @@ def main() -> None:
     for i in range(len(val)):
         mask = _load_mask(va_masks[i])
         H, W = mask.shape
-        codes = item_codes(stego.head, val, i)
+        codes = item_codes(pipe.head, val, i)
         image = np.array(Image.open(va_imgs[i]).convert("RGB"))
         labels = {}
         for name, spec in VARIANTS.items():

@@ -1,102 +1,193 @@
-"""The ``evaluate`` command: STEGO against its baselines on a labelled split, in one run.
+"""Evaluation of a fitted ``StegoPipeline`` on labelled images: the method and the product.
 
-Fit on a training folder (features, KNN, head, k-means; labels only for the linear
-probes), score on a validation folder with the same backbone, resolution and images:
+``evaluate(pipeline, images, masks, settings=EvalSettings(n_classes=C)) -> Report`` scores, on
+the given images (features extracted with the pipeline's backbone, or reused when they are the
+pipeline's own corpus):
 
-- k-means on the raw backbone features (the baseline STEGO must beat),
-- STEGO cluster probe without CRF, and with the dense CRF,
-- optionally STEGO trained with the paper's shifts instead of the automatic ones,
-- linear probes on the raw features and on the STEGO codes (supervised upper bounds).
+- **K = C, Hungarian** (the paper's protocol): cosine k-means on the raw backbone features, the
+  pipeline's STEGO clusters without and with the dense CRF (other fitted pipelines, e.g. with
+  the paper's shifts, can be compared side by side), and the supervised linear probes on raw
+  features and codes (labels of the pipeline's corpus, only when ``fit_masks`` are given);
+- **over-clustering + naming** (the product): for each K of the sweep (``k_multiples`` x C),
+  k-means on raw features and on STEGO codes, each cluster named by the majority class of its
+  pixels on the scored images (the stand-in for a careful person; clusters mostly on void are
+  left unnamed), the mIoU / pixel accuracy of the named map and the number of naming actions;
+  the named STEGO map refined by the CRF; and **propagation**: a ``core.propagation.Propagator``
+  trained on the named clusters' confident tokens (backbone features), predicting every
+  scored image, without and with the CRF.
 
-Cluster metrics use Hungarian matching over all scored pixels; everything is accumulated
-in confusion matrices, so memory does not grow with the number of images. Results go to
-``<out>.json`` and ``<out>.md``.
-
-    python -m core.evaluate --train-images T/images --train-masks T/masks \\
-        --val-images V/images --val-masks V/masks --classes 11 --ignore 11 --out bench/results/camvid_eval
+Every score comes from confusion matrices accumulated image by image, so memory does not grow
+with the number of images. Named scores never drop pixels of extra or unnamed clusters (unnamed
+clusters' pixels count as errors), unlike STEGO's own metric code.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from collections import deque
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens, upsample_bilinear
-from core.crf import ClusterMapJob, cluster_map, crf_short_side, ordered_map
-from core.features import FeatureConfig, FeatureStore, extract_features
-from core.metrics import ConfusionMatrix, LinearProbe, downsample_labels
-from core.pipeline import item_codes, peak_rss_mb
-from core.precision import PRECISIONS
-from core.shifts import ShiftEstimator
-from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig
+from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
+from core.crf import ClusterMapJob, cluster_map, ordered_map
+from core.features import FeatureStore, extract_features
+from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, majority_names, named_scores,
+                          with_void)
+from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
+from core.propagation import (DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map, cluster_probabilities,
+                              pseudo_labels)
+from core.training import encode_tokens
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "pair_images_and_masks"]
+__all__ = ["EvalSettings", "MethodResult", "Report", "evaluate", "pair_images_and_masks", "load_mask",
+           "pipeline_features"]
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+FEATURE_KINDS = ("raw", "stego")
+
+Progress = Callable[[str, float], None]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the evaluate command's options on ``parser``."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--images", "--val-images", dest="images", required=True, type=Path,
-                   help="folder of images to score")
-    g.add_argument("--masks", "--val-masks", dest="masks", required=True, type=Path,
-                   help="folder of label PNGs (same stem as the images) for the scored images")
-    g.add_argument("--train-images", type=Path, default=None,
-                   help="folder of images to fit on (default: the scored images)")
-    g.add_argument("--train-masks", type=Path, default=None,
-                   help="label PNGs of the training images, for the linear probes (default: --masks "
-                        "when fitting on the scored images)")
-    g.add_argument("--classes", type=int, required=True, help="number of classes (labels 0..N-1)")
-    g.add_argument("--ignore", type=int, default=255,
-                   help="label value to ignore (values >= --classes are ignored too)")
-    g.add_argument("--class-names", default=None, help="comma-separated class names for the report")
-    g.add_argument("--max-images", type=int, default=None, help="use only the first N images of each folder")
-    m = parser.add_argument_group("model")
-    m.add_argument("--backbone", default="dinov2_vits14")
-    m.add_argument("--weights", default=None, help="explicit backbone checkpoint file")
-    m.add_argument("--device", default="auto")
-    m.add_argument("--resolution", type=int, default=322, help="short side of the images for the backbone")
-    m.add_argument("--flip", action="store_true", help="average codes with the flipped image at inference")
-    m.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="backbone compute precision (auto: bfloat16 on CPUs with native bfloat16, else float32)")
-    m.add_argument("--n-clusters", type=int, default=None, help="clusters (default: --classes)")
-    m.add_argument("--steps", type=int, default=2000)
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--code-dim", type=int, default=70)
-    m.add_argument("--lr", type=float, default=5e-4)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shift-self", type=float, default=None, help="manual shift (default: automatic)")
-    m.add_argument("--shift-knn", type=float, default=None)
-    m.add_argument("--shift-neg", type=float, default=None)
-    m.add_argument("--compare-paper-shifts", action="store_true",
-                   help="also train with the paper's ViT-S shifts (0.18/0.12/0.46) and report it")
-    m.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="cluster softmax temperature")
-    m.add_argument("--cluster-samples", type=int, default=100_000)
-    m.add_argument("--no-crf", action="store_true", help="skip the CRF rows")
-    m.add_argument("--crf-resolution", type=int, default=None,
-                   help="short side (px) the CRF runs at (default: --resolution, as in the paper; 0: full size)")
-    m.add_argument("--jobs", type=int, default=2, help="worker processes for scoring and CRF")
-    o = parser.add_argument_group("output")
-    o.add_argument("--cache-dir", type=Path, default=None,
-                   help="where weights and features are cached (default: $STEGO_CACHE_DIR or ~/.cache/stego-labeler)")
-    o.add_argument("--out", type=Path, default=Path("evaluation"),
-                   help="output path without extension: writes OUT.json and OUT.md")
+@dataclass
+class EvalSettings:
+    """What ``evaluate`` measures (the pipeline's own settings come from its config)."""
 
+    n_classes: int
+    ignore_index: int | None = 255           # plus every value >= n_classes
+    class_names: tuple[str, ...] | None = None
+    k_multiples: tuple[int, ...] = (1, 2, 4, 8)  # over-clustering sweep: K = m * n_classes
+    sweep_n_init: int = 5                    # k-means restarts for sweep K other than the pipeline's
+    kmeans_samples: int | None = None        # tokens evaluate's own k-means fit on (None = the pipeline's)
+    kmeans_n_init: int | None = None         # restarts of every k-means here (None: pipeline's at K = C, else sweep_n_init)
+    probes: bool = True                      # supervised linear probes (when fit masks are given)
+    max_void_share: float = 0.5              # clusters with more void pixels than this stay unnamed
+    crf: bool = True
+    propagate: bool = True
+    propagate_k: tuple[int, ...] | None = None   # K values to propagate (None = every K of the sweep)
+    propagate_from: str = "stego"            # which over-clustering gives the pseudo-labels: stego | raw
+    propagation: dict = field(default_factory=dict)   # core.propagation.Propagator keyword arguments
+    pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
+    min_confidence: float = 0.5
+    n_jobs: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
+        if self.class_names is not None and len(self.class_names) != self.n_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.n_classes} classes")
+        if not self.k_multiples or min(self.k_multiples) < 1:
+            raise ValueError(f"k_multiples must be positive integers, got {self.k_multiples}")
+        if self.propagate_from not in FEATURE_KINDS:
+            raise ValueError(f"propagate_from must be one of {FEATURE_KINDS}, got {self.propagate_from!r}")
+        if not 0.0 <= self.max_void_share <= 1.0:
+            raise ValueError(f"max_void_share must be in [0, 1], got {self.max_void_share}")
+        if self.propagate_k is not None and not set(self.propagate_k) <= set(self.sweep):
+            raise ValueError(f"propagate_k {self.propagate_k} must be among the sweep's K {self.sweep}")
+        Propagator(self.n_classes, **self.propagation)._validate()
+
+    @property
+    def sweep(self) -> tuple[int, ...]:
+        return tuple(sorted({m * self.n_classes for m in self.k_multiples}))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.class_names) if self.class_names else [str(c) for c in range(self.n_classes)]
+
+
+@dataclass
+class MethodResult:
+    """The scores of one row of the report."""
+
+    label: str
+    kind: str                                  # "hungarian" | "named" | "probe"
+    n_clusters: int | None
+    miou: float
+    accuracy: float
+    per_class_iou: dict[str, float | None]
+    matching: dict[int, int] | None = None     # Hungarian cluster -> class
+    names: list[int] | None = None             # named rows: class of each cluster (-1 unnamed)
+    naming_actions: int | None = None
+    unnamed_clusters: int | None = None
+
+
+@dataclass
+class Report:
+    """Everything one evaluation measured; ``to_dict`` for JSON, ``to_markdown`` for people."""
+
+    meta: dict
+    results: dict[str, MethodResult]
+    timings_s: dict[str, float]
+
+    def ratio(self, a: str = "stego_crf", b: str = "kmeans_raw") -> float | None:
+        if a in self.results and b in self.results and self.results[b].miou > 0:
+            return self.results[a].miou / self.results[b].miou
+        return None
+
+    def to_dict(self) -> dict:
+        d = {"meta": self.meta, "results": {k: dataclasses.asdict(v) for k, v in self.results.items()},
+             "stego_crf_over_kmeans_raw": self.ratio(), "timings_s": self.timings_s}
+        return json.loads(json.dumps(d))
+
+    def write(self, out: Path) -> None:
+        """Write ``out.json`` and ``out.md``."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".json").write_text(json.dumps(self.to_dict(), indent=1))
+        out.with_name(out.name + ".md").write_text(self.to_markdown())
+
+    def to_markdown(self) -> str:
+        m = self.meta
+        names = m["class_names"]
+        lines = [f"# Evaluation: {m['backbone']} at short side {m['resolution']}", "",
+                 f"Weights: {m['weights_source']}", "",
+                 f"Pipeline fitted on {m['n_fit_images']} images ({m['train_steps']} training steps, code dim "
+                 f"{m['code_dim']}, seed {m['seed']}); scored on {m['n_images']} images at full resolution; "
+                 f"{m['n_classes']} classes; flip averaging {'on' if m['flip'] else 'off'}; "
+                 f"backbone precision {m['precision']}; "
+                 + (f"CRF at short side {m['crf_short_side']}." if m['crf_short_side'] else "no CRF rows."), "",
+                 "## K = C, Hungarian matching", "",
+                 "| method | mIoU | pixel accuracy |", "| --- | --- | --- |"]
+        for r in self.results.values():
+            if r.kind != "named":
+                lines.append(f"| {r.label} | {100 * r.miou:.1f} | {100 * r.accuracy:.1f} |")
+        if self.ratio():
+            lines += ["", f"STEGO + CRF / raw k-means mIoU: **{self.ratio():.2f}x**"]
+        named = [r for r in self.results.values() if r.kind == "named"]
+        if named:
+            lines += ["", "## Over-clustering, each cluster named by its majority class", "",
+                      f"Clusters with more than {100 * m['max_void_share']:.0f} % void pixels stay unnamed; "
+                      "their pixels count as errors. Propagation: "
+                      f"{m.get('propagation', {})}.", "",
+                      "| method | K | naming actions | mIoU | pixel accuracy |", "| --- | --- | --- | --- | --- |"]
+            for r in named:
+                lines.append(f"| {r.label} | {r.n_clusters} | {r.naming_actions} | {100 * r.miou:.1f} | "
+                             f"{100 * r.accuracy:.1f} |")
+        lines += ["", "## Per-class IoU (%)", "", "| method | K | " + " | ".join(names) + " |",
+                  "| --- | --- |" + " --- |" * len(names)]
+        for r in self.results.values():
+            cells = ["-" if x is None else f"{100 * x:.1f}" for x in r.per_class_iou.values()]
+            lines.append(f"| {r.label} | {r.n_clusters or '-'} | " + " | ".join(cells) + " |")
+        if m.get("shifts"):
+            lines += ["", "Shifts (self / knn / neg): " + "; ".join(
+                f"{k}: {v['self']:.3f} / {v['knn']:.3f} / {v['neg']:.3f}" for k, v in m["shifts"].items())]
+        lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in self.timings_s.items())
+                  + f"; peak RSS {m['peak_rss_mb']} MB.", ""]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ data helpers
 
 def pair_images_and_masks(images: Path, masks: Path, max_images: int | None = None) -> tuple[list[Path], list[Path]]:
     """Images of a folder (sorted) and the mask PNG of the same stem for each."""
+    images, masks = Path(images), Path(masks)
     if not images.is_dir():
         raise ValueError(f"image folder {images} does not exist")
     if not masks.is_dir():
@@ -106,17 +197,14 @@ def pair_images_and_masks(images: Path, masks: Path, max_images: int | None = No
         imgs = imgs[:max_images]
     if not imgs:
         raise ValueError(f"no images in {images}")
-    pairs = []
-    missing = []
-    for p in imgs:
-        m = masks / (p.stem + ".png")
-        (pairs if m.is_file() else missing).append((p, m))
+    missing = [p for p in imgs if not (masks / (p.stem + ".png")).is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} images have no mask {masks}/<stem>.png, e.g. {missing[0][0].name}")
-    return [p for p, _ in pairs], [m for _, m in pairs]
+        raise ValueError(f"{len(missing)} images have no mask {masks}/<stem>.png, e.g. {missing[0].name}")
+    return imgs, [masks / (p.stem + ".png") for p in imgs]
 
 
-def _load_mask(path: Path) -> np.ndarray:
+def load_mask(path: Path) -> np.ndarray:
+    """(H, W) int64 labels of a one-channel mask PNG."""
     with Image.open(path) as im:
         arr = np.asarray(im)
     if arr.ndim != 2:
@@ -124,9 +212,113 @@ def _load_mask(path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _train_probe(store: FeatureStore, masks: list[Path], n_classes: int, ignore: int, encode=None,
-                 dim: int | None = None, seed: int = 0) -> LinearProbe:
-    """Linear probe on every training token, labels = majority of the mask under each token."""
+def pipeline_features(pipeline: StegoPipeline) -> tuple[FeatureStore, list[Path]]:
+    """The whole-image feature store of a fitted pipeline's corpus, and the corpus's image paths."""
+    rd = pipeline.dir
+    if not rd.state_json.is_file() or not rd.images_json.is_file():
+        raise FileNotFoundError(f"{rd.path} holds no fitted run: call StegoPipeline.fit first")
+    state = rd.read_json(rd.state_json)
+    if "stores" not in state:
+        raise FileNotFoundError(f"{rd.path}: the run has not finished its features stage")
+    return FeatureStore.open(Path(state["stores"]["infer"])), [Path(p) for p in rd.read_json(rd.images_json)]
+
+
+class _Concat:
+    """TokenFeatures over several stores, one after the other."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        self.embed_dim = self.parts[0].embed_dim
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _at(self, i: int):
+        j = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.parts[j], i - int(self._starts[j])
+
+    def grid(self, i: int) -> tuple[int, int]:
+        p, k = self._at(i)
+        return p.grid(k)
+
+    def tokens(self, i: int, flipped: bool = False) -> np.ndarray:
+        p, k = self._at(i)
+        return p.tokens(k, flipped)
+
+    def image_index(self, i: int) -> int:
+        return i
+
+
+class _Subset:
+    """Some items of a whole-image feature store, in a given order (TokenFeatures + image_sizes)."""
+
+    def __init__(self, store: FeatureStore, items: Sequence[int]):
+        self.store, self.items = store, list(items)
+        self.embed_dim, self.has_flip = store.embed_dim, store.has_flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def grid(self, i: int) -> tuple[int, int]:
+        return self.store.grid(self.items[i])
+
+    def tokens(self, i: int, flipped: bool = False) -> np.ndarray:
+        return self.store.tokens(self.items[i], flipped)
+
+    def image_index(self, i: int) -> int:
+        return i
+
+    def image_sizes(self) -> np.ndarray:
+        return self.store.image_sizes()[[self.store.image_index(j) for j in self.items]]
+
+
+def _raw(store, i: int) -> np.ndarray:
+    """(h, w, C) float32 raw features of item i (flip-averaged when stored)."""
+    h, w = store.grid(i)
+    x = np.asarray(store.tokens(i), dtype=np.float32)
+    if getattr(store, "has_flip", False):
+        x = 0.5 * (x + np.asarray(store.tokens(i, flipped=True), dtype=np.float32))
+    return x.reshape(h, w, -1)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _class_log_probs(vectors: np.ndarray, centroids: np.ndarray, names: np.ndarray, n_classes: int,
+                     alpha: float) -> np.ndarray:
+    """(..., n_classes + 1) log-probabilities of each class from named clusters: class logit = alpha x
+    the best cosine similarity among its clusters; the last channel stands for the unnamed clusters."""
+    sims = _unit(vectors) @ _unit(centroids).T
+    out = np.full(sims.shape[:-1] + (n_classes + 1,), -1e4, dtype=np.float32)
+    for c in range(n_classes + 1):
+        sel = np.flatnonzero(names == c) if c < n_classes else np.flatnonzero(names < 0)
+        if sel.size:
+            out[..., c] = alpha * sims[..., sel].max(axis=-1)
+    out -= out.max(axis=-1, keepdims=True)
+    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+    return out
+
+
+LABELS = {
+    "kmeans_raw": "k-means on raw backbone features",
+    "stego": "STEGO, no CRF",
+    "stego_crf": "STEGO + CRF",
+    "linear_probe_raw": "linear probe on raw features (supervised)",
+    "linear_probe_codes": "linear probe on STEGO codes (supervised)",
+    "named_raw": "k-means on raw features, named",
+    "named_stego": "STEGO codes, named",
+    "named_stego_crf": "STEGO codes, named, + CRF",
+    "propagated": "propagated (no CRF)",
+    "propagated_crf": "propagated + CRF",
+}
+
+
+def _train_probe(store, masks: Sequence[Path], settings: EvalSettings, encode=None, dim: int | None = None
+                 ) -> LinearProbe:
+    """Linear probe on every token of the pipeline's corpus, labels = majority of the mask under each token."""
+    C = settings.n_classes
     sizes = [h * w for h, w in (store.grid(i) for i in range(len(store)))]
     X = np.empty((sum(sizes), dim or store.embed_dim), dtype=np.float32)  # one buffer, no concatenation
     y = np.empty(sum(sizes), dtype=np.int64)
@@ -134,231 +326,262 @@ def _train_probe(store: FeatureStore, masks: list[Path], n_classes: int, ignore:
     for i, n in enumerate(sizes):
         x = np.asarray(store.tokens(i), dtype=np.float32)
         X[offset:offset + n] = encode(x) if encode is not None else x
-        y[offset:offset + n] = downsample_labels(_load_mask(masks[store.image_index(i)]), store.grid(i),
-                                                 n_classes, ignore).ravel()
+        y[offset:offset + n] = downsample_labels(load_mask(masks[store.image_index(i)]), store.grid(i), C,
+                                                 settings.ignore_index).ravel()
         offset += n
-    return LinearProbe(n_classes, epochs=10, lr=1e-3, seed=seed).fit(X, y)
+    return LinearProbe(C, epochs=10, lr=1e-3, seed=settings.seed).fit(X, y)
 
 
-def _checkpoint_path(cache: Path, train: FeatureStore, cfg: TrainConfig) -> Path:
-    """A checkpoint per (features, training config): a re-run with the same settings reuses it."""
-    key = hashlib.sha1(json.dumps([str(train.root), dataclasses.asdict(cfg)], sort_keys=True).encode())
-    return cache / "eval_checkpoints" / f"{key.hexdigest()[:16]}.ckpt"
+def _row(label: str, kind: str, k: int | None, s: dict, class_names: list[str], **extra) -> MethodResult:
+    return MethodResult(label=label, kind=kind, n_clusters=k, miou=s["miou"], accuracy=s["accuracy"],
+                        per_class_iou=dict(zip(class_names, s["per_class_iou"])), **extra)
 
 
-def _fit_stego(train: FeatureStore, knn: np.ndarray, cfg: TrainConfig, ckpt: Path) -> StegoTrainer:
-    def progress(step: int, terms: dict[str, float]) -> None:
-        if step % 100 == 0 or step == cfg.steps:
-            log.info("step %d/%d loss %.4f (self %.4f knn %.4f neg %.4f)", step, cfg.steps,
-                     terms["loss"], terms["self"], terms["knn"], terms["neg"])
-    return StegoTrainer(cfg).fit(train, knn, checkpoint_path=ckpt, progress=progress)
+def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Path], settings: EvalSettings, *,
+             fit_masks: Sequence[Path] | None = None, compare: Mapping[str, StegoPipeline] | None = None,
+             progress: Progress | None = None) -> Report:
+    """Score a fitted ``pipeline`` on ``images`` with label ``masks`` (see the module docstring).
 
+    ``fit_masks``: masks of the pipeline's corpus images (same order), for the supervised linear
+    probes (skipped without them). ``compare``: other fitted pipelines on the same corpus whose
+    K = C STEGO rows are reported as ``stego_<name>`` / ``stego_crf_<name>``.
+    """
+    settings.validate()
+    if pipeline.head is None or pipeline.centroids is None:
+        raise RuntimeError("the pipeline is not fitted: call fit() or StegoPipeline.load() first")
+    images, masks = [Path(p) for p in images], [Path(p) for p in masks]
+    if len(images) != len(masks) or not images:
+        raise ValueError(f"need one mask per image, got {len(images)} images and {len(masks)} masks")
+    def report(stage: str, frac: float) -> None:
+        log.info("%s %.0f %%", stage, 100 * frac)
+        if progress is not None:
+            progress(stage, frac)
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the evaluation described by parsed ``args``; write OUT.json/OUT.md; return the report."""
-    from core.backbones import create_backbone
-
-    t_all = time.perf_counter()
+    cfg = pipeline.config
+    C, names_cls, ignore = settings.n_classes, settings.names, settings.ignore_index
     timings: dict[str, float] = {}
-    C = int(args.classes)
-    if C < 2:
-        raise ValueError("--classes must be >= 2")
-    K = int(args.n_clusters or C)
-    val_imgs, val_masks = pair_images_and_masks(args.images, args.masks, args.max_images)
-    if args.train_images is not None:
-        train_masks_dir = args.train_masks
-        if train_masks_dir is None:
-            raise ValueError("--train-images needs --train-masks (for the linear probes)")
-        train_imgs, train_masks = pair_images_and_masks(args.train_images, train_masks_dir, args.max_images)
+    t_all = t = time.perf_counter()
+
+    fit_store, fit_images = pipeline_features(pipeline)
+    if fit_masks is not None and len(fit_masks) != len(fit_images):
+        raise ValueError(f"{len(fit_masks)} fit masks for the pipeline's {len(fit_images)} images")
+    position = {str(p): j for j, p in enumerate(fit_images)}
+    if [str(p) for p in images] == [str(p) for p in fit_images]:
+        store = fit_store
+    elif all(str(p) in position for p in images):  # a subset of the corpus: its features are there
+        store = _Subset(fit_store, [position[str(p)] for p in images])
     else:
-        train_imgs, train_masks = val_imgs, val_masks
-    class_names = args.class_names.split(",") if args.class_names else [str(c) for c in range(C)]
-    if len(class_names) != C:
-        raise ValueError(f"--class-names lists {len(class_names)} names for {C} classes")
-
-    t = time.perf_counter()
-    backbone = create_backbone(args.backbone, checkpoint=args.weights, device=args.device, cache_dir=args.cache_dir)
-    fcfg = FeatureConfig(backbone=args.backbone, resolution=args.resolution, flip=bool(args.flip),
-                         precision=args.precision)
-    from core.weights import default_cache_dir
-
-    feat_root = Path(args.cache_dir or default_cache_dir()) / "features"
-    train = extract_features(train_imgs, backbone, fcfg, feat_root)
-    val = train if val_imgs == train_imgs else extract_features(val_imgs, backbone, fcfg, feat_root)
+        store = extract_features(images, pipeline.backbone(), dataclasses.replace(cfg.features, crop_mode="none"),
+                                 pipeline.cache_root / "features")
+    pipeline._backbone = None  # not needed again: free it
     timings["features"] = time.perf_counter() - t
-    weights_source = backbone.weights_source
-    del backbone
+    report("features", 1.0)
 
+    # ---- clusters: raw features and codes, K = C (Hungarian) and the over-clustering sweep
     t = time.perf_counter()
-    knn = train.knn(30)
-    timings["knn"] = time.perf_counter() - t
-
-    tcfg = TrainConfig(code_dim=args.code_dim, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       shift_self=args.shift_self, shift_knn=args.shift_knn, shift_neg=args.shift_neg,
-                       seed=args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    est = ShiftEstimator(feature_samples=tcfg.feature_samples, batch_size=tcfg.batch_size,
-                         seed=args.seed).fit(train, knn)
-    cache = Path(args.cache_dir or default_cache_dir())
-    stego = {"auto": _fit_stego(train, knn, tcfg, _checkpoint_path(cache, train, tcfg))}
-    timings["training"] = time.perf_counter() - t
-    if args.compare_paper_shifts:
-        t = time.perf_counter()
-        pcfg = dataclasses.replace(tcfg, shift_self=PAPER_SHIFTS["self"], shift_knn=PAPER_SHIFTS["knn"],
-                                   shift_neg=PAPER_SHIFTS["neg"])
-        stego["paper"] = _fit_stego(train, knn, pcfg, _checkpoint_path(cache, train, pcfg))
-        timings["training_paper_shifts"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    raw_km = CosineKMeans(K, seed=args.seed).fit(sample_tokens(train, args.cluster_samples, seed=args.seed))
-    code_km = {name: CosineKMeans(K, seed=args.seed).fit(
-        sample_tokens(train, args.cluster_samples, seed=args.seed, transform=tr.encode))
-        for name, tr in stego.items()}
+    seed = cfg.train.seed
+    heads = {"": pipeline.head, **{f"_{n}": p.head for n, p in (compare or {}).items()}}
+    enc = {key: (lambda x, h=h: encode_tokens(h, np.asarray(x))) for key, h in heads.items()}
+    n_samples = settings.kmeans_samples or cfg.cluster_samples
+    raw_x = sample_tokens(fit_store, n_samples, seed=seed)
+    code_x = sample_tokens(fit_store, n_samples, seed=seed, transform=enc[""])
+    centroids: dict[tuple[str, int], np.ndarray] = {}
+    for K in sorted(set(settings.sweep) | {C}):
+        n_init = settings.kmeans_n_init or (cfg.cluster_n_init if K == C else settings.sweep_n_init)
+        centroids[("raw", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(raw_x).centroids_
+        if K == cfg.n_clusters:
+            centroids[("stego", K)] = pipeline.centroids
+        else:
+            centroids[("stego", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(code_x).centroids_
+        report("clustering", 0.5)
+    del raw_x, code_x
+    compare_centroids = {}
+    for key, p in heads.items():
+        if key:
+            pipe = compare[key[1:]]
+            compare_centroids[key] = pipe.centroids if pipe.config.n_clusters == C else CosineKMeans(
+                C, n_init=settings.kmeans_n_init or cfg.cluster_n_init, seed=seed).fit(
+                sample_tokens(fit_store, n_samples, seed=seed, transform=enc[key])).centroids_
     timings["clustering"] = time.perf_counter() - t
 
+    probes = {}
+    if fit_masks is not None and settings.probes:
+        t = time.perf_counter()
+        probes = {"raw": _train_probe(fit_store, fit_masks, settings),
+                  "codes": _train_probe(fit_store, fit_masks, settings, encode=enc[""], dim=pipeline.head.code_dim)}
+        timings["linear_probes"] = time.perf_counter() - t
+
+    # ---- pass 1: Hungarian rows, cluster x class(+void) counts of every (kind, K), probes
     t = time.perf_counter()
-    probes = {"raw": _train_probe(train, train_masks, C, args.ignore, seed=args.seed),
-              "codes": _train_probe(train, train_masks, C, args.ignore, encode=stego["auto"].encode,
-                                    dim=args.code_dim, seed=args.seed)}
-    timings["linear_probes"] = time.perf_counter() - t
+    hung = {"kmeans_raw": ConfusionMatrix(C, C, ignore), "stego": ConfusionMatrix(cfg.n_clusters, C, ignore)}
+    if settings.crf:
+        hung["stego_crf"] = ConfusionMatrix(cfg.n_clusters, C, ignore)
+    for key in compare_centroids:
+        hung["stego" + key] = ConfusionMatrix(C, C, ignore)
+        if settings.crf:
+            hung["stego_crf" + key] = ConfusionMatrix(C, C, ignore)
+    hung.update({f"linear_probe_{n}": ConfusionMatrix(C, C, ignore) for n in probes})
+    counts = {(kind, K): ConfusionMatrix(K, C + 1) for kind in FEATURE_KINDS for K in settings.sweep}
+    sizes = store.image_sizes()
+    crf_side = cfg.crf_short_side
+    tags: deque[tuple[int, str]] = deque()  # (image, row) of each job, in submission order
 
-    methods = ["kmeans_raw"]
-    for name in stego:
-        suffix = "" if name == "auto" else "_paper_shifts"
-        methods.append("stego" + suffix)
-        if not args.no_crf:
-            methods.append("stego_crf" + suffix)
-    cms = {m: ConfusionMatrix(K, C, args.ignore) for m in methods}
-    cms.update({f"linear_probe_{n}": ConfusionMatrix(C, C, args.ignore) for n in probes})
-
-    sizes = val.image_sizes()
-    crf_side = crf_short_side(args.crf_resolution, args.resolution)
-
-    def jobs() -> Iterator[tuple[str, ClusterMapJob]]:
-        for i in range(len(val)):
-            h, w = val.grid(i)
+    def jobs1() -> Iterator[ClusterMapJob]:
+        for i in range(len(store)):
             size = (int(sizes[i][0]), int(sizes[i][1]))
-            raw = np.asarray(val.tokens(i), dtype=np.float32).reshape(h, w, -1)
-            if val.has_flip:
-                raw = 0.5 * (raw + np.asarray(val.tokens(i, flipped=True), dtype=np.float32).reshape(h, w, -1))
-            yield ("kmeans_raw", ClusterMapJob(raw, raw_km.centroids_, size, args.alpha))
-            for name, tr in stego.items():
-                suffix = "" if name == "auto" else "_paper_shifts"
-                yield ("stego" + suffix, ClusterMapJob(item_codes(tr.head, val, i), code_km[name].centroids_, size,
-                                                       args.alpha, image_path=str(val_imgs[i]),
-                                                       crf=not args.no_crf, crf_resolution=crf_side))
+            raw = _raw(store, i)
+            tags.append((i, "kmeans_raw"))
+            yield ClusterMapJob(raw, centroids[("raw", C)], size, cfg.alpha)
+            for key, h in heads.items():
+                cen = pipeline.centroids if not key else compare_centroids[key]
+                tags.append((i, "stego" + key))
+                yield ClusterMapJob(item_codes(h, store, i), cen, size, cfg.alpha, image_path=str(images[i]),
+                                    crf=settings.crf, crf_resolution=crf_side)
 
-    t = time.perf_counter()
-    job_list = jobs()
-    names: list[str] = []
-
-    def tagged() -> Iterator[ClusterMapJob]:
-        for name, job in job_list:
-            names.append(name)
-            yield job
-
-    per_image = 1 + len(stego)
-    current_mask: dict[int, np.ndarray] = {}
-    for n_done, res in enumerate(ordered_map(cluster_map, tagged(), args.jobs)):
-        i, name = n_done // per_image, names[n_done]
-        if i not in current_mask:
-            current_mask.clear()
-            current_mask[i] = _load_mask(val_masks[i])
-        mask = current_mask[i]
-        cms[name].update(res.labels, mask)
+    mask_cache: dict[int, np.ndarray] = {}
+    for res in ordered_map(cluster_map, jobs1(), settings.n_jobs):
+        i, name = tags.popleft()  # a job is always submitted before its result arrives
+        if i not in mask_cache:
+            mask_cache.clear()
+            mask_cache[i] = load_mask(masks[i])
+        mask = mask_cache[i]
+        hung[name].update(res.labels, mask)
         if res.labels_crf is not None:
-            cms[name.replace("stego", "stego_crf")].update(res.labels_crf, mask)
-        if n_done % per_image == per_image - 1:
+            hung[name.replace("stego", "stego_crf", 1)].update(res.labels_crf, mask)
+        if name == "kmeans_raw":  # once per image: the sweep counts and the probes
+            _count_sweep(store, i, mask, pipeline.head, centroids, counts, settings)
             for pname, probe in probes.items():
-                tok = np.asarray(val.tokens(i), dtype=np.float32)
-                x = stego["auto"].encode(tok) if pname == "codes" else tok
-                h, w = val.grid(i)
+                tok = np.asarray(store.tokens(i), dtype=np.float32)
+                x = enc[""](tok) if pname == "codes" else tok
+                h, w = store.grid(i)
                 logits = probe.decision_function(x).reshape(h, w, -1)
-                cms[f"linear_probe_{pname}"].update(upsample_bilinear(logits, mask.shape).argmax(-1), mask)
+                hung[f"linear_probe_{pname}"].update(upsample_bilinear(logits, mask.shape).argmax(-1), mask)
+            report("scoring", (i + 1) / len(store))
     timings["scoring"] = time.perf_counter() - t
 
-    results = {}
-    for m, cm in cms.items():
-        s = cm.scores(hungarian=not m.startswith("linear_probe"))
-        results[m] = {"miou": s["miou"], "accuracy": s["accuracy"],
-                      "per_class_iou": dict(zip(class_names, s["per_class_iou"])),
-                      "matching": s["matching"] if not m.startswith("linear_probe") else None}
-    ratio = None
-    if "stego_crf" in results and results["kmeans_raw"]["miou"] > 0:
-        ratio = results["stego_crf"]["miou"] / results["kmeans_raw"]["miou"]
-    report = {
-        "backbone": args.backbone, "weights_source": weights_source, "resolution": args.resolution,
-        "flip": bool(args.flip), "precision": val.meta.get("precision", "float32"),
-        "crf_short_side": None if args.no_crf else crf_side,
-        "n_train_images": len(train_imgs), "n_val_images": len(val_imgs),
-        "classes": C, "class_names": class_names, "n_clusters": K, "ignore": args.ignore,
-        "train_config": dataclasses.asdict(tcfg), "alpha": args.alpha,
-        "shifts": {name: tr.shifts for name, tr in stego.items()},
-        "shift_stats": {k: v.as_dict() for k, v in est.stats_.items()},
-        "results": results, "stego_crf_over_kmeans_raw": ratio,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "total_s": round(time.perf_counter() - t_all, 1), "peak_rss_mb": peak_rss_mb(),
-        "torch_threads": torch.get_num_threads(),
+    results: dict[str, MethodResult] = {}
+    for name, cm in hung.items():
+        probe = name.startswith("linear_probe")
+        s = cm.scores(hungarian=not probe)
+        label = LABELS.get(name) or next(f"{LABELS[b]} ({name[len(b) + 1:]})" for b in ("stego_crf", "stego")
+                                         if name.startswith(b + "_"))
+        results[name] = _row(label, "probe" if probe else "hungarian", None if probe else cm.n_pred, s, names_cls,
+                             matching=None if probe else s["matching"])
+    names: dict[tuple[str, int], np.ndarray] = {}
+    for (kind, K), cm in counts.items():
+        names[(kind, K)] = majority_names(cm.matrix, settings.max_void_share)
+        s = named_scores(cm.matrix, names[(kind, K)])
+        results[f"named_{kind}_k{K}"] = _row(LABELS[f"named_{kind}"], "named", K, s, names_cls,
+                                             names=names[(kind, K)].tolist(), naming_actions=s["naming_actions"],
+                                             unnamed_clusters=s["unnamed_clusters"])
+
+    # ---- pass 2: named STEGO + CRF, and propagation (a classifier per K), without and with the CRF
+    prop_k = settings.sweep if settings.propagate_k is None else tuple(sorted(settings.propagate_k))
+    props: dict[int, Propagator] = {}
+    if settings.propagate:
+        t = time.perf_counter()
+        corpus = fit_store if store is fit_store or isinstance(store, _Subset) else _Concat([store, fit_store])
+        for K in prop_k:
+            props[K] = _fit_propagator(corpus, pipeline.head, centroids[(settings.propagate_from, K)],
+                                       names[(settings.propagate_from, K)], settings)
+            report("propagation", len(props) / len(prop_k))
+        timings["propagation_training"] = time.perf_counter() - t
+    if settings.crf or props:
+        t = time.perf_counter()
+        cms2: dict[str, ConfusionMatrix] = {}
+        tags2: deque[tuple[int, str]] = deque()
+
+        def jobs2() -> Iterator[ClassMapJob]:
+            for i in range(len(store)):
+                size = (int(sizes[i][0]), int(sizes[i][1]))
+                h, w = store.grid(i)
+                codes = item_codes(pipeline.head, store, i) if settings.crf else None
+                raw = np.asarray(store.tokens(i))
+                for K in settings.sweep:
+                    if settings.crf:
+                        lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
+                        tags2.append((i, f"named_stego_crf_k{K}"))
+                        yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
+                    if K in props:
+                        lp = props[K].predict_log_proba(raw).reshape(h, w, -1)
+                        tags2.append((i, f"propagated_k{K}"))
+                        yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side)
+
+        for res in ordered_map(class_map, jobs2(), settings.n_jobs):
+            i, name = tags2.popleft()
+            if i not in mask_cache:
+                mask_cache.clear()
+                mask_cache[i] = load_mask(masks[i])
+            target = with_void(mask_cache[i], C, ignore)
+            if name.startswith("named"):
+                cms2.setdefault(name, ConfusionMatrix(C + 1, C + 1)).update(res.labels_crf, target)
+            else:
+                cms2.setdefault(name, ConfusionMatrix(C + 1, C + 1)).update(res.labels, target)
+                if res.labels_crf is not None:
+                    cms2.setdefault(name.replace("propagated", "propagated_crf"),
+                                    ConfusionMatrix(C + 1, C + 1)).update(res.labels_crf, target)
+            report("refining", (i + 1) / len(store))
+        ident = np.array(list(range(C)) + [-1])
+        for name, cm in cms2.items():
+            K = int(name.rsplit("_k", 1)[1])
+            base = name.rsplit("_k", 1)[0]
+            s = named_scores(cm.matrix, ident)
+            kind = settings.propagate_from if base.startswith("propagated") else "stego"
+            results[name] = _row(LABELS[base], "named", K, s, names_cls, names=names[(kind, K)].tolist(),
+                                 naming_actions=int((names[(kind, K)] >= 0).sum()),
+                                 unnamed_clusters=int((names[(kind, K)] < 0).sum()))
+        timings["refining"] = time.perf_counter() - t
+
+    order = {n: j for j, n in enumerate(["kmeans_raw", "stego", "stego_crf"])}
+    results = dict(sorted(results.items(), key=lambda kv: (kv[1].kind != "hungarian", kv[1].kind == "named",
+                                                         kv[1].n_clusters or 0, order.get(kv[0], 9),
+                                                         kv[0])))
+    timings["total"] = time.perf_counter() - t_all
+    meta = {
+        "backbone": cfg.features.backbone, "weights_source": fit_store.meta.get("weights_source", ""),
+        "resolution": cfg.features.resolution, "flip": bool(cfg.features.flip),
+        "precision": fit_store.meta.get("precision", "float32"), "crf_short_side": crf_side if settings.crf else None,
+        "n_fit_images": len(fit_images), "n_images": len(images), "n_classes": C, "class_names": names_cls,
+        "ignore_index": ignore, "n_clusters": cfg.n_clusters, "train_steps": cfg.train.steps,
+        "code_dim": cfg.train.code_dim, "seed": seed, "alpha": cfg.alpha, "sweep": list(settings.sweep),
+        "max_void_share": settings.max_void_share, "kmeans_samples": n_samples,
+        "kmeans_n_init": settings.kmeans_n_init,
+        "propagation": ({"from": settings.propagate_from, "k": list(prop_k), "pseudo_alpha": settings.pseudo_alpha,
+                         "min_confidence": settings.min_confidence,
+                         **Propagator(C, **settings.propagation).get_params()} if settings.propagate else {}),
+        "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
+                   [("", pipeline)] + [(f"_{n}", q) for n, q in (compare or {}).items()]},
+        "pipeline_config": cfg.to_dict(), "peak_rss_mb": peak_rss_mb(),
     }
-    report = json.loads(json.dumps(report))  # what the file holds (e.g. matching keys as strings)
-    out.with_name(out.name + ".json").write_text(json.dumps(report, indent=1))
-    out.with_name(out.name + ".md").write_text(markdown_report(report))
-    log.info("wrote %s.json and %s.md", out, out)
-    return report
+    return Report(meta=meta, results=results, timings_s={k: round(v, 1) for k, v in timings.items()})
 
 
-LABELS = {
-    "kmeans_raw": "k-means on raw backbone features",
-    "stego": "STEGO, no CRF",
-    "stego_crf": "STEGO + CRF",
-    "stego_paper_shifts": "STEGO (paper shifts), no CRF",
-    "stego_crf_paper_shifts": "STEGO (paper shifts) + CRF",
-    "linear_probe_raw": "linear probe on raw features (supervised)",
-    "linear_probe_codes": "linear probe on STEGO codes (supervised)",
-}
+def _shifts(p: StegoPipeline) -> dict:
+    return p.dir.read_json(p.dir.state_json).get("shifts", {}) if p.dir.state_json.is_file() else {}
 
 
-def markdown_report(r: dict) -> str:
-    """The evaluation report as a Markdown table."""
-    lines = [f"# Evaluation: {r['backbone']} at short side {r['resolution']}",
-             "",
-             f"Weights: {r['weights_source']}",
-             "",
-             f"Fit on {r['n_train_images']} images, scored on {r['n_val_images']} images; {r['classes']} classes, "
-             f"{r['n_clusters']} clusters, {r['train_config']['steps']} training steps; "
-             f"flip averaging {'on' if r['flip'] else 'off'}; backbone precision {r.get('precision', 'float32')}"
-             + (f"; CRF at short side {r.get('crf_short_side') or 'full size'}." if "stego_crf" in r["results"]
-                else "."),
-             "",
-             "| method | mIoU | pixel accuracy |",
-             "| --- | --- | --- |"]
-    for m, v in r["results"].items():
-        lines.append(f"| {LABELS.get(m, m)} | {100 * v['miou']:.1f} | {100 * v['accuracy']:.1f} |")
-    if r.get("stego_crf_over_kmeans_raw"):
-        lines += ["", f"STEGO + CRF / raw k-means mIoU: **{r['stego_crf_over_kmeans_raw']:.2f}x**"]
-    lines += ["", "Shifts (self / knn / neg):"]
-    for name, s in r["shifts"].items():
-        lines.append(f"- {name}: {s['self']:.3f} / {s['knn']:.3f} / {s['neg']:.3f}")
-    lines += ["", "Per-class IoU (%):", "",
-              "| method | " + " | ".join(r["class_names"]) + " |",
-              "| --- |" + " --- |" * len(r["class_names"])]
-    for m, v in r["results"].items():
-        cells = ["-" if x is None else f"{100 * x:.1f}" for x in v["per_class_iou"].values()]
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items())
-              + f"; total {r['total_s']}; peak RSS {r['peak_rss_mb']} MB.", ""]
-    return "\n".join(lines)
+def _count_sweep(store, i: int, mask: np.ndarray, head, centroids: dict, counts: dict, settings: EvalSettings
+                 ) -> None:
+    """Add image i's full-resolution argmax clusters of every (kind, K) to the cluster x class(+void) counts."""
+    target = with_void(mask, settings.n_classes, settings.ignore_index)
+    vec = {"raw": _raw(store, i), "stego": item_codes(head, store, i)}
+    for kind in FEATURE_KINDS:
+        v = _unit(vec[kind])
+        for K in settings.sweep:
+            # argmax of the cosine is that of the upsampled dot products (the norm is per pixel)
+            dots = v @ _unit(centroids[(kind, K)]).T
+            counts[(kind, K)].update(upsample_bilinear(dots, mask.shape).argmax(-1), target)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run(args)
-
-
-if __name__ == "__main__":
-    main()
+def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, settings: EvalSettings) -> Propagator:
+    """Pseudo-labels of every token of ``corpus`` from the named clusters, then a Propagator on its raw features."""
+    kind = settings.propagate_from
+    labels, weights = [], []
+    for i in range(len(corpus)):
+        x = np.asarray(corpus.tokens(i), dtype=np.float32)
+        v = encode_tokens(head, x) if kind == "stego" else x
+        lab, wt = pseudo_labels(cluster_probabilities(v, centroids, settings.pseudo_alpha), names,
+                                min_confidence=settings.min_confidence)
+        labels.append(lab)
+        weights.append(wt)
+    return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels, weights)

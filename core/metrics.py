@@ -13,7 +13,8 @@ from scipy.optimize import linear_sum_assignment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfusionMatrix", "hungarian_match", "LinearProbe", "downsample_labels"]
+__all__ = ["ConfusionMatrix", "hungarian_match", "LinearProbe", "downsample_labels", "with_void",
+           "majority_names", "named_scores"]
 
 
 def hungarian_match(matrix: np.ndarray) -> dict[int, int]:
@@ -76,20 +77,76 @@ class ConfusionMatrix:
         mapped = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)  # predicted class x true class
         for k, c in matching.items():
             mapped[c] += m[k]
-        tp = np.diag(mapped)
-        gt = m.sum(axis=0)
-        pred = mapped.sum(axis=1)
-        union = gt + pred - tp
-        present = gt > 0
-        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-        total = int(gt.sum())
-        return {
-            "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
-            "accuracy": float(tp.sum() / total) if total else float("nan"),
-            "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
-            "matching": {int(k): int(c) for k, c in matching.items()},
-            "n_pixels": total,
-        }
+        return {**_class_scores(mapped, m.sum(axis=0)), "matching": {int(k): int(c) for k, c in matching.items()}}
+
+
+def _class_scores(mapped: np.ndarray, gt: np.ndarray) -> dict:
+    """mIoU over present classes, pixel accuracy, per-class IoU from a (predicted class x true class)
+    matrix and the true pixels per class (which may exceed the matrix's column sums)."""
+    tp = np.diag(mapped)
+    union = gt + mapped.sum(axis=1) - tp
+    present = gt > 0
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    total = int(gt.sum())
+    return {
+        "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
+        "n_pixels": total,
+    }
+
+
+def with_void(mask: np.ndarray, n_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """The mask with every unlabelled pixel (``ignore_index`` or outside [0, n_classes)) set to
+    ``n_classes``: count it with ``ConfusionMatrix(K, n_classes + 1)`` to know each cluster's void share."""
+    mask = np.asarray(mask).astype(np.int64)
+    void = (mask < 0) | (mask >= n_classes)
+    if ignore_index is not None:
+        void |= mask == ignore_index
+    return np.where(void, n_classes, mask)
+
+
+def majority_names(counts: np.ndarray, max_void_share: float = 0.5) -> np.ndarray:
+    """(K,) int the majority class of each cluster (a careful person's naming); -1 = left unnamed.
+
+    ``counts`` (K, C + 1): pixels of each cluster per true class, the last column unlabelled
+    (void) pixels (see ``with_void``). A cluster whose void share exceeds ``max_void_share``, or
+    that has no pixels, is left unnamed (ignored).
+    """
+    m = np.asarray(counts, dtype=np.int64)
+    if m.ndim != 2 or m.shape[1] < 2:
+        raise ValueError(f"counts must be (K, C + 1) with a void column last, got {m.shape}")
+    names = m[:, :-1].argmax(axis=1).astype(np.int64)
+    total = m.sum(axis=1)
+    names[(total == 0) | (m[:, -1] > max_void_share * total) | (m[:, :-1].sum(axis=1) == 0)] = -1
+    return names
+
+
+def named_scores(counts: np.ndarray, names: np.ndarray) -> dict:
+    """Scores of a many-to-one named segmentation from cluster x class counts.
+
+    ``counts`` (K, C + 1) as in ``majority_names`` (void column last, not scored); ``names`` (K,)
+    the class each cluster was named, -1 = unnamed: its labelled pixels count as errors (a false
+    negative of their true class). Unlike Hungarian or STEGO's own metric code, no pixel of an
+    extra cluster is dropped. Returns mIoU over classes present, pixel accuracy over labelled
+    pixels, per-class IoU, and the naming actions (clusters named) and clusters left unnamed.
+    """
+    m = np.asarray(counts, dtype=np.int64)[:, :-1]
+    names = np.asarray(names).astype(np.int64).ravel()
+    if names.shape[0] != m.shape[0]:
+        raise ValueError(f"{names.shape[0]} names for {m.shape[0]} clusters")
+    C = m.shape[1]
+    if names.max(initial=-1) >= C:
+        raise ValueError(f"names must be classes in [0, {C}) or -1")
+    mapped = np.zeros((C, C), dtype=np.int64)
+    for k in np.flatnonzero(names >= 0):
+        mapped[names[k]] += m[k]
+    return {
+        **_class_scores(mapped, m.sum(axis=0)),
+        "naming_actions": int((names >= 0).sum()),
+        "unnamed_clusters": int((names < 0).sum()),
+        "classes_found": int(len(set(names[names >= 0].tolist()))),
+    }
 
 
 def downsample_labels(mask: np.ndarray, grid: tuple[int, int], n_classes: int,

@@ -111,7 +111,7 @@ class Propagator:
 
     def __init__(self, n_classes: int, *, hidden: int = 256, keep_fraction: float = 0.7,
                  class_balance: float = 0.5, weighted: bool = False, max_tokens: int = 300_000,
-                 steps: int = 1500, batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 1e-4,
                  dropout: float = 0.2, label_smoothing: float = 0.1, seed: int = 0, device: str = "cpu"):
         self.n_classes = n_classes
         self.hidden = hidden
@@ -157,7 +157,7 @@ class Propagator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if self.hidden:
-                net = torch.nn.Sequential(torch.nn.Linear(in_dim, self.hidden), torch.nn.GELU(),
+                net = torch.nn.Sequential(torch.nn.Linear(in_dim, self.hidden), torch.nn.ReLU(),
                                           torch.nn.Dropout(self.dropout), torch.nn.Linear(self.hidden, self.n_classes))
             else:
                 net = torch.nn.Sequential(torch.nn.Dropout(self.dropout), torch.nn.Linear(in_dim, self.n_classes))

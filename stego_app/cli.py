@@ -588,7 +588,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
     try:
-        from core import evaluate
+        from stego_app import evaluate_cli as evaluate
     except ImportError as exc:
         raise UserError(f"the evaluate command is not available: {exc}") from None
     parser = argparse.ArgumentParser(prog="app.py evaluate",

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import evaluate
+from core.evaluate import EvalSettings, evaluate, pair_images_and_masks
+from stego_app import evaluate_cli
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 220]], dtype=np.uint8)
 
@@ -30,7 +31,7 @@ def _dataset(root, n, seed):
 
 def _args(tmp_path, **over):
     parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
+    evaluate_cli.add_arguments(parser)
     train, val = _dataset(tmp_path / "train", 8, 0), _dataset(tmp_path / "val", 4, 1)
     argv = ["--train-images", str(train / "images"), "--train-masks", str(train / "masks"),
             "--images", str(val / "images"), "--masks", str(val / "masks"), "--classes", "3",
@@ -44,25 +45,57 @@ def _args(tmp_path, **over):
 
 
 def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
-    report = evaluate.run(_args(tmp_path, compare_paper_shifts=True))
-    expected = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
-                "linear_probe_raw", "linear_probe_codes"}
-    assert set(report["results"]) == expected
-    for name, r in report["results"].items():
-        assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0, name
-        assert set(r["per_class_iou"]) == {"red", "green", "blue"}
+    report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2",
+                                    propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
+    res = report.results
+    hungarian = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
+                 "linear_probe_raw", "linear_probe_codes"}
+    named = {f"{m}_k{k}" for m in ("named_raw", "named_stego", "named_stego_crf", "propagated", "propagated_crf")
+             for k in (3, 6)}
+    assert set(res) == hungarian | named
+    for name, r in res.items():
+        assert 0.0 <= r.miou <= 1.0 and 0.0 <= r.accuracy <= 1.0, name
+        assert set(r.per_class_iou) == {"red", "green", "blue"}
     # colour classes are linearly separable even in random-ViT features
-    assert report["results"]["linear_probe_raw"]["miou"] > 0.6
-    assert report["shifts"]["paper"] == {"self": 0.18, "knn": 0.12, "neg": 0.46}
-    assert report["n_train_images"] == 8 and report["n_val_images"] == 4
+    assert res["linear_probe_raw"].miou > 0.6
+    # majority naming of 6 raw-feature clusters finds the colours (a naming action per named cluster)
+    assert res["named_raw_k6"].miou > 0.6 and res["named_raw_k6"].naming_actions <= 6
+    assert res["named_raw_k6"].n_clusters == 6 and len(res["named_raw_k6"].names) == 6
+    assert res["propagated_k6"].naming_actions == res["named_stego_k6"].naming_actions
+    assert report.meta["shifts"]["paper_shifts"] == {"self": 0.18, "knn": 0.12, "neg": 0.46}
+    assert report.meta["n_fit_images"] == 8 and report.meta["n_images"] == 4
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert saved["results"] == report["results"]
+    assert saved["results"]["stego_crf"]["miou"] == res["stego_crf"].miou
+    assert set(saved["results"]) == set(res)
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| STEGO + CRF |" in md and "k-means on raw backbone features" in md and "test_tiny" in md
+    assert "| propagated + CRF | 6 |" in md
+
+
+def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
+    from core.features import FeatureConfig
+    from core.pipeline import PipelineConfig
+    from core.training import TrainConfig
+
+    data = _dataset(tmp_path / "d", 6, 3)
+    images, masks = pair_images_and_masks(data / "images", data / "masks")
+    cfg = PipelineConfig(features=FeatureConfig(backbone="test_tiny", resolution=32),
+                         train=TrainConfig(steps=4, batch_size=4, code_dim=8), n_clusters=3, crf=False,
+                         device="cpu", n_jobs=1)
+    pipe = evaluate_cli.fit_pipeline(cfg, images, tmp_path / "cache")
+    feats = sorted((tmp_path / "cache" / "features").iterdir())
+    report = evaluate(pipe, images, masks, EvalSettings(n_classes=3, ignore_index=9, k_multiples=(2,), crf=False,
+                                                        propagate=False, n_jobs=1))
+    assert sorted((tmp_path / "cache" / "features").iterdir()) == feats  # nothing extracted again
+    assert "linear_probe_raw" not in report.results  # no fit masks: no supervised rows
+    assert {"kmeans_raw", "stego", "named_raw_k6", "named_stego_k6"} == set(report.results)
+    assert report.to_dict()["meta"]["n_images"] == 6
+    with pytest.raises(ValueError, match="class names"):
+        evaluate(pipe, images, masks, EvalSettings(n_classes=3, class_names=("a",)))
 
 
 def test_evaluate_explains_missing_masks(tmp_path):
     args = _args(tmp_path)
     (tmp_path / "val" / "masks" / "s01.png").unlink()
     with pytest.raises(ValueError, match="no mask"):
-        evaluate.run(args)
+        evaluate_cli.run(args)

@@ -90,3 +90,20 @@ def test_linear_probe_learns_a_linear_rule_and_ignores_unlabelled_rows():
     assert probe.decision_function(X[:2]).shape == (2, 4)
     with pytest.raises(ValueError, match="expected 6 features"):
         probe.predict(X[:, :3])
+
+
+def test_majority_naming_ignores_void_clusters_and_counts_unnamed_pixels_as_errors():
+    from core.metrics import majority_names, named_scores, with_void
+
+    mask = np.array([[0, 0, 1, 1, 255, 255]])
+    assert with_void(mask, 2, 255).tolist() == [[0, 0, 1, 1, 2, 2]]
+    # 4 clusters x (2 classes + void): cluster 3 is mostly void, cluster 2 splits class 1
+    counts = np.array([[10, 0, 0], [0, 6, 1], [1, 4, 0], [0, 2, 9]])
+    names = majority_names(counts, max_void_share=0.5)
+    assert names.tolist() == [0, 1, 1, -1]
+    s = named_scores(counts, names)
+    # class 1: 12 pixels, 10 found, 1 false positive from cluster 2; the 2 under the void cluster are errors
+    assert s["per_class_iou"][1] == pytest.approx(10 / 13)
+    assert s["per_class_iou"][0] == pytest.approx(10 / 11)
+    assert s["accuracy"] == pytest.approx(20 / 23)
+    assert s["naming_actions"] == 3 and s["unnamed_clusters"] == 1 and s["classes_found"] == 2

@@ -1,0 +1,148 @@
+"""The ``evaluate`` command: fit the app's pipeline on a labelled split and score it with ``core.evaluate``.
+
+    python app.py evaluate --train-images T/images --train-masks T/masks \\
+        --images V/images --masks V/masks --classes 11 --ignore 11 --out bench/results/camvid_eval
+
+The pipeline is fitted (features, KNN, head, clusters) in a run directory under
+``<cache>/eval_runs/<key>`` keyed by its settings and images, so a second run with the same
+settings reuses it; then ``core.evaluate.evaluate`` writes ``OUT.json`` and ``OUT.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from core.clustering import DEFAULT_ALPHA
+from core.evaluate import EvalSettings, Report, evaluate, pair_images_and_masks
+from core.features import FeatureConfig
+from core.pipeline import PipelineConfig, StegoPipeline
+from core.precision import PRECISIONS
+from core.training import PAPER_SHIFTS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "fit_pipeline", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the evaluate command's options on ``parser``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--images", "--val-images", dest="images", required=True, type=Path, help="folder of images to score")
+    g.add_argument("--masks", "--val-masks", dest="masks", required=True, type=Path,
+                   help="folder of label PNGs (same stem as the images) for the scored images")
+    g.add_argument("--train-images", type=Path, default=None,
+                   help="folder of images to fit on (default: the scored images)")
+    g.add_argument("--train-masks", type=Path, default=None,
+                   help="label PNGs of the training images, for the supervised linear probes")
+    g.add_argument("--classes", type=int, required=True, help="number of classes (labels 0..N-1)")
+    g.add_argument("--ignore", type=int, default=255, help="label value to ignore (values >= --classes are ignored too)")
+    g.add_argument("--class-names", default=None, help="comma-separated class names for the report")
+    g.add_argument("--max-images", type=int, default=None, help="use only the first N images of each folder")
+    g.add_argument("--score-every", type=int, default=1,
+                   help="score every N-th scored image only (a subset of the fitting images reuses their features)")
+    m = parser.add_argument_group("pipeline")
+    m.add_argument("--backbone", default="dinov2_vits14")
+    m.add_argument("--weights", default=None, help="explicit backbone checkpoint file")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--resolution", type=int, default=322, help="short side of the images for the backbone")
+    m.add_argument("--flip", action="store_true", help="average codes with the flipped image at inference")
+    m.add_argument("--five-crop", action="store_true", help="train the head on five crops of each image")
+    m.add_argument("--precision", default="auto", choices=PRECISIONS)
+    m.add_argument("--n-clusters", type=int, default=None, help="the pipeline's clusters (default: --classes)")
+    m.add_argument("--steps", type=int, default=2000)
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--code-dim", type=int, default=70)
+    m.add_argument("--lr", type=float, default=5e-4)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shift-self", type=float, default=None, help="manual shift (default: automatic)")
+    m.add_argument("--shift-knn", type=float, default=None)
+    m.add_argument("--shift-neg", type=float, default=None)
+    m.add_argument("--compare-paper-shifts", action="store_true",
+                   help="also fit with the paper's ViT-S shifts (0.18/0.12/0.46) and report it")
+    m.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="cluster softmax temperature")
+    m.add_argument("--crf-resolution", type=int, default=None,
+                   help="short side (px) the CRF runs at (default: --resolution; 0: full size)")
+    m.add_argument("--jobs", type=int, default=2, help="worker processes for scoring and CRF")
+    e = parser.add_argument_group("evaluation")
+    e.add_argument("--no-crf", action="store_true", help="skip the CRF rows")
+    e.add_argument("--k-multiples", default="1,2,4,8", help="over-clustering sweep: K = each multiple x --classes")
+    e.add_argument("--kmeans-samples", type=int, default=None,
+                   help="tokens the evaluation's own k-means are fitted on (default: the pipeline's)")
+    e.add_argument("--kmeans-n-init", type=int, default=None, help="k-means restarts (default: 20 at K = C, 5 above)")
+    e.add_argument("--no-probes", action="store_true", help="skip the supervised linear probes")
+    e.add_argument("--no-propagation", action="store_true", help="skip the propagation rows")
+    e.add_argument("--propagate-k", default=None, help="comma-separated K values to propagate (default: all)")
+    e.add_argument("--propagate-from", default="stego", choices=("stego", "raw"))
+    e.add_argument("--propagation", default="{}", help="JSON of core.propagation.Propagator keyword arguments")
+    o = parser.add_argument_group("output")
+    o.add_argument("--cache-dir", type=Path, default=None,
+                   help="where weights, features and fitted runs are cached (default: $STEGO_CACHE_DIR)")
+    o.add_argument("--out", type=Path, default=Path("evaluation"), help="output path without extension")
+
+
+def fit_pipeline(config: PipelineConfig, images: list[Path], cache: Path, progress=None) -> StegoPipeline:
+    """Fit (or reuse) the pipeline of ``config`` on ``images`` in ``<cache>/eval_runs/<key>``."""
+    key = hashlib.sha1(json.dumps([config.to_dict(), [str(p) for p in images]], sort_keys=True).encode())
+    run_dir = cache / "eval_runs" / key.hexdigest()[:16]
+    pipe = StegoPipeline(config, run_dir, cache)
+    pipe.fit(images, progress=progress)
+    return pipe
+
+
+def run(args: argparse.Namespace) -> Report:
+    """Fit and evaluate as described by parsed ``args``; write OUT.json / OUT.md; return the report."""
+    from core.weights import default_cache_dir
+
+    C = int(args.classes)
+    images, masks = pair_images_and_masks(args.images, args.masks, args.max_images)
+    if args.score_every < 1:
+        raise ValueError("--score-every must be >= 1")
+    if args.train_images is not None:
+        if args.train_masks is None:
+            raise ValueError("--train-images needs --train-masks (for the linear probes)")
+        fit_images, fit_masks = pair_images_and_masks(args.train_images, args.train_masks, args.max_images)
+    else:
+        fit_images, fit_masks = images, masks
+    cache = Path(args.cache_dir or default_cache_dir())
+    fcfg = FeatureConfig(backbone=args.backbone, resolution=args.resolution, flip=bool(args.flip),
+                         precision=args.precision, crop_mode="five" if args.five_crop else "none")
+    tcfg = TrainConfig(code_dim=args.code_dim, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       shift_self=args.shift_self, shift_knn=args.shift_knn, shift_neg=args.shift_neg, seed=args.seed)
+    pcfg = PipelineConfig(features=fcfg, train=tcfg, n_clusters=int(args.n_clusters or C), crf=False,
+                          crf_resolution=args.crf_resolution, checkpoint=args.weights, device=args.device,
+                          alpha=args.alpha, n_jobs=args.jobs)
+    pipe = fit_pipeline(pcfg, fit_images, cache)
+    compare = {}
+    if args.compare_paper_shifts:
+        paper = dataclasses.replace(tcfg, shift_self=PAPER_SHIFTS["self"], shift_knn=PAPER_SHIFTS["knn"],
+                                    shift_neg=PAPER_SHIFTS["neg"])
+        compare["paper_shifts"] = fit_pipeline(dataclasses.replace(pcfg, train=paper), fit_images, cache)
+    settings = EvalSettings(
+        n_classes=C, ignore_index=args.ignore,
+        class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+        k_multiples=tuple(int(v) for v in args.k_multiples.split(",")), crf=not args.no_crf,
+        propagate=not args.no_propagation, kmeans_samples=args.kmeans_samples, kmeans_n_init=args.kmeans_n_init,
+        probes=not args.no_probes,
+        propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
+        propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
+        seed=args.seed)
+    report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
+    report.write(Path(args.out))
+    log.info("wrote %s.json and %s.md", args.out, args.out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> Report:
+    parser = argparse.ArgumentParser(prog="python -m stego_app.evaluate_cli", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

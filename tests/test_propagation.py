@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+
+from core.errors import Cancelled
+from core.propagation import (ClassMapJob, Propagator, class_map, cluster_probabilities, pseudo_labels)
+from core.tokens import ArrayFeatures
+
+
+def _corpus(n_items=6, h=6, w=8, C=16, seed=0):
+    """Three classes in feature space (class mean + noise); class 2 is small (a 'pole')."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(3, C)) * 2.0
+    maps, truth = [], []
+    for _ in range(n_items):
+        lab = np.zeros((h, w), np.int64)
+        lab[:, w // 2:] = 1
+        lab[1:4, 1] = 2
+        maps.append((means[lab] + rng.normal(size=(h, w, C))).astype(np.float16))
+        truth.append(lab.ravel())
+    return ArrayFeatures(maps), truth, means
+
+
+def test_pseudo_labels_take_the_named_class_and_a_margin_confidence():
+    probs = np.array([[0.5, 0.4, 0.1],    # clusters 0 and 1 both named class 3: confident
+                      [0.45, 0.1, 0.45],  # tie between class 3 and class 0
+                      [0.1, 0.1, 0.8],    # cluster 2 is unnamed (void)
+                      [0.2, 0.7, 0.1]], dtype=np.float32)
+    names = np.array([3, 3, -1])
+    labels, weights = pseudo_labels(probs, names, min_confidence=0.0)
+    assert labels.tolist() == [3, 3, -1, 3]
+    assert weights[0] == pytest.approx(0.5 / 0.6)  # q2 = the unnamed cluster, not the sibling
+    assert weights[1] == pytest.approx(0.5)
+    assert weights[2] == 0.0
+    names2 = np.array([3, 0, 1])
+    labels2, _ = pseudo_labels(probs, names2, min_confidence=0.6)
+    assert labels2.tolist() == [-1, -1, 1, 0]  # the two near-ties dropped
+    with pytest.raises(ValueError, match="cluster_to_class"):
+        pseudo_labels(probs, np.array([0, 1]))
+
+
+def test_propagator_learns_from_partial_noisy_pseudo_labels_and_round_trips(tmp_path):
+    feats, truth, means = _corpus()
+    rng = np.random.default_rng(1)
+    labels, weights = [], []
+    for t in truth:
+        lab = t.copy()
+        lab[rng.random(lab.size) < 0.5] = -1          # half the tokens unlabelled
+        flip = rng.random(lab.size) < 0.1             # 10 % wrong labels
+        lab[flip & (lab >= 0)] = (lab[flip & (lab >= 0)] + 1) % 3
+        labels.append(lab)
+        weights.append(np.where(lab >= 0, 0.8, 0.0))
+    seen = []
+    prop = Propagator(3, hidden=32, steps=200, batch_size=128, keep_fraction=1.0, seed=0).fit(
+        feats, labels, weights, progress=lambda s, n, l: seen.append((s, n)))
+    assert seen[-1] == (200, 200)
+    acc = np.mean([(prop.predict(feats.tokens(i)) == truth[i]).mean() for i in range(len(feats))])
+    assert acc > 0.95
+    # the small class is found on every item, including tokens that had no label
+    assert all((prop.predict(feats.tokens(i)).reshape(6, 8)[1:4, 1] == 2).all() for i in range(len(feats)))
+    lp = prop.predict_log_proba(feats.tokens(0))
+    assert lp.shape == (48, 3) and np.allclose(np.exp(lp).sum(1), 1, atol=1e-5)
+    prop.save(tmp_path / "p.pt")
+    again = Propagator.load(tmp_path / "p.pt")
+    assert np.allclose(again.predict_log_proba(feats.tokens(2)), prop.predict_log_proba(feats.tokens(2)), atol=1e-6)
+    assert again.hidden == 32 and again.steps == 200
+
+
+def test_seeds_override_wrong_pseudo_labels():
+    feats, truth, _ = _corpus()
+    # pseudo-labels call class 2 ("pole") class 0 everywhere; one person-checked item has it right
+    labels = [np.where(t == 2, 0, t) for t in truth]
+    weights = [np.full(t.shape, 0.9, np.float32) for t in truth]
+    labels[0], weights[0] = truth[0].copy(), np.full(truth[0].shape, 5.0, np.float32)
+    prop = Propagator(3, hidden=32, steps=300, batch_size=128, keep_fraction=1.0, class_balance=1.0).fit(
+        feats, labels, weights)
+    pole = np.concatenate([prop.predict(feats.tokens(i)).reshape(6, 8)[1:4, 1] for i in range(1, len(feats))])
+    assert (pole == 2).mean() > 0.8
+
+
+def test_propagator_validates_and_cancels():
+    feats, truth, _ = _corpus(n_items=2)
+    with pytest.raises(ValueError, match="no labelled tokens"):
+        Propagator(3).fit(feats, [np.full(48, -1), np.full(48, -1)])
+    with pytest.raises(ValueError, match="at least two"):
+        Propagator(3).fit(feats, [np.zeros(48, int), np.zeros(48, int)])
+    with pytest.raises(ValueError, match="entries"):
+        Propagator(3).fit(feats, [np.zeros(5, int), np.zeros(48, int)])
+    with pytest.raises(ValueError, match="keep_fraction"):
+        Propagator(3, keep_fraction=0).fit(feats, truth)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Propagator(3).predict(np.zeros((2, 16), np.float32))
+    with pytest.raises(Cancelled):
+        Propagator(3, steps=500, batch_size=16).fit(feats, truth, cancel=lambda: True)
+
+
+def test_keep_fraction_keeps_the_most_confident_tokens():
+    feats, truth, _ = _corpus(n_items=2)
+    w = [np.linspace(0.5, 1.0, 48).astype(np.float32) for _ in truth]
+    prop = Propagator(3, keep_fraction=0.5, steps=1, batch_size=8).fit(feats, truth, w)
+    full = np.bincount(np.concatenate(truth), minlength=3)
+    assert np.abs(prop.class_counts_ - np.round(full * 0.5)).max() <= 1
+
+
+def test_class_map_upsamples_and_refines_with_crf(tmp_path):
+    from PIL import Image
+
+    lp = np.log(np.full((4, 6, 2), 0.1, np.float32))
+    lp[:, 3:, 1] = np.log(0.9)
+    lp[:, :3, 0] = np.log(0.9)
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = 255
+    Image.fromarray(img).save(tmp_path / "im.png")
+    res = class_map(ClassMapJob(lp, (40, 60), str(tmp_path / "im.png"), crf=True, crf_resolution=20))
+    assert res.labels.shape == (40, 60) and res.labels_crf.shape == (40, 60)
+    assert (res.labels[:, :25] == 0).all() and (res.labels[:, 35:] == 1).all()
+    assert (res.labels_crf[:, :28] == 0).all() and (res.labels_crf[:, 32:] == 1).all()
+
+
+def test_cluster_probabilities_prefer_the_nearest_centroid():
+    c = np.array([[1.0, 0.0], [0.0, 1.0]])
+    p = cluster_probabilities(np.array([[2.0, 0.1], [0.1, 3.0]]), c, alpha=10)
+    assert p.argmax(1).tolist() == [0, 1] and np.allclose(p.sum(1), 1)
