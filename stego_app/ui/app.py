@@ -145,9 +145,7 @@ class App:
             # restarts still passes Gradio's choice check; each page load replaces them.
             self.project_dd = gr.Dropdown(label="Project", choices=H.project_choices(boot_projects), value=None,
                                           interactive=True, elem_id="project-select", scale=2)
-            # allow_custom_value: a project switch sends the run of the project left (checked by as_id)
             self.run_dd = gr.Dropdown(label="Discovery run", choices=H.run_choices(boot_runs), value=None,
-                                      allow_custom_value=True,
                                       interactive=True, elem_id="run-select", scale=3,
                                       info="Runs of this project, newest first. Every tab works on this run.")
             self.refresh_btn = gr.Button("↻ Refresh", elem_id="btn-refresh", scale=0, min_width=110)
