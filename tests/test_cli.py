@@ -122,7 +122,8 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
                            "--steps", "5", "--batch-size", "4", "--code-dim", "8", "--crf-resolution", "24", *data)
     assert code == 0, err
     assert "run 1: done" in out and "training" in out and "100.0%" in out
-    assert re.search(r"training \d+:\d\d.* · run \d+:\d\d", out), out     # elapsed (and left) per stage and run
+    # elapsed (and left) per stage and for the run, on whichever stage a progress poll caught
+    assert re.search(r"(features|knn|training|clustering|segments|crf) \d+:\d\d.* · run \d+:\d\d", out), out
 
     code, out, _ = _main(capsys, "status", "1", *data)
     assert code == 0 and "done" in out and "cluster 2" in out and "test_tiny" in out
