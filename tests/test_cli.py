@@ -122,8 +122,14 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
                            "--steps", "5", "--batch-size", "4", "--code-dim", "8", "--crf-resolution", "24", *data)
     assert code == 0, err
     assert "run 1: done" in out and "training" in out and "100.0%" in out
-    # elapsed (and left) per stage and for the run, on whichever stage a progress poll caught
-    assert re.search(r"(features|knn|training|clustering|segments|crf) \d+:\d\d.* · run \d+:\d\d", out), out
+    # elapsed time of the run on every progress line; a stage's own time (and time left) on the
+    # lines of stages a poll caught (a 5-step run can finish between two polls: then none)
+    progress_lines = [ln for ln in out.splitlines() if re.match(r"\s+\d+\.\d%", ln)]
+    assert progress_lines and all(re.search(r"run \d+:\d\d", ln) for ln in progress_lines), out
+    stage_lines = [ln for ln in progress_lines
+                   if re.search(r"%\s+(features|knn|training|clustering|segments|crf)\s", ln)]
+    assert all(re.search(r"(features|knn|training|clustering|segments|crf) \d+:\d\d.* · run \d+:\d\d", ln)
+               for ln in stage_lines), out
 
     code, out, _ = _main(capsys, "status", "1", *data)
     assert code == 0 and "done" in out and "cluster 2" in out and "test_tiny" in out
