@@ -30,7 +30,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"quality_{args.split}_s{args.seed}"
     evaluate_main(["--train-images", str(d / "train" / "images"), "--train-masks", str(d / "train" / "masks"),
                    "--images", str(d / args.split / "images"), "--masks", str(d / args.split / "masks"),
-                   "--classes", "11", "--ignore", "11", "--class-names", NAMES, "--resolution", "322",
+                   "--classes", "11", "--ignore", "11", "--class-names", NAMES, "--backbone", "dinov2_vits14", "--resolution", "322",
                    "--steps", "2000", "--seed", str(args.seed), "--out", str(out), *rest])
 
 

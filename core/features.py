@@ -39,6 +39,7 @@ from core.constants import CROP_MODES, PRECISIONS
 from core.errors import Cancelled, ImageLoadError
 from core.images import crop, five_crop_boxes, image_size, load_image, resize_rgb, target_size
 from core.precision import autocast, resolve_precision
+from core.settings import DEFAULTS
 
 if TYPE_CHECKING:
     from core.backbones import Backbone
@@ -67,9 +68,9 @@ class FeatureConfig:
     """How features are extracted; every field except ``batch_size`` is part of the cache key."""
 
     backbone: str = "dinov2_vits14"
-    resolution: int = 322
-    crop_mode: str = "none"      # "none" | "five" (5 crops of ratio 0.5: 4 corners + centre)
-    flip: bool = False           # also store features of the h-flipped image, flipped back
+    resolution: int = DEFAULTS.resolution
+    crop_mode: str = DEFAULTS.crop_mode   # "none" | "five" (5 crops of ratio 0.5: 4 corners + centre)
+    flip: bool = DEFAULTS.flip            # also store features of the h-flipped image, flipped back
     max_long_side: int = 1024
     batch_size: int = 8
     precision: str = "auto"      # forward-pass precision, see core.precision.resolve_precision

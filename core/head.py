@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SegmentationHead", "ContrastiveCorrelationLoss", "LossWeights", "correlation",
-           "centred_feature_correlation", "channel_dropout", "PAIR_KINDS"]
+           "centred_feature_correlation", "pointwise_centre", "channel_dropout", "PAIR_KINDS"]
 
 PAIR_KINDS = ("self", "knn", "neg")
 
@@ -78,11 +78,15 @@ def centred_feature_correlation(f: Tensor, g: Tensor, pointwise: bool = True) ->
     locations, then add back the global mean of F (of the whole batch).
     """
     fd = correlation(f, g)
-    if pointwise:
-        old_mean = fd.mean()
-        fd = fd - fd.mean(dim=-1, keepdim=True)
-        fd = fd - fd.mean() + old_mean
-    return fd
+    return pointwise_centre(fd) if pointwise else fd
+
+
+def pointwise_centre(fd: Tensor) -> Tensor:
+    """STEGO's spatial centering of a correlation (B, T, U): each location minus its mean over the
+    partner's locations, plus the global mean back."""
+    old_mean = fd.mean()
+    fd = fd - fd.mean(dim=-1, keepdim=True)
+    return fd - fd.mean() + old_mean
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,7 @@ class ContrastiveCorrelationLoss(nn.Module):
         with torch.no_grad():
             fd = torch.einsum("btc,buc->btu", f1, f2)
             if self.pointwise:
-                old_mean = fd.mean()
-                fd = fd - fd.mean(dim=-1, keepdim=True)
-                fd = fd - fd.mean() + old_mean
+                fd = pointwise_centre(fd)
             fd = fd - shift
         cd = torch.einsum("btc,buc->btu", c1, c2)
         cd = cd.clamp(min=0.0) if self.zero_clamp else cd

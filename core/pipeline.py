@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from core.atomic import atomic_path, atomic_write_json
-from core.clustering import DEFAULT_ALPHA, CosineKMeans, sample_tokens
+from core.clustering import CosineKMeans, sample_tokens
 from core.constants import STAGES
 from core.crf import (ClusterMap, ClusterMapJob, CRFParams, cluster_map, crf_short_side, ordered_map,
                       refine_labels)
@@ -34,6 +34,7 @@ from core.features import FeatureConfig, FeatureStore, backbone_forward, extract
 from core.head import SegmentationHead
 from core.precision import resolve_precision
 from core.rundir import RunDir
+from core.settings import DEFAULTS, RunSettings, SettingsError, auto_steps, check
 from core.training import StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
@@ -51,28 +52,29 @@ class PipelineConfig:
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    n_clusters: int = 12
-    crf: bool = True
-    crf_resolution: int | None = None      # short side the CRF runs at: None = features' (paper), 0 = full size
+    n_clusters: int = DEFAULTS.n_clusters
+    crf: bool = DEFAULTS.crf
+    crf_resolution: int | None = DEFAULTS.crf_resolution   # CRF short side: None = features' (paper), 0 = full
     checkpoint: str | None = None          # explicit backbone weights file
     device: str = "auto"
     knn_k: int = 30                         # KNN table size (training draws from the top num_neighbors)
     cluster_samples: int = 100_000          # code vectors the k-means is fitted on
     cluster_n_init: int = 20               # k-means restarts (best objective kept; 5 was not enough to be stable)
-    alpha: float = DEFAULT_ALPHA            # cluster-probe softmax temperature on cosine similarity
+    alpha: float = DEFAULTS.alpha           # cluster-probe softmax temperature on cosine similarity
     n_jobs: int = 2                         # worker processes for segments and CRF
 
     def validate(self) -> None:
-        if self.n_clusters < 2:
-            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
-        if self.n_clusters > 65535:
-            raise ValueError("n_clusters must be <= 65535 (segments are stored as 16-bit PNGs)")
+        for name in ("n_clusters", "crf_resolution", "alpha"):     # the run settings' limits (core.settings)
+            try:
+                check(name, getattr(self, name))
+            except SettingsError as exc:
+                raise ValueError(f"PipelineConfig.{name}: {exc}") from None
+        try:
+            check("resolution", self.features.resolution)
+        except SettingsError as exc:
+            raise ValueError(f"FeatureConfig.resolution: {exc}") from None
         if self.knn_k < 1 or self.cluster_samples < self.n_clusters or self.cluster_n_init < 1:
             raise ValueError("knn_k and cluster_n_init must be >= 1 and cluster_samples >= n_clusters")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if self.crf_resolution is not None and self.crf_resolution < 0:
-            raise ValueError(f"crf_resolution must be >= 0 (0 = full image size), got {self.crf_resolution}")
         self.train.validate()
 
     @property
@@ -82,6 +84,32 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings, *, backbone: str, n_train_items: int | None = None,
+                      device: str = "auto", precision: str = "auto", checkpoint: str | None = None,
+                      n_jobs: int = 2) -> "PipelineConfig":
+        """The pipeline of a run's settings (core.settings) plus where and how it runs.
+
+        ``settings.steps`` None (automatic) needs ``n_train_items``: the images fitted on (five
+        per image with five crops), see core.settings.auto_steps.
+        """
+        settings.validate()
+        steps = settings.steps
+        if steps is None:
+            if n_train_items is None:
+                raise ValueError("automatic steps need n_train_items (the number of training items)")
+            steps = auto_steps(n_train_items)
+        features = FeatureConfig(backbone=backbone, resolution=settings.resolution, crop_mode=settings.crop_mode,
+                                 flip=settings.flip, precision=precision)
+        train = TrainConfig(code_dim=settings.code_dim, steps=steps, batch_size=settings.batch_size,
+                            lr=settings.lr, weight_self=settings.weight_self, weight_knn=settings.weight_knn,
+                            weight_neg=settings.weight_neg, shift_self=settings.shift_self,
+                            shift_knn=settings.shift_knn, shift_neg=settings.shift_neg, seed=settings.seed,
+                            device=device)
+        return cls(features=features, train=train, n_clusters=settings.n_clusters, crf=settings.crf,
+                   crf_resolution=settings.crf_resolution, alpha=settings.alpha, checkpoint=checkpoint,
+                   device=device, n_jobs=max(1, int(n_jobs)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
@@ -113,6 +141,7 @@ class RunResult:
         return dataclasses.asdict(self)
 
 
+
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024, 1)
@@ -131,6 +160,79 @@ def item_codes(head: SegmentationHead, store: FeatureStore, i: int) -> np.ndarra
     if getattr(store, "has_flip", False):
         codes = 0.5 * (codes + encode_tokens(head, np.asarray(store.tokens(i, flipped=True))))
     return codes.reshape(h, w, -1)
+
+
+@dataclass
+class _Fit:
+    """One ``fit`` call: its images, the persisted stage state and what the stages hand on."""
+
+    paths: list[Path]
+    state: dict
+    report: Progress
+    check: Callable[[], bool]
+    stores: dict[str, FeatureStore] = field(default_factory=dict)
+    knn: np.ndarray | None = None
+
+
+@dataclass
+class _SegmentPass:
+    """One pass of the segments or crf stage: the images still to do and the cluster statistics."""
+
+    dir: RunDir
+    n: int
+    stage: str
+    want_argmax: bool
+    want_crf: bool
+    todo: list[int]
+    stats: dict | None
+    finished: int = 0
+    job_s: float = 0.0
+    crf_s: float = 0.0
+    last_save: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def start(cls, rd: RunDir, n: int, k: int, stage: str, crf_on: bool) -> "_SegmentPass":
+        want_argmax, want_crf = stage == "segments", stage == "crf" or crf_on
+        rd.segments_dir("plain").mkdir(exist_ok=True)
+        if want_crf:
+            rd.segments_dir("crf").mkdir(exist_ok=True)
+        stats = None
+        if want_argmax:
+            if rd.segment_stats_npz.is_file():
+                saved = np.load(rd.segment_stats_npz)
+                stats = {"pixels": saved["pixels"], "confidence": saved["confidence"], "done": saved["done"]}
+            else:
+                stats = {"pixels": np.zeros((n, k), np.int64), "confidence": np.zeros((n, k)),
+                         "done": np.zeros(n, bool)}
+
+        def done(i: int) -> bool:
+            if want_crf and not rd.segment_path(i, "crf").is_file():
+                return False
+            return not want_argmax or (rd.segment_path(i, "plain").is_file() and bool(stats["done"][i]))
+
+        todo = [i for i in range(n) if not done(i)]
+        return cls(rd, n, stage, want_argmax, want_crf, todo, stats, finished=n - len(todo))
+
+    def add(self, i: int, res: ClusterMap) -> float | None:
+        """Write image ``i``'s maps; returns the CRF's share of the job time when both ran."""
+        self.job_s, self.crf_s = self.job_s + res.seconds, self.crf_s + res.crf_seconds
+        if self.want_crf:
+            self.dir.write_segments(i, res.labels_crf, "crf")
+        if self.want_argmax:
+            self.dir.write_segments(i, res.labels, "plain")
+            self.stats["pixels"][i], self.stats["confidence"][i], self.stats["done"][i] = \
+                res.pixels, res.confidence, True
+            if time.monotonic() - self.last_save > 5.0:
+                self.save_stats()
+        self.finished += 1
+        return self.crf_s / self.job_s if self.want_argmax and self.want_crf and self.job_s > 0 else None
+
+    def save_stats(self) -> None:
+        if self.stats is None:
+            return
+        with atomic_path(self.dir.segment_stats_npz, ".npz") as tmp:
+            np.savez(tmp, **self.stats)
+        self.last_save = time.monotonic()
 
 
 class StegoPipeline:
@@ -197,95 +299,96 @@ class StegoPipeline:
         if len(paths) < 2:
             raise ValueError(f"a run needs at least 2 images, got {len(paths)}")
         self._prepare_run_dir(paths)
-        state = self._load_state()
-        report = progress or (lambda stage, frac, info: None)
-        check = cancel or (lambda: False)
-
-        def timed(stage: str, fn: Callable[[], None]) -> None:
-            if stage in state["done"]:
-                report(stage, 1.0, {"skipped": True})
-                return
-            if check():
-                raise Cancelled(f"cancelled before stage {stage}")
-            t0 = time.perf_counter()
-            report(stage, 0.0, {})
-            try:
-                fn()
-            finally:
-                state["timings"][stage] = round(state["timings"].get(stage, 0.0) + time.perf_counter() - t0, 3)
-                self._save_state(state)
-            state["done"].append(stage)
-            self._save_state(state)
-            report(stage, 1.0, {"seconds": state["timings"][stage]})
-
-        stores: dict[str, FeatureStore] = {}
-        if "features" in state["done"]:
-            try:  # the feature cache may have been cleared since: then extract again
-                stores = {k: FeatureStore.open(Path(v)) for k, v in state["stores"].items()}
-                if not all(st.complete for st in stores.values()):
-                    raise ValueError("incomplete feature store")
-            except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
-                log.warning("cached features of %s are gone (%s); extracting them again", self.run_dir, exc)
-                stores = {}
-                state["done"] = [d for d in state["done"] if d not in ("features", "knn")]
-
-        def features() -> None:
-            stores.update(self._extract(paths, report, check))
-            state["stores"] = {k: str(v.root) for k, v in stores.items()}
-            state["weights_source"] = stores["infer"].meta.get("weights_source", "")
-
-        timed("features", features)
+        run = _Fit(paths, self._load_state(), progress or (lambda stage, frac, info: None),
+                   cancel or (lambda: False))
+        self._reopen_features(run)
+        self._stage(run, "features", self._features)
         self._backbone = None  # not needed again in fit; segment() recreates it on demand
-        train_store, infer_store = stores["train"], stores["infer"]
-
-        knn_holder: dict[str, np.ndarray] = {}
-
-        def knn() -> None:
-            knn_holder["knn"] = train_store.knn(self.config.knn_k)
-            report("knn", 1.0, {"k": int(knn_holder["knn"].shape[1])})
-
-        timed("knn", knn)
-
-        def training() -> None:
-            table = knn_holder.get("knn")
-            if table is None:
-                table = train_store.knn(self.config.knn_k)
-            steps = self.config.train.steps
-
-            def on_step(step: int, terms: dict[str, float]) -> None:
-                report("training", step / max(steps, 1), {"step": step, "steps": steps, **terms})
-
-            trainer = StegoTrainer(self.config.train).fit(
-                train_store, table, checkpoint_path=self.run_dir / "train_checkpoint.pt",
-                progress=on_step, cancel=check)
-            self._save_head(trainer)
-            state["shifts"] = trainer.shifts
-
-        timed("training", training)
+        self._stage(run, "knn", self._knn)
+        self._stage(run, "training", self._training)
         self.head = self._load_head()
-
-        def clustering() -> None:
-            self.centroids = self._fit_clusters(infer_store, report)
-            with atomic_path(self.dir.centroids_npy, ".npy") as tmp:
-                np.save(tmp, self.centroids)
-
-        timed("clustering", clustering)
+        self._stage(run, "clustering", self._clustering)
         self.centroids = np.load(self.dir.centroids_npy)
+        self._stage(run, "segments", lambda r: self._segments(r, "segments"))
+        if self.config.crf:
+            self._move_crf_share(run.state)
+            self._stage(run, "crf", lambda r: self._segments(r, "crf"))
+        return self._result(run)
 
-        timed("segments", lambda: self._segments(paths, infer_store, report, check, "segments"))
-        if self.config.crf and self._crf_share and "crf" not in state["done"]:
-            # the segments pass also ran the CRF: its share of that time is the crf stage's own
+    def _stage(self, run: "_Fit", stage: str, body: Callable[["_Fit"], None]) -> None:
+        """Run one stage unless it is done; its time and completion go to state.json."""
+        state = run.state
+        if stage in state["done"]:
+            run.report(stage, 1.0, {"skipped": True})
+            return
+        if run.check():
+            raise Cancelled(f"cancelled before stage {stage}")
+        t0 = time.perf_counter()
+        run.report(stage, 0.0, {})
+        try:
+            body(run)
+        finally:
+            state["timings"][stage] = round(state["timings"].get(stage, 0.0) + time.perf_counter() - t0, 3)
+            self._save_state(state)
+        state["done"].append(stage)
+        self._save_state(state)
+        run.report(stage, 1.0, {"seconds": state["timings"][stage]})
+
+    def _reopen_features(self, run: "_Fit") -> None:
+        """A resumed run reopens its feature stores; if the cache was cleared, features run again."""
+        if "features" not in run.state["done"]:
+            return
+        try:
+            run.stores = {k: FeatureStore.open(Path(v)) for k, v in run.state["stores"].items()}
+            if not all(st.complete for st in run.stores.values()):
+                raise ValueError("incomplete feature store")
+        except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+            log.warning("cached features of %s are gone (%s); extracting them again", self.run_dir, exc)
+            run.stores = {}
+            run.state["done"] = [d for d in run.state["done"] if d not in ("features", "knn")]
+
+    def _features(self, run: "_Fit") -> None:
+        run.stores.update(self._extract(run.paths, run.report, run.check))
+        run.state["stores"] = {k: str(v.root) for k, v in run.stores.items()}
+        run.state["weights_source"] = run.stores["infer"].meta.get("weights_source", "")
+
+    def _knn(self, run: "_Fit") -> None:
+        run.knn = run.stores["train"].knn(self.config.knn_k)
+        run.report("knn", 1.0, {"k": int(run.knn.shape[1])})
+
+    def _training(self, run: "_Fit") -> None:
+        train_store = run.stores["train"]
+        table = run.knn if run.knn is not None else train_store.knn(self.config.knn_k)
+        steps = self.config.train.steps
+
+        def on_step(step: int, terms: dict[str, float]) -> None:
+            run.report("training", step / max(steps, 1), {"step": step, "steps": steps, **terms})
+
+        trainer = StegoTrainer(self.config.train).fit(
+            train_store, table, checkpoint_path=self.run_dir / "train_checkpoint.pt", progress=on_step,
+            cancel=run.check)
+        self._save_head(trainer)
+        run.state["shifts"] = trainer.shifts
+
+    def _clustering(self, run: "_Fit") -> None:
+        self.centroids = self._fit_clusters(run.stores["infer"], run.report)
+        with atomic_path(self.dir.centroids_npy, ".npy") as tmp:
+            np.save(tmp, self.centroids)
+
+    def _move_crf_share(self, state: dict) -> None:
+        """The segments pass also ran the CRF: its share of that time becomes the crf stage's own."""
+        if self._crf_share and "crf" not in state["done"]:
             moved = round(state["timings"]["segments"] * self._crf_share, 3)
             state["timings"]["segments"] = round(state["timings"]["segments"] - moved, 3)
             state["timings"]["crf"] = round(state["timings"].get("crf", 0.0) + moved, 3)
-        if self.config.crf:
-            timed("crf", lambda: self._segments(paths, infer_store, report, check, "crf"))
 
+    def _result(self, run: "_Fit") -> RunResult:
         history = self.dir.read_json(self.dir.train_history_json)
+        state = run.state
         result = RunResult(
             run_dir=str(self.run_dir), backbone=self.config.features.backbone,
-            weights_source=state.get("weights_source", ""), n_images=len(paths),
-            n_items=len(train_store), n_clusters=self.config.n_clusters,
+            weights_source=state.get("weights_source", ""), n_images=len(run.paths),
+            n_items=len(run.stores["train"]), n_clusters=self.config.n_clusters,
             resolution=self.config.features.resolution, shifts=state.get("shifts", {}),
             timings=dict(state["timings"]), final_loss=history[-1]["loss"] if history else None,
             crf=self.config.crf, peak_rss_mb=peak_rss_mb())
@@ -336,94 +439,46 @@ class StegoPipeline:
         km = CosineKMeans(cfg.n_clusters, n_init=cfg.cluster_n_init, seed=cfg.train.seed).fit(X)
         return km.centroids_
 
-    def _segments(self, paths: list[Path], store: FeatureStore, report: Progress,
-                  check: Callable[[], bool], stage: str) -> None:
+    def _segments(self, run: "_Fit", stage: str) -> None:
         """Per-image cluster maps. With CRF on, the segments stage refines each image in the same
         pass (one image decode and one probability map per image); the crf stage then only
         completes images that lack a refined map (e.g. CRF switched on for an old run)."""
-        want_argmax = stage == "segments"
-        want_crf = stage == "crf" or self.config.crf
-        seg_dir, crf_dir = self.dir.segments_dir("plain"), self.dir.segments_dir("crf")
-        seg_dir.mkdir(exist_ok=True)
-        if want_crf:
-            crf_dir.mkdir(exist_ok=True)
-        n = len(paths)
-        k = self.config.n_clusters
-        stats_path = self.dir.segment_stats_npz
-        stats = None
-        if want_argmax:
-            if stats_path.is_file():
-                saved = np.load(stats_path)
-                stats = {"pixels": saved["pixels"], "confidence": saved["confidence"], "done": saved["done"]}
-            else:
-                stats = {"pixels": np.zeros((n, k), np.int64), "confidence": np.zeros((n, k)),
-                         "done": np.zeros(n, bool)}
-        sizes = store.image_sizes()
-
-        def done(i: int) -> bool:
-            if want_crf and not self.dir.segment_path(i, "crf").is_file():
-                return False
-            return not want_argmax or (self.dir.segment_path(i, "plain").is_file() and bool(stats["done"][i]))
-
-        todo = [i for i in range(n) if not done(i)]
+        job = _SegmentPass.start(self.dir, len(run.paths), self.config.n_clusters, stage, self.config.crf)
+        store, sizes = run.stores["infer"], run.stores["infer"].image_sizes()
 
         def jobs() -> Iterator[ClusterMapJob]:
-            for i in todo:
-                if check():
+            for i in job.todo:
+                if run.check():
                     return
                 if store.image_index(i) != i:
                     raise RuntimeError("inference features must hold one whole-image item per image")
                 yield ClusterMapJob(codes=item_codes(self.head, store, i), centroids=self.centroids,
                                     size=(int(sizes[i][0]), int(sizes[i][1])), alpha=self.config.alpha,
-                                    image_path=str(paths[i]), crf=want_crf, argmax=want_argmax,
+                                    image_path=str(run.paths[i]), crf=job.want_crf, argmax=job.want_argmax,
                                     crf_resolution=self.config.crf_short_side)
 
-        finished = n - len(todo)
         threads = torch.get_num_threads()
         if self.config.n_jobs > 1:  # the workers have the cores; idle OpenMP threads here would spin
             torch.set_num_threads(1)
         try:
-            results = list(self._drain(todo, jobs(), want_argmax, want_crf, seg_dir, crf_dir, stats, stats_path,
-                                       stage, n, report))
+            self._drain(job, jobs(), run.report)
         finally:
             torch.set_num_threads(threads)
-        finished += len(results)
-        if stats is not None:
-            self._save_stats(stats_path, stats)
-        if check():
-            raise Cancelled(f"{stage} cancelled after {finished} of {n} images")
-        if want_argmax:
-            self._write_clusters(stats)
+        job.save_stats()
+        if run.check():
+            raise Cancelled(f"{stage} cancelled after {job.finished} of {job.n} images")
+        if job.want_argmax:
+            self._write_clusters(job.stats)
 
-    def _drain(self, todo: list[int], jobs: Iterator[ClusterMapJob], want_argmax: bool, want_crf: bool,
-               seg_dir: Path, crf_dir: Path, stats: dict | None, stats_path: Path, stage: str, n: int,
-               report: Progress) -> Iterator[int]:
-        """Run the jobs over the worker pool and write each result as it arrives."""
-        last_save = time.monotonic()
-        finished = n - len(todo)
-        job_s = crf_s = 0.0
+    def _drain(self, job: "_SegmentPass", jobs: Iterator[ClusterMapJob], report: Progress) -> None:
+        """Run the jobs over the worker pool (or the Ray engine) and write each result as it arrives."""
         mapper = self.engine.ordered_map(cluster_map, jobs) if self.engine is not None \
             else ordered_map(cluster_map, jobs, self.config.n_jobs)
-        for i, res in zip(todo, mapper):
-            job_s, crf_s = job_s + res.seconds, crf_s + res.crf_seconds
-            if want_argmax and want_crf and job_s > 0:
-                self._crf_share = crf_s / job_s
-            if want_crf:
-                self.dir.write_segments(i, res.labels_crf, "crf")
-            if want_argmax:
-                self.dir.write_segments(i, res.labels, "plain")
-                stats["pixels"][i], stats["confidence"][i], stats["done"][i] = res.pixels, res.confidence, True
-                if time.monotonic() - last_save > 5.0:
-                    self._save_stats(stats_path, stats)
-                    last_save = time.monotonic()
-            finished += 1
-            report(stage, finished / n, {"images": finished, "total": n, "crf": want_crf})
-            yield i
-
-    @staticmethod
-    def _save_stats(path: Path, stats: dict) -> None:
-        with atomic_path(path, ".npz") as tmp:
-            np.savez(tmp, **stats)
+        for i, res in zip(job.todo, mapper):
+            share = job.add(i, res)
+            if share is not None:
+                self._crf_share = share
+            report(job.stage, job.finished / job.n, {"images": job.finished, "total": job.n, "crf": job.want_crf})
 
     def _write_clusters(self, stats: dict) -> None:
         pixels = stats["pixels"]                    # (n_images, K)

@@ -29,6 +29,7 @@ from core.atomic import atomic_path
 from core.errors import Cancelled
 from core.head import ContrastiveCorrelationLoss, LossWeights, SegmentationHead
 from core.precision import resolve_device
+from core.settings import AUTO_STEPS_MAX, DEFAULTS, SettingsError, check
 from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
@@ -46,32 +47,38 @@ _RESUMABLE_FIELDS = ("steps", "checkpoint_every", "checkpoint_seconds", "device"
 class TrainConfig:
     """Hyper-parameters of head training (defaults: the paper's ViT-S settings)."""
 
-    code_dim: int = 70
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 5e-4
+    code_dim: int = DEFAULTS.code_dim
+    steps: int = AUTO_STEPS_MAX
+    batch_size: int = DEFAULTS.batch_size
+    lr: float = DEFAULTS.lr
     feature_samples: int = 11
     num_neighbors: int = 7
     neg_samples: int = 5
     pointwise: bool = True
     zero_clamp: bool = True
     dropout: float = 0.1
-    weight_self: float = 0.67
-    weight_knn: float = 0.25
-    weight_neg: float = 0.63
+    weight_self: float = DEFAULTS.weight_self
+    weight_knn: float = DEFAULTS.weight_knn
+    weight_neg: float = DEFAULTS.weight_neg
     shift_self: float | None = None  # None = automatic (core.shifts)
     shift_knn: float | None = None
     shift_neg: float | None = None
     auto_shift_attract: float | None = None  # automatic shifts: partners attracted per location,
     #                                          None = ln(feature_samples**2) (see core.shifts)
-    seed: int = 0
+    seed: int = DEFAULTS.seed
     checkpoint_every: int = 200
     checkpoint_seconds: float = 30.0  # also checkpoint when this long has passed since the last one (0 = off)
     device: str = "cpu"
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and what to use instead."""
-        positive = ("code_dim", "batch_size", "feature_samples", "num_neighbors", "checkpoint_every")
+        for name in ("code_dim", "lr", "weight_self", "weight_knn", "weight_neg", "shift_self", "shift_knn",
+                     "shift_neg", "seed"):      # the limits of the run settings schema (core.settings)
+            try:
+                check(name, getattr(self, name))
+            except SettingsError as exc:
+                raise ValueError(f"TrainConfig.{name}: {exc}") from None
+        positive = ("batch_size", "feature_samples", "num_neighbors", "checkpoint_every")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -88,13 +95,8 @@ class TrainConfig:
         if self.neg_samples > 0 and self.batch_size < 2:
             raise ValueError("negative pairs come from other items of the batch: use batch_size >= 2 "
                              "or neg_samples = 0")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
-        for name in ("weight_self", "weight_knn", "weight_neg"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("cpu", "auto") and not self.device.startswith(("cuda", "mps")):
             raise ValueError(f"TrainConfig.device must be 'cpu', 'auto', 'cuda[:n]' or 'mps', got {self.device!r}")
 

@@ -62,29 +62,10 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
 
 
 def _add_run_params(p: argparse.ArgumentParser) -> None:
-    from stego_app.runs import AUTO_STEPS_HELP, RunParams
+    from stego_app.cli_settings import add_settings_arguments
 
-    dflt = RunParams()
-    g = p.add_argument_group("run settings")
-    g.add_argument("--resolution", type=int, default=dflt.resolution, help="short image side in pixels")
-    g.add_argument("--clusters", type=int, default=dflt.n_clusters, dest="n_clusters",
-                   help="number of clusters to discover")
-    g.add_argument("--crop-mode", choices=("none", "five"), default=dflt.crop_mode)
-    g.add_argument("--no-crf", action="store_true", help="skip the CRF refinement")
-    g.add_argument("--crf-resolution", type=int, default=None,
-                   help="short side (px) the CRF runs at; default: the features' resolution (the paper's "
-                        "choice, fast); 0: each image's full size (slow on large photos)")
-    g.add_argument("--no-flip", action="store_true",
-                   help="do not average codes with the flipped image (halves feature time)")
-    g.add_argument("--steps", type=int, default=dflt.steps,
-                   help=f"training steps ({AUTO_STEPS_HELP.replace('empty', 'default')})")
-    g.add_argument("--batch-size", type=int, default=dflt.batch_size)
-    g.add_argument("--code-dim", type=int, default=dflt.code_dim)
-    g.add_argument("--lr", type=float, default=dflt.lr)
-    for name in ("self", "knn", "neg"):
-        g.add_argument(f"--shift-{name}", type=float, default=None, help="default: automatic")
-        g.add_argument(f"--weight-{name}", type=float, default=getattr(dflt, f"weight_{name}"))
-    g.add_argument("--seed", type=int, default=dflt.seed)
+    # the backbone is the common --backbone (the server's choice, also used by serve)
+    add_settings_arguments(p, exclude=("backbone",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,19 +377,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace):
-    from stego_app.runs import RunParams
+    """The run's settings: the flags given over the schema's defaults (UserError when out of range)."""
+    from core.settings import SettingsError
+    from stego_app.cli_settings import settings_error_text, settings_from_args
 
-    return RunParams(backbone=None, resolution=args.resolution, n_clusters=args.n_clusters,
-                     crop_mode=args.crop_mode, flip=not args.no_flip, crf=not args.no_crf,
-                     crf_resolution=args.crf_resolution, steps=args.steps,
-                     batch_size=args.batch_size, code_dim=args.code_dim, lr=args.lr,
-                     shift_self=args.shift_self, shift_knn=args.shift_knn, shift_neg=args.shift_neg,
-                     weight_self=args.weight_self, weight_knn=args.weight_knn,
-                     weight_neg=args.weight_neg, seed=args.seed)
+    try:
+        return settings_from_args(args)
+    except SettingsError as exc:
+        raise UserError(settings_error_text(exc)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from stego_app import projects, runs
+    from stego_app.cli_settings import given_settings
 
     ctx = _context(args, worker=True)
     try:
@@ -418,7 +399,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             project = projects.find_project(ctx, args.project)
             info = runs.start_run(ctx, project.id, _params(args))
         _out(f"run {info.id}: {info.status}, {info.n_images} images, data in {info.run_dir}")
-        if args.resume is None and args.steps is None:
+        if args.resume is None and "steps" not in given_settings(args):
             _out(f"  {info.params.steps} training steps, chosen for the corpus size "
                  "(set --steps to choose them)")
         info = _follow(ctx, info.id, quiet=args.quiet)
@@ -596,9 +577,11 @@ def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
                                      if evaluate.__doc__ else None)
     evaluate.add_arguments(parser)
     eargs = parser.parse_args(list(rest))
-    for key in ("data_dir", "cache_dir", "backbone", "weights", "device"):
+    for key in ("data_dir", "cache_dir", "weights", "device"):
         if getattr(eargs, key, None) is None and getattr(args, key, None) is not None:
             setattr(eargs, key, getattr(args, key))
+    if getattr(args, "backbone", None) and not hasattr(eargs, "setting__backbone"):   # app.py --backbone X evaluate
+        eargs.setting__backbone = args.backbone
     result = evaluate.run(eargs)
     return int(result) if isinstance(result, int) else EXIT_OK
 

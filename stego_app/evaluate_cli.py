@@ -16,12 +16,11 @@ import json
 import logging
 from pathlib import Path
 
-from core.clustering import DEFAULT_ALPHA
 from core.evaluate import EvalSettings, Report, evaluate, pair_images_and_masks
-from core.features import FeatureConfig
 from core.pipeline import PipelineConfig, StegoPipeline
 from core.precision import PRECISIONS
-from core.training import PAPER_SHIFTS, TrainConfig
+from core.training import PAPER_SHIFTS
+from stego_app.cli_settings import add_settings_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images of each folder")
     g.add_argument("--score-every", type=int, default=1,
                    help="score every N-th scored image only (a subset of the fitting images reuses their features)")
-    m = parser.add_argument_group("pipeline")
-    m.add_argument("--backbone", default="dinov2_vits14")
+    add_settings_arguments(parser, default_text={"n_clusters": "--classes (the Hungarian rows need K = C)",
+                                                 "crf": "on (--no-crf skips the CRF rows)"})
+    m = parser.add_argument_group("how the pipeline runs")
     m.add_argument("--weights", default=None, help="explicit backbone checkpoint file")
     m.add_argument("--device", default="auto")
-    m.add_argument("--resolution", type=int, default=322, help="short side of the images for the backbone")
-    m.add_argument("--flip", action="store_true", help="average codes with the flipped image at inference")
-    m.add_argument("--five-crop", action="store_true", help="train the head on five crops of each image")
     m.add_argument("--precision", default="auto", choices=PRECISIONS)
-    m.add_argument("--n-clusters", type=int, default=None, help="the pipeline's clusters (default: --classes)")
-    m.add_argument("--steps", type=int, default=2000)
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--code-dim", type=int, default=70)
-    m.add_argument("--lr", type=float, default=5e-4)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shift-self", type=float, default=None, help="manual shift (default: automatic)")
-    m.add_argument("--shift-knn", type=float, default=None)
-    m.add_argument("--shift-neg", type=float, default=None)
     m.add_argument("--compare-paper-shifts", action="store_true",
                    help="also fit with the paper's ViT-S shifts (0.18/0.12/0.46) and report it")
-    m.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="cluster softmax temperature")
-    m.add_argument("--crf-resolution", type=int, default=None,
-                   help="short side (px) the CRF runs at (default: --resolution; 0: full size)")
     m.add_argument("--jobs", type=int, default=2, help="worker processes for scoring and CRF")
     e = parser.add_argument_group("evaluation")
-    e.add_argument("--no-crf", action="store_true", help="skip the CRF rows")
     e.add_argument("--k-multiples", default="1,2,4,8", help="over-clustering sweep: K = each multiple x --classes")
     e.add_argument("--kmeans-samples", type=int, default=None,
                    help="tokens the evaluation's own k-means are fitted on (default: the pipeline's)")
@@ -108,13 +92,17 @@ def run(args: argparse.Namespace) -> Report:
     else:
         fit_images, fit_masks = images, masks
     cache = Path(args.cache_dir or default_cache_dir())
-    fcfg = FeatureConfig(backbone=args.backbone, resolution=args.resolution, flip=bool(args.flip),
-                         precision=args.precision, crop_mode="five" if args.five_crop else "none")
-    tcfg = TrainConfig(code_dim=args.code_dim, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       shift_self=args.shift_self, shift_knn=args.shift_knn, shift_neg=args.shift_neg, seed=args.seed)
-    pcfg = PipelineConfig(features=fcfg, train=tcfg, n_clusters=int(args.n_clusters or C), crf=False,
-                          crf_resolution=args.crf_resolution, checkpoint=args.weights, device=args.device,
-                          alpha=args.alpha, n_jobs=args.jobs)
+    settings = settings_from_args(args, n_clusters=C)
+    if settings.backbone is None:
+        from core.backbones import default_backbone_name
+
+        settings = settings.replace(backbone=default_backbone_name(cache, checkpoint=args.weights))
+    items = len(fit_images) * (5 if settings.crop_mode == "five" else 1)
+    pcfg = dataclasses.replace(   # the CRF rows are the evaluation's own (settings.crf)
+        PipelineConfig.from_settings(settings, backbone=settings.backbone, n_train_items=items, device=args.device,
+                                     precision=args.precision, checkpoint=args.weights, n_jobs=args.jobs),
+        crf=False)
+    tcfg = pcfg.train
     pipe = fit_pipeline(pcfg, fit_images, cache)
     compare = {}
     if args.compare_paper_shifts:
@@ -124,12 +112,12 @@ def run(args: argparse.Namespace) -> Report:
     settings = EvalSettings(
         n_classes=C, ignore_index=args.ignore,
         class_names=tuple(args.class_names.split(",")) if args.class_names else None,
-        k_multiples=tuple(int(v) for v in args.k_multiples.split(",")), crf=not args.no_crf,
+        k_multiples=tuple(int(v) for v in args.k_multiples.split(",")), crf=settings.crf,
         propagate=not args.no_propagation, kmeans_samples=args.kmeans_samples, kmeans_n_init=args.kmeans_n_init,
         probes=not args.no_probes,
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
-        seed=args.seed)
+        seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
     report.write(Path(args.out))
     log.info("wrote %s.json and %s.md", args.out, args.out)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -40,6 +39,7 @@ from core.rundir import RunDir
 from stego_app import coco, masks, polygons
 from stego_app import label_studio as ls_files
 from stego_app.db import as_utc
+from stego_app.processes import hostname, owner_tag, pid_alive, split_owner
 from stego_app.errors import NotFound, UserError
 from stego_app.export_files import copy_image, export_file_names, png_name
 from stego_app.labels.views import read_segments
@@ -303,13 +303,9 @@ def _load_snapshot(ctx, run_id: int, options: ExportOptions):
                 bool((run.params or {}).get("crf", True)), clusters, items)
 
 
-def _hostname() -> str:
-    return socket.gethostname()[:100]
-
-
 def export_owner() -> str:
     """'host:pid' of this process, recorded on the exports it writes."""
-    return f"{_hostname()}:{os.getpid()}"
+    return owner_tag()
 
 
 def export_owner_alive(owner: str | None, created_at: datetime | None) -> bool:
@@ -322,22 +318,12 @@ def export_owner_alive(owner: str | None, created_at: datetime | None) -> bool:
         return False
     if created_at is not None and utcnow() - created_at > EXPORT_STALE_AFTER:
         return False
-    host, _, pid_s = owner.rpartition(":")
-    if host != _hostname():
+    host, pid, _ = split_owner(owner)
+    if host != hostname():
         return True
-    try:
-        pid = int(pid_s)
-    except ValueError:
+    if pid is None:
         return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # exists, owned by another user
-        pass
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def mark_abandoned_exports(db, exports_dir: Path,

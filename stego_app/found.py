@@ -23,7 +23,7 @@ from sqlalchemy import select
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.correspondence import CorrespondenceIndex
 from core.rundir import RunDir
-from stego_app import segmaps
+from stego_app import edit_versions, segmaps
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping
@@ -248,6 +248,7 @@ def remove_cluster(ctx, run_id: int, cluster_index: int) -> list[mapping.Cluster
         raise UserError(f"cluster {cluster_index} was not made by click-to-find; only those can be removed")
     with ctx.db.write() as s:
         run = lock_for_update(s, Run, run_id)
+        edit_versions.check(run_id, run.mapping_version)      # a stale page's removal is refused
         row = s.scalars(select(Cluster).where(Cluster.run_id == run_id, Cluster.index == int(cluster_index))).first()
         label_id = row.label_id if row is not None else None
         if row is not None:

@@ -117,7 +117,7 @@ class Image(Base):
 class Run(Base):
     """A pipeline run over a fixed, ordered list of images (RunImage).
 
-    `params` holds every hyper-parameter (RunParams as a dict); `backbone` and
+    `params` holds every hyper-parameter (core.settings.RunSettings as a dict); `backbone` and
     `weights_source` are filled when the worker resolves them. Progress columns are
     written by the worker at most every ~0.5 s so any process can read them.
     `mapping_version` increases with every cluster/label edit.

@@ -1,21 +1,21 @@
 """Pipeline runs: start, cancel, resume, read progress.
 
 A run is a fixed, ordered list of a project's images (RunImage.position i is
-segments/{i:06d}.png) plus every hyper-parameter (RunParams). The work itself is
+segments/{i:06d}.png) plus every hyper-parameter (core.settings.RunSettings). The work itself is
 done by stego_app.worker.RunWorker in a background thread.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
 from sqlalchemy import select, update
 
-from core.constants import CROP_MODES
+from core.settings import RunSettings, SettingsError, auto_steps
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE,
@@ -25,116 +25,22 @@ from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLED, 
 log = logging.getLogger(__name__)
 
 MIN_IMAGES = 2
-# Automatic training length: small corpora need far fewer steps (a first look at 10 images
-# takes about a minute on a busy 2-core CPU); the cap is the old fixed default.
-AUTO_STEPS_PER_ITEM, AUTO_STEPS_MIN, AUTO_STEPS_MAX = 5, 50, 500
 
 
-def auto_steps(n_items: int) -> int:
-    """Training steps chosen for `n_items` training items (images, or 5 per image with five crops)."""
-    return int(min(AUTO_STEPS_MAX, max(AUTO_STEPS_MIN, AUTO_STEPS_PER_ITEM * int(n_items))))
+def validated(settings: RunSettings) -> RunSettings:
+    """``settings`` checked against the schema's limits; UserError names the bad value."""
+    try:
+        return settings.validate()
+    except SettingsError as exc:
+        raise UserError(f"invalid run setting: {exc}") from None
 
 
-AUTO_STEPS_HELP = (f"empty = automatic: {AUTO_STEPS_PER_ITEM} per image (per crop with five crops), "
-                   f"between {AUTO_STEPS_MIN} and {AUTO_STEPS_MAX}")
-
-
-@dataclass
-class RunParams:
-    """Every hyper-parameter of a run (stored as a dict in Run.params)."""
-
-    backbone: str | None = None          # None = AppConfig.backbone, else the best available
-    resolution: int = 224
-    n_clusters: int = 40                 # over-clustering: well above the classes a person expects (issue 12)
-    crop_mode: str = "none"
-    flip: bool = True                    # average codes with the h-flipped image (paper's inference)
-    crf: bool = True
-    crf_resolution: int | None = None    # short side the CRF runs at; None = resolution, 0 = full size
-    steps: int | None = None             # None = automatic: auto_steps(number of training items)
-    batch_size: int = 16
-    code_dim: int = 70
-    lr: float = 5e-4
-    shift_self: float | None = None      # None = automatic
-    shift_knn: float | None = None
-    shift_neg: float | None = None
-    weight_self: float = 0.67
-    weight_knn: float = 0.25
-    weight_neg: float = 0.63
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunParams":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def from_form(cls, values: Mapping[str, Any]) -> "RunParams":
-        """Build RunParams from form values: blank numbers mean the default (None = automatic).
-
-        Integer fields are rounded from the float a gr.Number gives; a value that is not a
-        number raises UserError naming the field.
-        """
-        defaults = cls()
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in values:
-                continue
-            v = values[f.name]
-            default = getattr(defaults, f.name)
-            if isinstance(v, str):
-                v = v.strip()
-                if v == "" or v.lower() in ("auto", "default"):
-                    v = None
-            if v is None:
-                kwargs[f.name] = default
-                continue
-            try:
-                if isinstance(default, bool):
-                    kwargs[f.name] = bool(v)
-                elif isinstance(default, int) or str(f.type).startswith("int"):
-                    kwargs[f.name] = int(round(float(v)))
-                elif isinstance(default, float) or f.name.startswith("shift_"):
-                    kwargs[f.name] = float(v)
-                else:
-                    kwargs[f.name] = v
-            except (TypeError, ValueError):
-                raise UserError(f"{f.name.replace('_', ' ')}: {v!r} is not a number") from None
-        return cls(**kwargs)
-
-    def validate(self) -> None:
-        """Raise UserError naming the first bad value."""
-        def bad(msg: str) -> None:
-            raise UserError(f"invalid run setting: {msg}")
-
-        if not 28 <= self.resolution <= 2048:
-            bad(f"resolution {self.resolution} must be between 28 and 2048")
-        if self.crf_resolution is not None and not 0 <= self.crf_resolution <= 16384:
-            bad(f"CRF resolution {self.crf_resolution} must be between 0 (full size) and 16384")
-        if not 2 <= self.n_clusters <= 128:
-            bad(f"number of clusters {self.n_clusters} must be between 2 and 128")
-        if self.crop_mode not in CROP_MODES:
-            bad(f"crop mode {self.crop_mode!r} must be one of {', '.join(CROP_MODES)}")
-        if self.steps is not None and not 0 <= self.steps <= 1_000_000:
-            bad(f"steps {self.steps} must be between 0 and 1,000,000")
-        if not 1 <= self.batch_size <= 4096:
-            bad(f"batch size {self.batch_size} must be between 1 and 4096")
-        if not 2 <= self.code_dim <= 4096:
-            bad(f"code dimension {self.code_dim} must be between 2 and 4096")
-        if not 0 < self.lr < 1:
-            bad(f"learning rate {self.lr} must be between 0 and 1")
-        for name in ("weight_self", "weight_knn", "weight_neg"):
-            if getattr(self, name) < 0:
-                bad(f"{name} must not be negative")
-        if self.backbone is not None:
-            try:
-                from core.registry import list_backbones
-            except ImportError:  # the registry is checked again when the run starts
-                return
-            if self.backbone not in list_backbones():
-                bad(f"unknown backbone {self.backbone!r}; choose one of {', '.join(list_backbones())}")
+def parse_form(values: Mapping[str, Any]) -> RunSettings:
+    """RunSettings from form values (blank = default/automatic); UserError for a non-number."""
+    try:
+        return RunSettings.parse(values)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -145,7 +51,7 @@ class RunInfo:
     stage: str | None
     stage_progress: float
     progress: float
-    params: RunParams
+    params: RunSettings
     backbone: str | None
     weights_source: str | None
     run_dir: Path
@@ -182,7 +88,7 @@ class RunImageInfo:
 def run_info(run: Run) -> RunInfo:
     return RunInfo(id=run.id, project_id=run.project_id, status=run.status, stage=run.stage,
                    stage_progress=float(run.stage_progress or 0.0), progress=float(run.progress or 0.0),
-                   params=RunParams.from_dict(run.params or {}), backbone=run.backbone,
+                   params=RunSettings.from_dict(run.params or {}), backbone=run.backbone,
                    weights_source=run.weights_source, run_dir=Path(run.run_dir), n_images=run.n_images,
                    history=list(run.history or []), timings=dict(run.timings or {}),
                    metrics=dict(run.metrics or {}), error=run.error,
@@ -213,10 +119,9 @@ def backbone_choices(ctx) -> list[tuple[str, str]]:
                            for n in names]
 
 
-def start_run(ctx, project_id: int, params: RunParams | None = None) -> RunInfo:
-    """Queue a run over every readable image of the project."""
-    params = params or RunParams()
-    params.validate()
+def start_run(ctx, project_id: int, params: RunSettings | None = None) -> RunInfo:
+    """Queue a run over every readable image of the project (every setting is stored with it)."""
+    params = validated(params or RunSettings())
     worker = _worker(ctx)
     with ctx.db.write() as s:
         project = s.get(Project, project_id)
@@ -236,7 +141,7 @@ def start_run(ctx, project_id: int, params: RunParams | None = None) -> RunInfo:
                             f"project {project.name!r} has {len(usable)}")
         if params.steps is None:          # scaled with the corpus; the run records the number used
             items = len(usable) * (5 if params.crop_mode == "five" else 1)
-            params = replace(params, steps=auto_steps(items))
+            params = params.replace(steps=auto_steps(items))
         run = Run(project_id=project_id, status=RUN_QUEUED, params=params.to_dict(),
                   backbone=params.backbone, n_images=len(usable), owner=worker.owner,
                   heartbeat_at=utcnow(), history=[], timings={}, metrics={})

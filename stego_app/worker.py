@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -26,13 +25,14 @@ from sqlalchemy import delete, select, update
 
 from core.errors import Cancelled, ImageLoadError
 from core.rundir import RunDir
+from core.settings import RunSettings
 from stego_app.config import AppConfig
 from stego_app.db import Database
 from stego_app.eta import LIVE_KEY, live_clock
 from stego_app.models import (IMAGE_ERROR, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE, RUN_FAILED, RUN_INTERRUPTED, RUN_QUEUED,
                               RUN_RUNNING, Cluster, Label, Run, utcnow)
+from stego_app.processes import hostname, owner_tag, pid_alive, split_owner
 from stego_app.render import palette_colour
-from stego_app.runs import RunParams
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ class WorkerSettings:
     cancel_poll: float = 1.0          # seconds between DB reads of cancel_requested
 
 
-def _hostname() -> str:
-    return socket.gethostname()[:100]
-
-
 _LIVE_OWNERS: set[str] = set()   # workers alive in this process
 
 
@@ -62,43 +58,24 @@ def owner_alive(owner: str | None, heartbeat: datetime | None) -> bool:
     """Whether the worker named `owner` ("host:pid:token") may still be working."""
     if not owner:
         return False
-    host, _, rest = owner.partition(":")
-    pid_s, _, _token = rest.partition(":")
+    host, pid, _token = split_owner(owner)
     recent = heartbeat is not None and utcnow() - heartbeat < STALE_AFTER
-    if host != _hostname():
+    if host != hostname():
         return recent
-    try:
-        pid = int(pid_s)
-    except ValueError:
+    if pid is None:
         return False
     if pid == os.getpid():          # this process: alive only if that worker still runs here
         return owner in _LIVE_OWNERS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return recent or heartbeat is None
+    return pid_alive(pid) and (recent or heartbeat is None)
 
 
-def build_pipeline_config(params: RunParams, backbone: str, config: AppConfig):
-    """core.pipeline.PipelineConfig for a run."""
-    from core.features import FeatureConfig
+def build_pipeline_config(params: RunSettings, backbone: str, config: AppConfig, n_train_items: int | None = None):
+    """core.pipeline.PipelineConfig for a run: its settings plus the server's device, precision, weights."""
     from core.pipeline import PipelineConfig
-    from core.training import TrainConfig
 
-    features = FeatureConfig(backbone=backbone, resolution=params.resolution, crop_mode=params.crop_mode,
-                             flip=params.flip, precision=config.precision)
-    train = TrainConfig(code_dim=params.code_dim, steps=params.steps, batch_size=params.batch_size,
-                        lr=params.lr, weight_self=params.weight_self, weight_knn=params.weight_knn,
-                        weight_neg=params.weight_neg, shift_self=params.shift_self,
-                        shift_knn=params.shift_knn, shift_neg=params.shift_neg, seed=params.seed,
-                        device=config.device)
-    return PipelineConfig(features=features, train=train, n_clusters=params.n_clusters, crf=params.crf,
-                          crf_resolution=params.crf_resolution,
-                          checkpoint=config.weights, device=config.device,
-                          n_jobs=max(1, config.pipeline_jobs))
+    return PipelineConfig.from_settings(params, backbone=backbone, n_train_items=n_train_items,
+                                        device=config.device, precision=config.precision,
+                                        checkpoint=config.weights, n_jobs=config.pipeline_jobs)
 
 
 def default_pipeline_factory(pipeline_config, run_dir: Path, cache_root: Path, engine=None):
@@ -114,7 +91,7 @@ def _ray_engine(address: str):
     return engine_for(address)
 
 
-def resolve_backbone(params: RunParams, config: AppConfig) -> str:
+def resolve_backbone(params: RunSettings, config: AppConfig) -> str:
     if params.backbone:
         return params.backbone
     if config.backbone:
@@ -207,7 +184,7 @@ class RunWorker:
         self.config = config
         self.pipeline_factory = pipeline_factory or default_pipeline_factory
         self.settings = settings or WorkerSettings()
-        self.owner = f"{_hostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = f"{owner_tag()}:{uuid.uuid4().hex[:8]}"
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._cancel: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
@@ -313,7 +290,7 @@ class RunWorker:
             if run.cancel_requested:
                 run.status, run.finished_at = RUN_CANCELLED, utcnow()
                 return
-            params = RunParams.from_dict(run.params or {})
+            params = RunSettings.from_dict(run.params or {})
             run_dir = Path(run.run_dir)
             paths = [Path(ri.image.path) for ri in run.images]
             floor, earlier = float(run.progress or 0.0), dict(run.timings or {})
@@ -391,7 +368,7 @@ class RunWorker:
         except Exception:
             log.exception("could not mark the unreadable image of run %s", run_id)
 
-    def _pipeline_config(self, params: RunParams, run_dir: Path):
+    def _pipeline_config(self, params: RunSettings, run_dir: Path):
         """A resumed run keeps the exact configuration it started with (run_dir/config.json)."""
         saved = RunDir(run_dir).config_json
         if saved.is_file():

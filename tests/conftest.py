@@ -197,6 +197,7 @@ def make_finished_run(root, n_images: int = 5, **params):
 
     The caller closes the context.
     """
+    from core.settings import RunSettings
     from stego_app import ingest, projects, runs
     from stego_app.config import AppConfig
     from stego_app.context import create_context
@@ -207,6 +208,6 @@ def make_finished_run(root, n_images: int = 5, **params):
     ingest.ingest_files(ctx, project.id, write_scene_images(root / "imgs", n=n_images, size=(64, 48)))
     settings = {**dict(backbone="test_tiny", resolution=48, n_clusters=4, batch_size=4, code_dim=8, steps=10,
                        crf=True), **params}
-    run = runs.wait_for_run(ctx, runs.start_run(ctx, project.id, runs.RunParams(**settings)).id, timeout=300)
+    run = runs.wait_for_run(ctx, runs.start_run(ctx, project.id, RunSettings(**settings)).id, timeout=300)
     assert run.status == "done", run.error
     return ctx, run

@@ -132,6 +132,6 @@ def test_default_follows_a_checkpoint_given_as_a_flag(tmp_path, monkeypatch):
     torch.save({"patch_embed.proj.weight": torch.zeros(768, 3, 8, 8), "pos_embed": torch.zeros(1, 2, 768)}, ckpt)
     assert default_backbone_name(tmp_path, checkpoint=ckpt) == "dino_vitb8"
     from stego_app.config import AppConfig
-    from stego_app.runs import RunParams
+    from core.settings import RunSettings
     from stego_app.worker import resolve_backbone
-    assert resolve_backbone(RunParams(), AppConfig(cache_dir=tmp_path, weights=str(ckpt))) == "dino_vitb8"
+    assert resolve_backbone(RunSettings(), AppConfig(cache_dir=tmp_path, weights=str(ckpt))) == "dino_vitb8"

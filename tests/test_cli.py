@@ -83,7 +83,7 @@ def test_ingest_status_and_user_errors(tmp_path, capsys):
     code, _, err = _main(capsys, "run", "--project", "nope", *data)
     assert code == 2 and "no project" in err
     code, _, err = _main(capsys, "run", "--project", "streets", "--clusters", "1", *data)
-    assert code == 2 and "number of clusters" in err
+    assert code == 2 and "--clusters: Number of clusters 1 must be between 2 and 256" in err
 
 
 def test_serve_is_the_default_and_passes_settings_to_the_ui(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from core.settings import AUTO_STEPS_HELP, RunSettings, auto_steps
 from stego_app import eta, ingest, projects, runs
 from stego_app.context import create_context
 from stego_app.worker import _Progress
@@ -47,7 +48,7 @@ def lab(tmp_path_factory):
 
 def test_live_times_of_a_running_run_and_resume_keeps_the_bar(lab):
     ctx, project = lab
-    run = runs.start_run(ctx, project.id, runs.RunParams(steps=400, crf=False, **FAST))
+    run = runs.start_run(ctx, project.id, RunSettings(steps=400, crf=False, **FAST))
     deadline = time.monotonic() + 300
     seen = None
     while time.monotonic() < deadline:
@@ -82,17 +83,17 @@ def test_live_times_of_a_running_run_and_resume_keeps_the_bar(lab):
 
 
 def test_default_steps_scale_with_the_corpus(lab):
-    """No steps given: 5 per training item, 50..500, and the run records the number it used."""
+    """No steps given: 6 per training item, 50..2000, and the run records the number it used."""
     ctx, project = lab
-    assert [runs.auto_steps(n) for n in (2, 10, 40, 100, 5000)] == [50, 50, 200, 500, 500]
-    assert runs.RunParams().steps is None
-    run = runs.start_run(ctx, project.id, runs.RunParams(crf=False, **FAST))
+    assert [auto_steps(n) for n in (2, 10, 40, 100, 367, 5000)] == [50, 60, 240, 600, 2000, 2000]
+    assert RunSettings().steps is None
+    run = runs.start_run(ctx, project.id, RunSettings(crf=False, **FAST))
     assert run.params.steps == 50                       # 4 images
-    five = runs.start_run(ctx, project.id, runs.RunParams(crf=False, crop_mode="five", **FAST))
-    assert five.params.steps == runs.auto_steps(4 * 5) == 100
-    mine = runs.start_run(ctx, project.id, runs.RunParams(steps=7, crf=False, **FAST))
+    five = runs.start_run(ctx, project.id, RunSettings(crf=False, crop_mode="five", **FAST))
+    assert five.params.steps == auto_steps(4 * 5) == 120
+    mine = runs.start_run(ctx, project.id, RunSettings(steps=7, crf=False, **FAST))
     assert mine.params.steps == 7
     for r in (run, five, mine):
         runs.cancel_run(ctx, r.id)
         runs.wait_for_run(ctx, r.id, timeout=120)
-    assert "5 per image" in runs.AUTO_STEPS_HELP and "between 50 and 500" in runs.AUTO_STEPS_HELP
+    assert "6 per training item" in AUTO_STEPS_HELP and "between 50 and 2000" in AUTO_STEPS_HELP

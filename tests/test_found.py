@@ -76,8 +76,16 @@ def test_found_cluster_is_painted_in_maps_overlays_and_exports_and_can_be_remove
     cat_map = np.asarray(Image.open(png))
     seg = views.read_segments(run.run_dir, 0, crf=False)
     assert np.all(cat_map[seg == k] == ground_id)
+    # a page that still shows an older version of the names cannot remove it
+    from stego_app import edit_versions
+    shown = runs.get_run(ctx, run.id).mapping_version
+    mapping.name_cluster(ctx, run.id, 1, "elsewhere")          # another tab renames meanwhile
+    with pytest.raises(edit_versions.StaleMapping), edit_versions.expect_version(shown):
+        found.remove_cluster(ctx, run.id, k)
+    assert found.is_found(ctx, run.id, k)
     # removing it restores the maps underneath
-    found.remove_cluster(ctx, run.id, k)
+    with edit_versions.expect_version(runs.get_run(ctx, run.id).mapping_version):
+        found.remove_cluster(ctx, run.id, k)
     assert np.array_equal(views.read_segments(run.run_dir, 0, crf=False), raw_before)
     assert k not in [c.index for c in mapping.list_clusters(ctx, run.id)]
     with pytest.raises(UserError, match="click-to-find"):

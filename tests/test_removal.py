@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.settings import RunSettings
 from stego_app import cli, export, ingest, projects, removal, runs
 from stego_app.labels import mapping, views
 from stego_app.context import create_context
@@ -18,7 +19,7 @@ def lab(tmp_path_factory):
     project = projects.create_project(ctx, "scenes")
     files = write_scene_images(root / "imgs", n=4)
     ingest.ingest_files(ctx, project.id, files)
-    run = runs.wait_for_run(ctx, runs.start_run(ctx, project.id, runs.RunParams(steps=5, crf=False, **FAST)).id,
+    run = runs.wait_for_run(ctx, runs.start_run(ctx, project.id, RunSettings(steps=5, crf=False, **FAST)).id,
                             timeout=300)
     assert run.status == "done", run.error
     extra = write_scene_images(root / "later", n=1, seed=7)
@@ -52,7 +53,7 @@ def test_remove_used_and_unused_images(lab):
     assert info.status == "done" and info.n_images == 4
 
     # a new run leaves it out
-    new = runs.start_run(ctx, project.id, runs.RunParams(steps=1000, crf=False, **FAST))
+    new = runs.start_run(ctx, project.id, RunSettings(steps=1000, crf=False, **FAST))
     assert new.n_images == 3 and used.id not in {r.image_id for r in runs.run_images(ctx, new.id)}
     runs.cancel_run(ctx, new.id)
     runs.wait_for_run(ctx, new.id, timeout=120)

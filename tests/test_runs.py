@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from core.settings import RunSettings
 from stego_app import ingest, projects, runs
 from stego_app.labels import mapping, views
 from stego_app.config import AppConfig
@@ -47,7 +48,7 @@ def lab(tmp_path_factory):
     ctx = create_context(_config(root / "data"))
     project = projects.create_project(ctx, "scenes")
     ingest.ingest_files(ctx, project.id, write_scene_images(root / "imgs", n=4))
-    first = runs.start_run(ctx, project.id, runs.RunParams(steps=10, crf=True, **FAST))
+    first = runs.start_run(ctx, project.id, RunSettings(steps=10, crf=True, **FAST))
     done = runs.wait_for_run(ctx, first.id, timeout=300)
     assert done.status == "done", done.error
     yield ctx, project, done
@@ -80,8 +81,8 @@ def test_progress_is_visible_elsewhere_and_cancel_resume(lab):
     ctx, project, first = lab
     other = create_context(_config(ctx.config.data_dir, worker=False))   # a second process/tab
     try:
-        run = runs.start_run(ctx, project.id, runs.RunParams(steps=120, crf=False, seed=1, **FAST))
-        queued = runs.start_run(ctx, project.id, runs.RunParams(steps=5, crf=False, seed=2, **FAST))
+        run = runs.start_run(ctx, project.id, RunSettings(steps=120, crf=False, seed=1, **FAST))
+        queued = runs.start_run(ctx, project.id, RunSettings(steps=5, crf=False, seed=2, **FAST))
         assert runs.cancel_run(other, queued.id).status == "cancelled"       # never started
         seen = _wait(lambda: (lambda i: i if i.stage == "training" and i.progress > 0.35 else None)(
             runs.get_run(other, run.id)))
@@ -113,7 +114,7 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     before = mapping.list_clusters(ctx, first.id)
     extra = ingest.ingest_files(ctx, project.id, write_scene_images(tmp_path, n=1, seed=7)).added[0]
     extra.path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))     # the disk copy goes bad later
-    run = runs.start_run(ctx, project.id, runs.RunParams(steps=5, crf=False, **FAST))
+    run = runs.start_run(ctx, project.id, RunSettings(steps=5, crf=False, **FAST))
     failed = runs.wait_for_run(ctx, run.id, timeout=300)
     assert failed.status == "failed"
     assert "ImageLoadError" in failed.error and extra.path.name in failed.error
@@ -125,7 +126,7 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     # the unreadable image is marked; the next run leaves it out
     bad = ingest.get_image(ctx, extra.id)
     assert bad.status == "error" and bad.error
-    nxt = runs.start_run(ctx, project.id, runs.RunParams(steps=2, crf=False, **FAST))
+    nxt = runs.start_run(ctx, project.id, RunSettings(steps=2, crf=False, **FAST))
     assert nxt.n_images == 4 and extra.id not in {i.image_id for i in runs.run_images(ctx, nxt.id)}
     assert runs.wait_for_run(ctx, nxt.id, timeout=300).status == "done"   # the worker survived the crash
 
@@ -133,16 +134,16 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
 def test_start_run_refuses_bad_requests(lab, app_ctx):
     ctx, project, _ = lab
     with pytest.raises(UserError, match="unknown backbone"):
-        runs.start_run(ctx, project.id, runs.RunParams(backbone="resnet9000"))
-    with pytest.raises(UserError, match="crop mode"):
-        runs.start_run(ctx, project.id, runs.RunParams(crop_mode="ten"))
+        runs.start_run(ctx, project.id, RunSettings(backbone="resnet9000"))
+    with pytest.raises(UserError, match="Crop mode"):
+        runs.start_run(ctx, project.id, RunSettings(crop_mode="ten"))
     with pytest.raises(UserError, match="CRF resolution"):
-        runs.start_run(ctx, project.id, runs.RunParams(crf_resolution=-5))
+        runs.start_run(ctx, project.id, RunSettings(crf_resolution=-5))
     with pytest.raises(NotFound):
         runs.start_run(ctx, 999)
     lonely = projects.create_project(ctx, "lonely")
     with pytest.raises(UserError, match="at least 2 readable images"):
-        runs.start_run(ctx, lonely.id, runs.RunParams(**FAST))
+        runs.start_run(ctx, lonely.id, RunSettings(**FAST))
     with pytest.raises(UserError, match="no run worker"):
         runs.start_run(app_ctx, 1)
     with pytest.raises(NotFound):
@@ -153,10 +154,11 @@ CHILD = textwrap.dedent("""
     import sys, time
     from stego_app.config import AppConfig
     from stego_app.context import create_context
+    from core.settings import RunSettings
     from stego_app import runs
     ctx = create_context(AppConfig(data_dir=sys.argv[1], demo=False, backbone="test_tiny", device="cpu",
                                    pipeline_jobs=1))
-    r = runs.start_run(ctx, int(sys.argv[2]), runs.RunParams(
+    r = runs.start_run(ctx, int(sys.argv[2]), RunSettings(
         backbone="test_tiny", resolution=32, n_clusters=3, batch_size=4, code_dim=8, steps=150, crf=False))
     print(r.id, flush=True)
     time.sleep(600)
@@ -199,7 +201,7 @@ def test_shutdown_leaves_a_running_run_interrupted(tmp_path):
     ctx = create_context(_config(tmp_path / "data"))
     project = projects.create_project(ctx, "p")
     ingest.ingest_files(ctx, project.id, write_scene_images(tmp_path / "imgs", n=2))
-    run = runs.start_run(ctx, project.id, runs.RunParams(steps=400, crf=False, **FAST))
+    run = runs.start_run(ctx, project.id, RunSettings(steps=400, crf=False, **FAST))
     _wait(lambda: runs.get_run(ctx, run.id).stage == "training", timeout=180)
     ctx.close()
     ctx = create_context(_config(tmp_path / "data", worker=False))
@@ -231,13 +233,13 @@ def test_backbone_choices_offer_the_paper_backbones_and_hide_test_ones(lab, tmp_
         plain.close()
 
 
-def test_runs_average_with_the_flipped_image_unless_told_not_to(lab):
-    """The paper's inference: codes averaged with the h-flipped image; --no-flip turns it off."""
+def test_runs_average_with_the_flipped_image_only_when_asked(lab):
+    """Averaging codes with the h-flipped image doubles feature time: off unless --flip (or the form) asks."""
     import json
 
     from stego_app.worker import build_pipeline_config
     ctx, _, first = lab
     saved = json.loads((first.run_dir / "config.json").read_text())
-    assert saved["features"]["flip"] is True
-    off = build_pipeline_config(runs.RunParams(flip=False, **FAST), "test_tiny", ctx.config)
-    assert off.features.flip is False
+    assert saved["features"]["flip"] is False                   # the default: half the feature time
+    on = build_pipeline_config(RunSettings(flip=True, steps=5, **FAST), "test_tiny", ctx.config)
+    assert on.features.flip is True

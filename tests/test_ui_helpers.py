@@ -1,5 +1,5 @@
 """The UI's pure formatting helpers (stego_app/ui/formatting.py), on the services' real dataclasses;
-also the form -> RunParams and report-merging service helpers the UI calls."""
+also the form -> RunSettings and report-merging service helpers the UI calls."""
 from __future__ import annotations
 
 import base64
@@ -15,12 +15,14 @@ from PIL import Image
 from stego_app.ui import formatting as H
 from stego_app.ingest import FileProblem, IngestReport
 from stego_app.labels.mapping import ClusterInfo, LegendEntry
-from stego_app.runs import RunInfo, RunParams
+from core.settings import RunSettings
+from stego_app import runs
+from stego_app.runs import RunInfo
 
 
 def make_run(**kw) -> RunInfo:
     base = dict(id=3, project_id=1, status="running", stage="training", stage_progress=0.5, progress=0.6,
-                params=RunParams(backbone="test_tiny", n_clusters=5), backbone="test_tiny",
+                params=RunSettings(backbone="test_tiny", n_clusters=5), backbone="test_tiny",
                 weights_source="random init (test)", run_dir=Path("/tmp/r3"), n_images=7,
                 history=[], timings={"features": 1.5, "knn": 0.2})
     base.update(kw)
@@ -104,7 +106,7 @@ def test_stage_states_of_a_running_run():
 
 
 def test_stage_states_without_crf_and_when_stopped_or_done():
-    no_crf = make_run(params=RunParams(crf=False))
+    no_crf = make_run(params=RunSettings(crf=False))
     assert "crf" not in [s for s, _, _ in H.stage_states(no_crf)]
     failed = make_run(status="failed", stage="clustering", stage_progress=0.25, error="boom")
     st = dict((s, (state, f)) for s, state, f in H.stage_states(failed))
@@ -143,17 +145,17 @@ def test_status_signature_changes_with_progress_but_not_with_nothing():
 
 
 def test_params_from_form_uses_defaults_for_blanks_and_rounds_integers():
-    p = RunParams.from_form(dict(backbone=None, resolution=112.0, n_clusters=4.0, crf=False,
+    p = runs.parse_form(dict(backbone=None, resolution=112.0, n_clusters=4.0, crf=False,
                                            steps="", lr=0.001, shift_self=None, shift_knn=0.2,
                                            shift_neg="auto", weight_self=0.5, crop_mode="five"))
-    assert p == RunParams(backbone=None, resolution=112, n_clusters=4, crf=False, steps=RunParams().steps,
+    assert p == RunSettings(backbone=None, resolution=112, n_clusters=4, crf=False, steps=RunSettings().steps,
                           lr=0.001, shift_self=None, shift_knn=0.2, shift_neg=None, weight_self=0.5,
                           crop_mode="five")
     assert isinstance(p.resolution, int) and isinstance(p.shift_knn, float)
     # the CRF resolution box: blank = the features' resolution, a number of pixels, 0 = full size
-    assert RunParams.from_form(dict(crf_resolution="")).crf_resolution is None
-    assert RunParams.from_form(dict(crf_resolution=" 480 ")).crf_resolution == 480
-    assert RunParams.from_form(dict(crf_resolution="0")).crf_resolution == 0
+    assert runs.parse_form(dict(crf_resolution="")).crf_resolution is None
+    assert runs.parse_form(dict(crf_resolution=" 480 ")).crf_resolution == 480
+    assert runs.parse_form(dict(crf_resolution="0")).crf_resolution == 0
 
 
 # ---------------------------------------------------------------- clusters and legend
@@ -224,12 +226,12 @@ def test_export_summary():
 def test_params_from_form_names_a_field_that_is_not_a_number():
     from stego_app.errors import UserError
 
-    with pytest.raises(UserError, match="shift self: 'abc' is not a number"):
-        RunParams.from_form(dict(shift_self="abc"))
+    with pytest.raises(UserError, match=r"Shift \(self\): 'abc' is not a number"):
+        runs.parse_form(dict(shift_self="abc"))
     with pytest.raises(UserError, match="steps"):
-        RunParams.from_form(dict(steps="many"))
-    with pytest.raises(UserError, match="crf resolution: 'big' is not a number"):
-        RunParams.from_form(dict(crf_resolution="big"))
+        runs.parse_form(dict(steps="many"))
+    with pytest.raises(UserError, match=r"CRF resolution \(short side, px\): 'big' is not a whole number"):
+        runs.parse_form(dict(crf_resolution="big"))
 
 
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), (3, 3), (3.0, 3), ("12", 12)])

@@ -252,6 +252,21 @@ def test_two_tabs_stale_edit_refused_and_changes_picked_up(browser, app, db):
                   "WHERE c.run_id = 1 AND c.\"index\" = 1")[0][0] == "road"
         assert db("SELECT COUNT(*) FROM labels WHERE name = 'grass'")[0][0] == 0
 
+        # the quick-naming box states its page's version too
+        close_toasts(a)
+        close_toasts(b)
+        _select(a, 1)
+        field(a, "label-name").fill("asphalt")
+        a.locator("#btn-name").click()
+        _toast(a, "Cluster 1 is now 'asphalt'")
+        focus = b.locator("#quick-focus-inner").get_attribute("data-cluster")
+        box = field(b, "quick-name")
+        box.fill("hedge")
+        box.press("Enter")
+        _toast(b, "changed elsewhere", "Not saved")
+        expect(_card(b, 1)).to_have_attribute("data-label", "asphalt")
+        assert db("SELECT COUNT(*) FROM labels WHERE name = 'hedge'")[0][0] == 0, focus
+
         # with polling back on, B picks up A's next edit by itself
         blocked["on"] = False
         close_toasts(a)
@@ -320,7 +335,7 @@ def test_discover_form_shows_the_run_settings_and_limits_are_said(browser, app, 
         expect(field(pg, "code-dim")).to_have_value("8")
         field(pg, "n-clusters").fill("500")
         pg.locator("#btn-start").click()
-        _toast(pg, "number of clusters 500 must be between 2 and 128", "Error")
+        _toast(pg, "Number of clusters 500 must be between 2 and 256", "Error")
         assert db("SELECT COUNT(*) FROM runs")[0][0] == 1
         expect(field(pg, "n-clusters")).to_have_value("500")       # not clamped behind the user's back
         assert _error_badges(pg) == 0

@@ -21,7 +21,7 @@ from stego_app.models import RunStatus
 from stego_app.ui import formatting as H
 from stego_app.ui.clusters import ClustersTab
 from stego_app import edit_versions
-from stego_app.ui.common import guard, int_or_none
+from stego_app.ui.common import ShownVersions, guard, int_or_none
 from stego_app.ui.naming import CSS as NAMING_CSS
 from stego_app.ui.discover import DiscoverTab
 from stego_app.ui.explore import ExploreTab
@@ -137,6 +137,7 @@ class App:
 
     def __init__(self, ctx):
         self.ctx = ctx
+        self.shown_versions = ShownVersions()     # per browser session: the mapping version last sent
         boot_projects = projects.list_projects(ctx)
         boot_runs = [r for p in boot_projects for r in runs.list_runs(ctx, p.id)]
         gr.Markdown(INTRO)
@@ -176,6 +177,7 @@ class App:
     def label_views(self, run_id, image_id, op, use_crf, visible, reset_visible: bool = False) -> dict:
         """Everything that shows the cluster -> label mapping of a finished run (and its version)."""
         version = edit_versions.mapping_version(self.ctx, run_id)   # read first: never newer than the views
+        self.shown_versions.record(run_id, version)
         clusters = mapping.list_clusters(self.ctx, run_id)
         indices = [c.index for c in clusters]
         if reset_visible or visible is None:
@@ -205,8 +207,9 @@ class App:
         info = runs.get_run(self.ctx, run_id)
         out = self.discover.status_views(info)
         out.update(self.discover.form_views(info.params))
-        out[self.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)),
-                                     value=run_id)
+        # choices only (their labels carry the status): a value here could undo a newer selection
+        # the person made while this response was on its way
+        out[self.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)))
         if info.status != RunStatus.DONE:
             word = H.STATUS_WORDS.get(info.status, info.status).lower()
             out.update(self._no_mapping(f"Run {info.id} is {word}: its clusters appear here "

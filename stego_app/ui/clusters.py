@@ -213,5 +213,5 @@ class ClustersTab:
         self.unignore_btn.click(self.on_unignore, edit_inputs + explore_inputs, label_outputs)
         self.colour_btn.click(self.on_colour, [app.run_dd, self.shown_version, self.colour_label, self.colour_pick]
                               + explore_inputs, label_outputs)
-        self.naming.wire(guard, app.run_dd, self.cluster_sel, explore_inputs, label_outputs, app.label_views)
+        self.naming.wire(guard, app.run_dd, self.shown_version, self.cluster_sel, explore_inputs, label_outputs, app.label_views)
         self.refine.wire(guard, app.run_dd, app.discover.timer)

@@ -19,6 +19,55 @@ THUMB_SIZE = 256            # long side of gallery thumbnails (cached files, ste
 ERROR_TOAST_S = 15          # seconds an error toast stays
 
 
+def session_id() -> str | None:
+    """The browser session of the event being handled (None outside an event).
+
+    Gradio keeps the current request in a context variable while a handler runs; reading it
+    there saves passing ``gr.Request`` through every handler that redraws the label views.
+    """
+    try:
+        from gradio.context import LocalContext
+
+        request = LocalContext.request.get(None)
+    except (ImportError, AttributeError, LookupError):
+        return None
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+class ShownVersions:
+    """The mapping version each browser session was last sent, per run (bounded, thread-safe).
+
+    The 1 s poll reads it to tell edits made in this tab from edits made elsewhere: a poll sent
+    while this tab's own edit was in flight still carries the old version, and redrawing then
+    would overwrite the edit's own (newer) views and selections with a second copy.
+    """
+
+    def __init__(self, limit: int = 2000):
+        import threading
+        from collections import OrderedDict
+
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.limit = limit
+
+    def record(self, run_id: int, version: int | None) -> None:
+        key = (session_id(), run_id)
+        if key[0] is None or version is None:
+            return
+        with self._lock:
+            self._data[key] = max(version, self._data.get(key, version))
+            self._data.move_to_end(key)
+            while len(self._data) > self.limit:
+                self._data.popitem(last=False)
+
+    def sent(self, run_id: int) -> int | None:
+        key = (session_id(), run_id)
+        if key[0] is None:
+            return None
+        with self._lock:
+            return self._data.get(key)
+
+
 def guard(fn: Callable) -> Callable:
     """Show UserError messages as a toast titled "Error"; log anything else, show a short toast.
 

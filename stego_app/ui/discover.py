@@ -9,16 +9,38 @@ import pandas as pd
 from stego_app import eta, removal, runs
 from stego_app.errors import UserError
 from stego_app.models import RunStatus
-from stego_app.runs import RunParams
+from core.settings import GROUPS, Spec, spec, specs
 from stego_app.ui import formatting as H
 from stego_app.ui.common import guard
 
 log = logging.getLogger(__name__)
 
-# The form's fields in the order on_start receives them (after the project).
-FORM_FIELDS = ("backbone", "resolution", "n_clusters", "crf", "steps", "batch_size", "code_dim", "lr",
-               "crop_mode", "flip", "seed", "shift_self", "shift_knn", "shift_neg", "weight_self",
-               "weight_knn", "weight_neg", "crf_resolution")
+# The form's fields in the order on_start receives them (after the project): the whole schema.
+FORM_FIELDS = tuple(name for name, _, _, _ in specs())
+PER_ROW = 4
+
+
+def setting_input(ctx, name: str, kind: type, default, sp: Spec) -> gr.components.Component:
+    """The form input of one setting, from its schema entry (label, help, limits, choices)."""
+    elem_id = name.replace("_", "-")
+    limits = sp.limits_text()
+    info = sp.help + (f" ({limits})" if limits and not sp.choices else "")
+    if name == "backbone":
+        return gr.Dropdown(label=sp.label, choices=runs.backbone_choices(ctx), value="", elem_id=elem_id,
+                           info=sp.help)
+    if kind is bool:
+        return gr.Checkbox(label=sp.label, value=default, elem_id=elem_id, info=sp.help)
+    if sp.choices is not None:
+        labels = sp.choice_labels or sp.choices
+        return gr.Radio(label=sp.label, choices=list(zip(labels, sp.choices)), value=default, elem_id=elem_id,
+                        info=sp.help)
+    if sp.auto is not None:        # empty = automatic: a text box that may stay blank
+        return gr.Textbox(label=sp.label, value="" if default is None else str(default),
+                          placeholder=f"auto: {sp.auto}", elem_id=elem_id, info=info)
+    # no minimum/maximum on the component: Gradio would refuse out-of-range values with a bare
+    # error; the schema's check names the setting and its limits instead (the value stays)
+    return gr.Number(label=sp.label, value=default, precision=0 if kind is int else None, elem_id=elem_id,
+                     info=info)
 
 
 def loss_frame(history) -> pd.DataFrame | None:
@@ -38,49 +60,21 @@ class DiscoverTab:
 
     def __init__(self, app, tab):
         self.app, self.ctx, self.tab = app, app.ctx, tab
-        defaults = RunParams()
         f: dict[str, gr.components.Component] = {}
-        with gr.Row():
-            f["backbone"] = gr.Dropdown(label="Backbone", choices=runs.backbone_choices(self.ctx), value="",
-                                        elem_id="backbone", info="Frozen DINO / DINOv2 features")
-            f["resolution"] = gr.Number(label="Resolution (short side, px)", value=defaults.resolution,
-                                        precision=0, minimum=28, maximum=2048, elem_id="resolution")
-            f["n_clusters"] = gr.Number(label="Number of clusters", value=defaults.n_clusters, precision=0,
-                                        elem_id="n-clusters", info="2 to 128; checked when the run starts")
-            f["crf"] = gr.Checkbox(label="Refine edges with a CRF", value=defaults.crf, elem_id="crf")
-        with gr.Accordion("Advanced: STEGO hyper-parameters", open=False, elem_id="advanced"):
-            with gr.Row():
-                f["steps"] = gr.Number(label="Training steps", value=defaults.steps, precision=0,
-                                       minimum=0, elem_id="steps", info=runs.AUTO_STEPS_HELP)
-                f["batch_size"] = gr.Number(label="Batch size", value=defaults.batch_size, precision=0,
-                                            minimum=1, elem_id="batch-size")
-                f["code_dim"] = gr.Number(label="Code dimension", value=defaults.code_dim, precision=0,
-                                          minimum=2, elem_id="code-dim")
-                f["lr"] = gr.Number(label="Learning rate", value=defaults.lr, elem_id="lr")
-            with gr.Row():
-                f["crop_mode"] = gr.Radio(label="Crops", choices=[("whole image", "none"), ("five crops", "five")],
-                                          value=defaults.crop_mode, elem_id="crop-mode")
-                f["flip"] = gr.Checkbox(label="Average with the flipped image", value=defaults.flip,
-                                        elem_id="flip")
-                f["seed"] = gr.Number(label="Seed", value=defaults.seed, precision=0, elem_id="seed")
-                f["crf_resolution"] = gr.Textbox(label="CRF resolution (short side, px)", value="",
-                                                 placeholder="same as resolution; 0 = full size",
-                                                 elem_id="crf-resolution")
-            gr.Markdown("Loss shifts: leave empty to choose them automatically from feature statistics.")
-            with gr.Row():
-                f["shift_self"] = gr.Textbox(label="Shift (self)", value="", placeholder="auto",
-                                             elem_id="shift-self")
-                f["shift_knn"] = gr.Textbox(label="Shift (KNN)", value="", placeholder="auto",
-                                            elem_id="shift-knn")
-                f["shift_neg"] = gr.Textbox(label="Shift (negative)", value="", placeholder="auto",
-                                            elem_id="shift-neg")
-            with gr.Row():
-                f["weight_self"] = gr.Number(label="Weight (self)", value=defaults.weight_self,
-                                             elem_id="weight-self")
-                f["weight_knn"] = gr.Number(label="Weight (KNN)", value=defaults.weight_knn,
-                                            elem_id="weight-knn")
-                f["weight_neg"] = gr.Number(label="Weight (negative)", value=defaults.weight_neg,
-                                            elem_id="weight-neg")
+
+        def rows(group: str) -> None:
+            entries = list(specs(group))
+            for start in range(0, len(entries), PER_ROW):
+                with gr.Row():
+                    for name, kind, default, sp in entries[start:start + PER_ROW]:
+                        f[name] = setting_input(self.ctx, name, kind, default, sp)
+
+        rows("basic")
+        with gr.Accordion(GROUPS["training"], open=False, elem_id="advanced"):
+            rows("training")
+            gr.Markdown(f"**{GROUPS['loss']}**: leave a shift empty to choose it automatically from "
+                        "feature statistics.")
+            rows("loss")
         self.form = f
         with gr.Row():
             self.start_btn = gr.Button("Start discovery", variant="primary", elem_id="btn-start")
@@ -119,13 +113,11 @@ class DiscoverTab:
         """The form shows the settings of the selected run."""
         values = params.to_dict()
         out = {}
-        for name, comp in self.form.items():
+        for name, kind, default, sp in specs():
             v = values.get(name)
-            if name == "backbone":
-                v = v or ""
-            elif name.startswith("shift_") or name == "crf_resolution":
+            if name == "backbone" or sp.auto is not None:      # text inputs: empty = automatic
                 v = "" if v is None else str(v)
-            out[comp] = v
+            out[self.form[name]] = v
         return out
 
     def _with_runs(self, info, pid, run_id) -> dict:
@@ -139,11 +131,9 @@ class DiscoverTab:
         pid = H.as_id(pid, "project")
         if pid is None:
             raise UserError("create or choose a project with images first")
-        form = dict(zip(FORM_FIELDS, values))
-        form["backbone"] = form["backbone"] or None
-        params = RunParams.from_form(form)
+        params = runs.parse_form(dict(zip(FORM_FIELDS, values)))
         info = runs.start_run(self.ctx, pid, params)
-        how = (f"{info.params.steps} training steps, chosen for the corpus size ({runs.AUTO_STEPS_HELP[8:]})"
+        how = (f"{info.params.steps} training steps, chosen for the corpus size ({spec('steps').auto})"
                if params.steps is None else f"{info.params.steps} training steps")
         gr.Info(f"Run {info.id} started on {H.count(info.n_images, 'image')}; {how}.")
         return {self.app.run_dd: gr.update(choices=H.run_choices(runs.list_runs(self.ctx, pid)), value=info.id)}
@@ -177,7 +167,9 @@ class DiscoverTab:
                 return {self.sig_state: gr.skip()}
             image_id = H.as_id(image_id, "image")
             info = runs.get_run(self.ctx, run_id)
+            sent = self.app.shown_versions.sent(run_id)   # this tab's own edit may still be on its way
             if (info.status == "done" and version is not None and info.mapping_version != version
+                    and (sent is None or info.mapping_version > sent)
                     and sig is not None and len(sig) > 1 and sig[0] == info.id):
                 gr.Info("The names of this run were changed in another tab; this page shows them now.")
                 return self.app.label_views(run_id, image_id, op, use_crf, None)
@@ -187,8 +179,7 @@ class DiscoverTab:
             out = self.status_views(info)
             same_run = sig is not None and len(sig) > 1 and sig[0] == info.id
             if same_run and sig[1] != info.status:
-                out[self.app.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)),
-                                                 value=run_id)
+                out[self.app.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)))
                 if info.status == RunStatus.DONE:
                     out.update(self.app.run_views(run_id))
                     gr.Info(f"Run {info.id} finished: {info.params.n_clusters} clusters to name.")

@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from stego_app import found, groups, refinement, runs
+from stego_app import edit_versions, found, groups, refinement, runs
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.errors import UserError
+from stego_app.ui.common import ERROR_TOAST_S
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +213,32 @@ class NamingPanel:
     def cards_html(self, run_id: int, clusters, example_url, max_examples: int) -> str:
         return grouped_cards_html(groups.list_groups(self.ctx, run_id), clusters, example_url, max_examples)
 
-    def wire(self, guard, run_dd, cluster_sel, explore_inputs: list, label_outputs: list,
+    def wire(self, guard, run_dd, version_state, cluster_sel, explore_inputs: list, label_outputs: list,
              label_views: Callable[..., dict]) -> None:
+        """Every edit here states the mapping version its page showed (``version_state``): an edit
+        made on names another tab has changed since is refused and the page shows the current ones."""
         ctx = self.ctx
 
         def refreshed(run_id, image_id, op, use_crf, visible, focus=None) -> dict:
             out = label_views(run_id, image_id, op, use_crf, visible)
             if focus is not None:
                 out.update(self.views(run_id, focus=focus))
+            return out
+
+        def edited(run_id, version, image_id, op, use_crf, visible, action: Callable[[], Any],
+                   next_focus: Callable[[], int | None] | None = None, clear=None) -> dict:
+            """Run ``action`` on ``version`` of the mapping; a stale page gets the current state."""
+            image_id = H.as_id(image_id, "image")
+            try:
+                with edit_versions.expect_version(version):
+                    action()
+            except edit_versions.StaleMapping as exc:
+                gr.Warning(str(exc), duration=ERROR_TOAST_S, title="Not saved")
+                return refreshed(run_id, image_id, op, use_crf, visible, focus=None)
+            out = refreshed(run_id, image_id, op, use_crf, visible,
+                            focus=next_focus() if next_focus is not None else None)
+            if clear is not None:
+                out[clear] = ""
             return out
 
         def need_run(run_id):
@@ -229,17 +248,15 @@ class NamingPanel:
             return run_id
 
         @guard
-        def on_quick(run_id, focus, name, image_id, op, use_crf, visible):
+        def on_quick(run_id, version, focus, name, image_id, op, use_crf, visible):
             run_id = need_run(run_id)
             if focus is None:
                 raise UserError("every cluster is named or ignored already")
             if not (name or "").strip():
                 raise UserError("type a name, then press Enter")
-            mapping.name_cluster(ctx, run_id, int(focus), name)
-            nxt = groups.next_unnamed(ctx, run_id, after=int(focus))
-            out = refreshed(run_id, H.as_id(image_id, "image"), op, use_crf, visible, focus=nxt)
-            out[self.quick_name] = ""
-            return out
+            return edited(run_id, version, image_id, op, use_crf, visible,
+                          lambda: mapping.name_cluster(ctx, run_id, int(focus), name),
+                          lambda: groups.next_unnamed(ctx, run_id, after=int(focus)), clear=self.quick_name)
 
         @guard
         def on_skip(run_id, focus):
@@ -247,26 +264,27 @@ class NamingPanel:
             return self.focus_views(run_id, groups.next_unnamed(ctx, run_id, after=focus))
 
         @guard
-        def on_quick_ignore(run_id, focus, image_id, op, use_crf, visible):
+        def on_quick_ignore(run_id, version, focus, image_id, op, use_crf, visible):
             run_id = need_run(run_id)
             if focus is None:
                 raise UserError("no cluster to ignore")
-            mapping.ignore_cluster(ctx, run_id, int(focus))
-            nxt = groups.next_unnamed(ctx, run_id, after=int(focus))
-            return refreshed(run_id, H.as_id(image_id, "image"), op, use_crf, visible, focus=nxt)
+            return edited(run_id, version, image_id, op, use_crf, visible,
+                          lambda: mapping.ignore_cluster(ctx, run_id, int(focus)),
+                          lambda: groups.next_unnamed(ctx, run_id, after=int(focus)))
 
         @guard
-        def on_group(run_id, group_id, name, image_id, op, use_crf, visible):
+        def on_group(run_id, version, group_id, name, image_id, op, use_crf, visible):
             run_id = need_run(run_id)
             if group_id is None or group_id == "":
                 raise UserError("choose a group first")
-            clusters = groups.name_group(ctx, run_id, int(group_id), name)
-            clean = " ".join((name or "").split())
-            n = sum(1 for c in clusters if (c.label_name or "").lower() == clean.lower())
-            gr.Info(f"{n} clusters are now '{clean}'.")
-            out = refreshed(run_id, H.as_id(image_id, "image"), op, use_crf, visible)
-            out[self.group_name] = ""
-            return out
+
+            def action():
+                clusters = groups.name_group(ctx, run_id, int(group_id), name)
+                clean = " ".join((name or "").split())
+                n = sum(1 for c in clusters if (c.label_name or "").lower() == clean.lower())
+                gr.Info(f"{n} clusters are now '{clean}'.")
+
+            return edited(run_id, version, image_id, op, use_crf, visible, action, clear=self.group_name)
 
         @guard
         def on_n_groups(run_id, n, image_id, op, use_crf, visible):
@@ -275,38 +293,44 @@ class NamingPanel:
             return refreshed(run_id, H.as_id(image_id, "image"), op, use_crf, visible)
 
         @guard
-        def on_accept(run_id, value, name, image_id, op, use_crf, visible):
+        def on_accept(run_id, version, value, name, image_id, op, use_crf, visible):
             run_id = need_run(run_id)
             if not value:
                 raise UserError("choose a suggestion first")
             u, v, label = str(value).split("|", 2)
-            groups.accept_suggestion(ctx, run_id, int(u), int(v), label or None, name)
-            gr.Info(f"Cluster #{u} is now '{label}'." if label else f"Clusters #{u} and #{v} merged.")
-            out = refreshed(run_id, H.as_id(image_id, "image"), op, use_crf, visible)
-            out[self.suggestion_name] = ""
-            return out
+
+            def action():
+                groups.accept_suggestion(ctx, run_id, int(u), int(v), label or None, name)
+                gr.Info(f"Cluster #{u} is now '{label}'." if label else f"Clusters #{u} and #{v} merged.")
+
+            return edited(run_id, version, image_id, op, use_crf, visible, action, clear=self.suggestion_name)
 
         @guard
-        def on_remove_found(run_id, selected, image_id, op, use_crf, visible):
+        def on_remove_found(run_id, version, selected, image_id, op, use_crf, visible):
             run_id = need_run(run_id)
             if not selected:
                 raise UserError("tick the found clusters to remove under the cards first")
-            for i in selected:
-                found.remove_cluster(ctx, run_id, int(i))
-            return refreshed(run_id, H.as_id(image_id, "image"), op, use_crf, visible)
 
-        quick_inputs = [run_dd, self.focus_state, self.quick_name] + explore_inputs
+            def action():
+                for i in selected:
+                    found.remove_cluster(ctx, run_id, int(i))
+
+            return edited(run_id, version, image_id, op, use_crf, visible, action)
+
+        quick_inputs = [run_dd, version_state, self.focus_state, self.quick_name] + explore_inputs
         self.quick_name.submit(on_quick, quick_inputs, label_outputs + [self.quick_name])
         self.skip_btn.click(on_skip, [run_dd, self.focus_state], [self.focus, self.focus_state])
-        self.quick_ignore_btn.click(on_quick_ignore, [run_dd, self.focus_state] + explore_inputs, label_outputs)
-        group_inputs = [run_dd, self.group_dd, self.group_name] + explore_inputs
+        self.quick_ignore_btn.click(on_quick_ignore, [run_dd, version_state, self.focus_state] + explore_inputs,
+                                    label_outputs)
+        group_inputs = [run_dd, version_state, self.group_dd, self.group_name] + explore_inputs
         self.group_btn.click(on_group, group_inputs, label_outputs + [self.group_name])
         self.group_name.submit(on_group, group_inputs, label_outputs + [self.group_name])
         self.n_groups.release(on_n_groups, [run_dd, self.n_groups] + explore_inputs, label_outputs,
                               trigger_mode="always_last")
-        self.accept_btn.click(on_accept, [run_dd, self.suggestions, self.suggestion_name] + explore_inputs,
-                              label_outputs + [self.suggestion_name])
-        self.remove_found_btn.click(on_remove_found, [run_dd, cluster_sel] + explore_inputs, label_outputs)
+        self.accept_btn.click(on_accept, [run_dd, version_state, self.suggestions, self.suggestion_name]
+                              + explore_inputs, label_outputs + [self.suggestion_name])
+        self.remove_found_btn.click(on_remove_found, [run_dd, version_state, cluster_sel] + explore_inputs,
+                                    label_outputs)
 
 
 @dataclass
