@@ -4,8 +4,9 @@
 
 Makes the exports (bench/consumers_make_exports.py, this interpreter), then runs
 bench/consumers/check_datumaro.py with PyPI Datumaro (venv dm) and CVAT's fork (venv cvatdm)
-and bench/consumers/check_label_studio.py with a real Label Studio server (venv ls);
-writes bench/results/consumers.json.
+and bench/consumers/check_label_studio.py with a real Label Studio server (venv ls), and,
+with ``--panopticapi CHECKOUT``, bench/consumers/check_panoptic.py (panopticapi's pq_compute,
+this interpreter); writes bench/results/consumers.json.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--venvs", type=Path, default=Path("/work/venvs"))
     p.add_argument("--port", default="7840")
+    p.add_argument("--panopticapi", type=Path, default=None,
+                   help="a checkout of github.com/cocodataset/panopticapi (not on PyPI)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="consumers-"))
     subprocess.run([sys.executable, str(HERE / "consumers_make_exports.py"), str(work)], check=True,
@@ -38,6 +41,9 @@ def main() -> None:
     result = {"datumaro_pypi": _run(a.venvs / "dm/bin/python", "check_datumaro.py", exports),
               "datumaro_cvat_fork": _run(a.venvs / "cvatdm/bin/python", "check_datumaro.py", exports),
               "label_studio_server": _run(a.venvs / "ls/bin/python", "check_label_studio.py", exports, a.port)}
+    if a.panopticapi is not None:
+        result["panopticapi_pq_compute"] = _run(Path(sys.executable), "check_panoptic.py", exports,
+                                                str(a.panopticapi))
     (HERE / "results" / "consumers.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

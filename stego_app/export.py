@@ -44,7 +44,7 @@ from stego_app.errors import NotFound, UserError
 from stego_app.export_files import copy_image, export_file_names, png_name
 from stego_app.labels.views import read_segments
 from stego_app.masks import UNNAMED_CATEGORY_BASE, CategoryPlan, ClusterEntry, Region
-from stego_app.models import RUN_DONE, Cluster, Export, Image, Label, Project, Run, RunImage, utcnow
+from stego_app.models import IMAGE_REMOVED, RUN_DONE, Cluster, Export, Image, Label, Project, Run, RunImage, utcnow
 from stego_app.render import hex_to_rgb
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ class ExportOptions:
                                  "include unnamed clusters")
     refined: bool = _opt(True, "use the maps refined with names (propagation) when the run has them for "
                          "every image; off = the discovered segments", "maps refined with names")
+    removed_images: bool = _opt(False, "also the images removed from the project after the run (the run "
+                                "keeps them; by default an export leaves them out)", "images removed since the run")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "style", STYLE_ALIASES.get(self.style, self.style))
@@ -298,7 +300,8 @@ def _load_snapshot(ctx, run_id: int, options: ExportOptions):
                          .where(RunImage.run_id == run_id).order_by(RunImage.position)).all()
         names = export_file_names((img.id, img.name) for _, img in rows)   # over all the run's images
         items = [_Item(img.id, ri.position, img.name, names[img.id], Path(img.path), img.width, img.height)
-                 for ri, img in rows if ri.confirmed or not options.confirmed_only]
+                 for ri, img in rows if (ri.confirmed or not options.confirmed_only)
+                 and (img.status != IMAGE_REMOVED or options.removed_images)]
         return (Path(run.run_dir), project.name if project else "", run.mapping_version,
                 bool((run.params or {}).get("crf", True)), clusters, items)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from stego_app import edit_versions
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.models import Label, Run
@@ -102,6 +103,7 @@ def set_label_kind(ctx, run_id: int, label_name: str, kind: str) -> list[LabelKi
         run = lock_for_update(s, Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
+        edit_versions.check(run_id, run.mapping_version)      # a stale page's edit is refused
         label = next((lab for lab in s.scalars(select(Label).where(Label.run_id == run_id))
                       if lab.name.lower() == wanted), None)
         if label is None:

@@ -49,8 +49,10 @@ def test_remove_used_and_unused_images(lab):
     view = views.render_segmentation(ctx, run.id, used.id)
     assert view.overlay.shape[:2] == view.original.shape[:2]
     mapping.name_cluster(ctx, run.id, 0, "thing")
-    info = export.export_run(ctx, run.id)
-    assert info.status == "done" and info.n_images == 4
+    info = export.export_run(ctx, run.id)                        # the removed image is left out
+    assert info.status == "done" and info.n_images == 3
+    info = export.export_run(ctx, run.id, export.ExportOptions(removed_images=True))
+    assert info.status == "done" and info.n_images == 4          # unless asked for
 
     # a new run leaves it out
     new = runs.start_run(ctx, project.id, RunSettings(steps=1000, crf=False, **FAST))

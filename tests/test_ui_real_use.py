@@ -303,6 +303,16 @@ def test_feedback_toasts_and_confirmation_before_deleting_a_name(browser, app, d
         pg.locator("#btn-colour").click()
         _toast(pg, "'sky' is now shown in #123456")
 
+        # thing or stuff, per label: guessed from the name until a person chooses
+        expect(pg.locator("#label-kinds")).to_contain_text("sky (guessed)")
+        close_toasts(pg)
+        choose(pg, "colour-label", "sky")
+        pg.locator("#kind-pick label").filter(has_text="thing: one object per region").click()
+        pg.locator("#btn-kind").click()
+        _toast(pg, "'sky' is exported as thing.")
+        assert db("SELECT isthing FROM labels WHERE name = 'sky'")[0][0] == 1
+        expect(pg.locator("#label-kinds")).to_contain_text("Things (one annotation per object): sky")
+
         # "sky" names cluster 0 only: undoing deletes the name, so it asks first
         close_toasts(pg)
         _select(pg, 0)
@@ -424,8 +434,15 @@ def test_one_image_project_and_removing_images(browser, app, db, prepared, shots
         pg.screenshot(path=str(shots / "one_image.png"), full_page=True)
 
         thumb.click()
+        pg.locator("#btn-remove").click()                     # asked first; "Keep them" keeps them
+        expect(pg.locator("#remove-question")).to_contain_text("Remove 1 image from the project?")
+        pg.locator("#btn-remove-no").click()
+        expect(pg.locator("#remove-confirm")).to_be_hidden()
+        assert db("SELECT COUNT(*) FROM images i JOIN projects p ON i.project_id = p.id WHERE p.name = 'Other'")[0][0] == 1
         pg.locator("#btn-remove").click()
+        pg.locator("#btn-remove-yes").click()
         _toast(pg, "1 image removed from the project")
+        expect(pg.locator("#remove-confirm")).to_be_hidden()
         expect(field(pg, "project-select")).to_have_value("Other (0 images)")
         expect(thumb).to_have_count(0)
 
@@ -436,6 +453,7 @@ def test_one_image_project_and_removing_images(browser, app, db, prepared, shots
         pg.locator("#project-images .thumbnail-item").nth(0).click()
         expect(pg.locator("#remove-select")).to_contain_text("street_0.png")
         pg.locator("#btn-remove").click()
+        pg.locator("#btn-remove-yes").click()
         _toast(pg, "stay readable in the run")
         expect(field(pg, "project-select")).to_have_value("Streets (7 images)")
         choose(pg, "run-select", "Run 1")

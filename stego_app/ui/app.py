@@ -149,6 +149,9 @@ class App:
             self.run_dd = gr.Dropdown(label="Discovery run", choices=H.run_choices(boot_runs), value=None,
                                       interactive=True, elem_id="run-select", scale=3,
                                       info="Runs of this project, newest first. Every tab works on this run.")
+            # The polls read the selected run from this copy: a poll sent while a project switch
+            # empties the run list would otherwise carry a run id Gradio refuses as not a choice.
+            self.run_state = gr.State(None)
             self.refresh_btn = gr.Button("↻ Refresh", elem_id="btn-refresh", scale=0, min_width=110)
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("1 · Project", id="project", elem_id="tab-project"):
@@ -268,6 +271,7 @@ class App:
         for dd in (self.project_dd, self.run_dd):          # the address bar remembers the selection
             dd.change(None, [self.project_dd, self.run_dd], None, js=URL_STATE_JS)
         self.run_dd.change(self.on_run, self.run_dd, self.run_outputs)
+        self.run_dd.change(lambda run_id: run_id, self.run_dd, self.run_state, show_progress="hidden")
         self.refresh_btn.click(self.on_refresh, [self.project_dd, self.run_dd], [self.project_dd] + self.run_outputs)
         for tab in (self.project, self.discover, self.clusters, self.explore, self.export):
             tab.wire()

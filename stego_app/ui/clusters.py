@@ -6,7 +6,7 @@ from typing import Callable
 
 import gradio as gr
 
-from stego_app import edit_versions
+from stego_app import edit_versions, label_kinds
 from stego_app.errors import UserError
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
@@ -65,13 +65,19 @@ class ClustersTab:
                                             elem_id="colour-label")
             self.colour_pick = gr.ColorPicker(label="Colour", value="#1f77b4", elem_id="colour-picker")
             self.colour_btn = gr.Button("Set colour", elem_id="btn-colour")
+            self.kind_pick = gr.Radio(label="Thing or stuff (exports)", choices=[
+                ("guess from the name", "auto"), ("thing: one object per region", "thing"),
+                ("stuff: one region per image", "stuff")], value="auto", elem_id="kind-pick")
+            self.kind_btn = gr.Button("Set kind", elem_id="btn-kind")
+        self.kinds_md = gr.Markdown(elem_id="label-kinds")
         self.legend_html = gr.HTML(H.legend_html([], "clusters-legend-inner"), elem_id="clusters-legend")
         self.shown_version = gr.State(None)   # the mapping version these views show (edits carry it)
         self.refine = RefinePanel.build(self.ctx)
 
     @property
     def outputs(self) -> list:
-        return ([self.cards_html, self.cluster_sel, self.colour_label, self.legend_html, self.shown_version,
+        return ([self.cards_html, self.cluster_sel, self.colour_label, self.legend_html, self.kinds_md,
+                 self.shown_version,
                  self.unname_row] + self.naming.outputs + self.refine.outputs)
 
     # ---------------------------------------------------------------- views
@@ -94,6 +100,7 @@ class ClustersTab:
                 self.cluster_sel: gr.update(choices=H.cluster_choices(clusters), value=[]),
                 self.colour_label: gr.update(choices=H.label_names(clusters), value=None),
                 self.legend_html: H.legend_html(mapping.legend(self.ctx, run_id), "clusters-legend-inner"),
+                self.kinds_md: H.kinds_text(label_kinds.label_kinds(self.ctx, run_id)),
                 self.unname_row: gr.update(visible=False),
                 **self.naming.views(run_id, clusters), **self.refine.views(run_id)}
 
@@ -101,7 +108,7 @@ class ClustersTab:
         return {self.cards_html: f'<div class="stego-cards" id="cluster-cards"><p>{H.esc(message)}</p></div>',
                 self.cluster_sel: gr.update(choices=[], value=[]),
                 self.colour_label: gr.update(choices=[], value=None),
-                self.legend_html: H.legend_html([], "clusters-legend-inner"),
+                self.legend_html: H.legend_html([], "clusters-legend-inner"), self.kinds_md: "",
                 self.shown_version: None, self.unname_row: gr.update(visible=False),
                 **self.naming.empty(), **self.refine.empty()}
 
@@ -199,6 +206,21 @@ class ClustersTab:
             return f"'{label}' is now shown in {hex_colour}."
         return self.edit(run_id, version, image_id, op, use_crf, visible, action)
 
+    @guard
+    def on_kind(self, run_id, version, label, kind, image_id, op, use_crf, visible):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        if run_id is None:
+            raise UserError("no run selected")
+        if not label:
+            raise UserError("choose the label (in 'Label to recolour') whose kind to set")
+
+        def action() -> str:
+            kinds = label_kinds.set_label_kind(self.ctx, run_id, label, kind or "auto")
+            k = next(k for k in kinds if k.name.lower() == str(label).lower())
+            return f"'{k.name}' is exported as {k.kind}" + (" (guessed from the name)." if k.guessed else ".")
+        return self.edit(run_id, version, image_id, op, use_crf, visible, action)
+
     def wire(self) -> None:
         app = self.app
         explore_inputs = app.explore.inputs
@@ -213,5 +235,7 @@ class ClustersTab:
         self.unignore_btn.click(self.on_unignore, edit_inputs + explore_inputs, label_outputs)
         self.colour_btn.click(self.on_colour, [app.run_dd, self.shown_version, self.colour_label, self.colour_pick]
                               + explore_inputs, label_outputs)
+        self.kind_btn.click(self.on_kind, [app.run_dd, self.shown_version, self.colour_label, self.kind_pick]
+                            + explore_inputs, label_outputs)
         self.naming.wire(guard, app.run_dd, self.shown_version, self.cluster_sel, explore_inputs, label_outputs, app.label_views)
-        self.refine.wire(guard, app.run_dd, app.discover.timer)
+        self.refine.wire(guard, app.run_dd, app.discover.timer, app.run_state)

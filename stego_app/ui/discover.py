@@ -211,5 +211,5 @@ class DiscoverTab:
         self.timer = gr.Timer(1.0)
         # (not the "Show clusters" boxes: a poll racing a run switch would fail Gradio's choice check)
         ex = app.explore
-        self.timer.tick(self.on_tick, [app.project_dd, app.run_dd, self.sig_state, app.clusters.shown_version,
+        self.timer.tick(self.on_tick, [app.project_dd, app.run_state, self.sig_state, app.clusters.shown_version,
                                        ex.image_dd, ex.opacity, ex.crf], app.run_outputs, show_progress="hidden")

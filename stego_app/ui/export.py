@@ -14,7 +14,8 @@ from stego_app.ui import formatting as H
 from stego_app.ui.common import guard, progress_cb
 
 
-_EXTRA = ("include_images", "label_studio", "ls_regions", "ls_image_prefix", "tolerance", "stuff_iscrowd")
+_EXTRA = ("include_images", "label_studio", "ls_regions", "ls_image_prefix", "tolerance", "stuff_iscrowd",
+          "removed_images")
 
 
 def _dataclass_from(cls, values: dict[str, Any]):

@@ -412,3 +412,13 @@ def export_summary(info: Any) -> str:
     for w in warnings:
         text += f"\n\n- ⚠ {w}"
     return text
+
+
+def kinds_text(kinds) -> str:
+    """One line: which labels export as things and which as stuff (label_kinds.LabelKind list)."""
+    if not kinds:
+        return ""
+    def names(want: bool) -> str:
+        return ", ".join(k.name + (" (guessed)" if k.guessed else "") for k in kinds if k.isthing == want) or "none"
+    return (f"**Things** (one annotation per object): {esc(names(True))} · **Stuff** (one region per image): "
+            f"{esc(names(False))}")

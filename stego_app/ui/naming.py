@@ -380,7 +380,7 @@ class RefinePanel:
                 None if job is None else job.id, None if job is None else job.status,
                 None if job is None else round(job.progress, 2)]
 
-    def wire(self, guard, run_dd, timer) -> None:
+    def wire(self, guard, run_dd, timer, run_state) -> None:
         ctx = self.ctx
 
         @guard
@@ -427,7 +427,7 @@ class RefinePanel:
         self.start_btn.click(on_start, [run_dd, self.steps], self.outputs)
         self.cancel_btn.click(on_cancel, [run_dd], self.outputs)
         self.resume_btn.click(on_resume, [run_dd], self.outputs)
-        timer.tick(on_tick, [run_dd, self.sig], self.outputs, show_progress="hidden")
+        timer.tick(on_tick, [run_state, self.sig], self.outputs, show_progress="hidden")   # not run_dd: see App
 
 
 @dataclass

@@ -56,6 +56,10 @@ class ProjectTab:
                                           allow_custom_value=True,   # ids stay valid across a restart
                                           info="Runs that used them keep showing them.")
             self.remove_btn = gr.Button("Remove from the project", variant="stop", elem_id="btn-remove", scale=1)
+        with gr.Row(visible=False, elem_id="remove-confirm") as self.remove_row:   # asked before deleting
+            self.remove_md = gr.Markdown(elem_id="remove-question")
+            self.remove_yes = gr.Button("Yes, remove them", variant="stop", elem_id="btn-remove-yes", scale=0)
+            self.remove_no = gr.Button("Keep them", elem_id="btn-remove-no", scale=0)
         self.ids = gr.State([])              # image ids in the order the gallery shows them
 
     @property
@@ -151,6 +155,20 @@ class ProjectTab:
         return self.gallery_views(pid, page)
 
     @guard
+    def on_remove_ask(self, pid, selected):
+        """Removing deletes files: say what will happen and wait for a yes."""
+        pid = H.as_id(pid, "project")
+        if pid is None:
+            raise UserError("choose a project first")
+        if not selected:
+            raise UserError("click the images to remove in the gallery first")
+        n = len(selected)
+        return {self.remove_row: gr.update(visible=True),
+                self.remove_md: f"Remove **{H.count(n, 'image')}** from the project? Their files are deleted "
+                                "unless a run used them (runs keep showing those, marked stale). "
+                                "This cannot be undone."}
+
+    @guard
     def on_remove(self, pid, selected):
         pid = H.as_id(pid, "project")
         if pid is None:
@@ -160,7 +178,7 @@ class ProjectTab:
         report = removal.remove_images(self.ctx, pid, [int(i) for i in selected])
         text = report.summary()
         gr.Info(text[:1].upper() + text[1:] + ".")
-        out = {self.app.project_dd: self.app.project_choices_update(pid)}
+        out = {self.app.project_dd: self.app.project_choices_update(pid), self.remove_row: gr.update(visible=False)}
         views = self.project_views(pid)
         views.pop(self.app.run_dd)     # keep the selected run
         out.update(views)
@@ -181,7 +199,10 @@ class ProjectTab:
         self.page.input(self.on_page, [project_dd, self.page], [self.gallery, self.page, self.ids, self.remove_sel],
                         trigger_mode="always_last")
         self.gallery.select(self.on_gallery_select, [self.ids, self.remove_sel], [self.remove_sel])
-        self.remove_btn.click(self.on_remove, [project_dd, self.remove_sel], [project_dd] + self.outputs[1:])
+        self.remove_btn.click(self.on_remove_ask, [project_dd, self.remove_sel], [self.remove_row, self.remove_md])
+        self.remove_yes.click(self.on_remove, [project_dd, self.remove_sel],
+                              [project_dd, self.remove_row] + self.outputs[1:])
+        self.remove_no.click(lambda: gr.update(visible=False), None, [self.remove_row])
         self.create_btn.click(self.on_create, [self.new_name, self.new_desc],
                               [project_dd, self.new_name, self.new_desc])
         ingest_outputs = [project_dd, self.ingest_md, self.problems_df, self.project_md, self.gallery,
