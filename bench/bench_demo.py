@@ -1,6 +1,6 @@
 """Benchmark: a first look at the Demo project with the app's default settings (issue 13, item 11).
 
-A fresh data folder (the app creates the Demo project from scikit-image's photographs), a run
+A fresh data folder with the Demo project the server creates on start (scikit-image's photographs), a run
 started with ``RunSettings()`` (every default of core/settings.py: best available backbone,
 322 px, 40 clusters, automatic steps, CRF on), through the app's own services and worker, as
 the Discover tab's *Start discovery* does. Only the converted backbone weights are reused
@@ -45,7 +45,7 @@ def main() -> None:
     try:
         ctx = create_context(AppConfig(data_dir=tmp / "data", cache_dir=cache, demo=True))
         try:
-            demo = next(p for p in projects.list_projects(ctx) if p.name == "Demo")
+            demo = projects.ensure_demo_project(ctx)          # what `app.py serve` does on start
             t0 = time.perf_counter()
             info = runs.start_run(ctx, demo.id, RunSettings())
             done = runs.wait_for_run(ctx, info.id, timeout=3600)

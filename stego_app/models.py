@@ -140,7 +140,7 @@ class Run(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # result.json extras
     error: Mapped[Optional[str]] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    owner: Mapped[Optional[str]] = mapped_column(String(200))          # "host:pid" of the worker
+    owner: Mapped[Optional[str]] = mapped_column(String(200))          # "host:pid:token" of the worker
     heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     mapping_version: Mapped[int] = mapped_column(Integer, default=0)
     n_images: Mapped[int] = mapped_column(Integer, default=0)
@@ -291,7 +291,7 @@ class Refinement(Base):
 
     status: queued | running | done | failed | cancelled | interrupted (the Run statuses).
     `mapping_version` is the run's naming the job was started with; the refined maps it
-    writes (run_dir/refined/) carry that version, so the app can say when the names changed
+    writes (run_dir/segments_refined/) carry that version, so the app can say when the names changed
     since. `params` holds the propagation settings, `metrics` what the job reported.
     """
 

@@ -4,7 +4,7 @@ After a person has named clusters, ``start_refinement`` queues a job on the run 
 job (core.refinement.refine) trains a pixel classifier on the run's cached backbone features
 from the named clusters' confident pixels, person-checked images (seeds) and found regions,
 predicts every image, refines with the CRF and writes refined maps. They are built in
-``run_dir/refined.partial/<job id>/`` and replace ``run_dir/refined/`` only when complete, so
+``run_dir/segments_refined.partial/<job id>/`` and replace ``run_dir/segments_refined/`` only when complete, so
 running it again after more naming swaps in the new maps at the end and the old ones stay
 usable meanwhile. Overlays and exports use refined maps when present (stego_app.segmaps).
 

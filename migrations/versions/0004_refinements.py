@@ -1,7 +1,7 @@
 """Propagation jobs ("refine with names") of finished runs.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-01 22:10:00.000000
 """
 from typing import Sequence, Union

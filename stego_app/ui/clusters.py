@@ -191,35 +191,33 @@ class ClustersTab:
             return f"{which} ignored: left out of exports." if flag else f"{which} no longer ignored (unnamed)."
         return self.edit(run_id, version, image_id, op, use_crf, visible, action)
 
-    @guard
-    def on_colour(self, run_id, version, label, colour, image_id, op, use_crf, visible):
+    def _label_edit(self, run_id, version, label, image_id, op, use_crf, visible, what: str,
+                    action: Callable[[], str]) -> dict:
+        """An edit of one label chosen in 'Label to recolour' (colour, kind)."""
         run_id = H.as_id(run_id, "run")
-        image_id = H.as_id(image_id, "image")
         if run_id is None:
             raise UserError("no run selected")
         if not label:
-            raise UserError("choose the label to recolour (name a cluster first)")
+            raise UserError(f"choose the label in 'Label to recolour' to {what} (name a cluster first)")
+        return self.edit(run_id, version, H.as_id(image_id, "image"), op, use_crf, visible, action)
+
+    @guard
+    def on_colour(self, run_id, version, label, colour, image_id, op, use_crf, visible):
         hex_colour = colour_hex(colour)
 
         def action() -> str:
-            mapping.set_label_colour(self.ctx, run_id, label, hex_colour)
+            mapping.set_label_colour(self.ctx, H.as_id(run_id, "run"), label, hex_colour)
             return f"'{label}' is now shown in {hex_colour}."
-        return self.edit(run_id, version, image_id, op, use_crf, visible, action)
+        return self._label_edit(run_id, version, label, image_id, op, use_crf, visible, "recolour", action)
 
     @guard
     def on_kind(self, run_id, version, label, kind, image_id, op, use_crf, visible):
-        run_id = H.as_id(run_id, "run")
-        image_id = H.as_id(image_id, "image")
-        if run_id is None:
-            raise UserError("no run selected")
-        if not label:
-            raise UserError("choose the label (in 'Label to recolour') whose kind to set")
-
         def action() -> str:
-            kinds = label_kinds.set_label_kind(self.ctx, run_id, label, kind or "auto")
+            kinds = label_kinds.set_label_kind(self.ctx, H.as_id(run_id, "run"), label, kind or "auto")
             k = next(k for k in kinds if k.name.lower() == str(label).lower())
             return f"'{k.name}' is exported as {k.kind}" + (" (guessed from the name)." if k.guessed else ".")
-        return self.edit(run_id, version, image_id, op, use_crf, visible, action)
+        return self._label_edit(run_id, version, label, image_id, op, use_crf, visible, "set the kind of",
+                                action)
 
     def wire(self) -> None:
         app = self.app

@@ -154,15 +154,19 @@ class ProjectTab:
             return gr.skip()
         return self.gallery_views(pid, page)
 
-    @guard
-    def on_remove_ask(self, pid, selected):
-        """Removing deletes files: say what will happen and wait for a yes."""
+    @staticmethod
+    def _removal(pid, selected) -> tuple[int, list[int]]:
         pid = H.as_id(pid, "project")
         if pid is None:
             raise UserError("choose a project first")
         if not selected:
             raise UserError("click the images to remove in the gallery first")
-        n = len(selected)
+        return pid, [int(i) for i in selected]
+
+    @guard
+    def on_remove_ask(self, pid, selected):
+        """Removing deletes files: say what will happen and wait for a yes."""
+        n = len(self._removal(pid, selected)[1])
         return {self.remove_row: gr.update(visible=True),
                 self.remove_md: f"Remove **{H.count(n, 'image')}** from the project? Their files are deleted "
                                 "unless a run used them (runs keep showing those, marked stale). "
@@ -170,12 +174,8 @@ class ProjectTab:
 
     @guard
     def on_remove(self, pid, selected):
-        pid = H.as_id(pid, "project")
-        if pid is None:
-            raise UserError("choose a project first")
-        if not selected:
-            raise UserError("click the images to remove in the gallery first")
-        report = removal.remove_images(self.ctx, pid, [int(i) for i in selected])
+        pid, ids = self._removal(pid, selected)
+        report = removal.remove_images(self.ctx, pid, ids)
         text = report.summary()
         gr.Info(text[:1].upper() + text[1:] + ".")
         out = {self.app.project_dd: self.app.project_choices_update(pid), self.remove_row: gr.update(visible=False)}
