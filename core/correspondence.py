@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from core.atomic import atomic_save_npy, atomic_write_json
 from core.errors import Cancelled
 from core.tokens import TokenFeatures
 
@@ -110,14 +111,12 @@ class CorrespondenceIndex:
         out.flush()
         del out
         os.replace(tmp, root / "tokens.f16")
-        np.save(root / "index.npy", index)
-        np.save(root / "mean.npy", mean32)
-        np.save(root / "components.npy", components)
+        atomic_save_npy(root / "index.npy", index)
+        atomic_save_npy(root / "mean.npy", mean32)
+        atomic_save_npy(root / "components.npy", components)
         meta = {"format": FORMAT_VERSION, "n_items": n, "total_tokens": total, "dim": k,
                 "embed_dim": int(components.shape[1]), "flip": flip, "source": source, "seed": seed}
-        mtmp = root / "meta.json.tmp"
-        mtmp.write_text(json.dumps(meta, indent=1))
-        os.replace(mtmp, root / "meta.json")
+        atomic_write_json(root / "meta.json", meta)     # written last: the index is complete
         log.info("correspondence index: %d items, %d tokens, %d dims -> %s", n, total, k, root)
         return cls.open(root)
 

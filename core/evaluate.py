@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from core.atomic import atomic_write_json, atomic_write_text
 from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
 from core.crf import ClusterMapJob, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
@@ -140,8 +141,8 @@ class Report:
         """Write ``out.json`` and ``out.md``."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".json").write_text(json.dumps(self.to_dict(), indent=1))
-        out.with_name(out.name + ".md").write_text(self.to_markdown())
+        atomic_write_json(out.with_name(out.name + ".json"), self.to_dict())
+        atomic_write_text(out.with_name(out.name + ".md"), self.to_markdown())
 
     def to_markdown(self) -> str:
         m = self.meta

@@ -365,7 +365,7 @@ class StegoPipeline:
             run.report("training", step / max(steps, 1), {"step": step, "steps": steps, **terms})
 
         trainer = StegoTrainer(self.config.train).fit(
-            train_store, table, checkpoint_path=self.run_dir / "train_checkpoint.pt", progress=on_step,
+            train_store, table, checkpoint_path=self.dir.train_checkpoint_pt, progress=on_step,
             cancel=run.check)
         self._save_head(trainer)
         run.state["shifts"] = trainer.shifts

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from core.atomic import atomic_write_json
 from core.crf import ordered_map
 from core.errors import Cancelled
 from core.propagation import (
@@ -182,7 +183,7 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     if saved is not None and ClassSpace.from_dict(saved) != space:
         raise ValueError(f"{out_dir} holds a refinement of other names; use an empty folder")
     if saved is None:
-        space_path.write_text(json.dumps(space.to_dict()))
+        atomic_write_json(space_path, space.to_dict(), indent=None)
     model_path = out_dir / MODEL
     stats: dict = {}
     if model_path.is_file():

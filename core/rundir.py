@@ -99,6 +99,10 @@ class RunDir:
         return self.root / "result.json"
 
     @property
+    def train_checkpoint_pt(self) -> Path:
+        return self.root / "train_checkpoint.pt"
+
+    @property
     def segment_stats_npz(self) -> Path:
         return self.root / "segment_stats.npz"
 
@@ -113,6 +117,14 @@ class RunDir:
 
     def refined_partial(self, job_id: int) -> Path:
         return self.refined_partial_root / str(int(job_id))
+
+    def refined_job_json(self, job_id: int) -> Path:
+        """The mapping version a refinement job started from (inside its partial folder)."""
+        return self.refined_partial(job_id) / "job.json"
+
+    def refined_old(self, job_id: int) -> Path:
+        """Where the previous refined maps go for the instant the new ones replace them."""
+        return self.root / f"refined.old.{int(job_id)}"
 
     @property
     def correspondence_dir(self) -> Path:

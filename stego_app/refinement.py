@@ -30,7 +30,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from core.atomic import atomic_write_json
-from core.refinement import ClassSpace, RefineConfig
+from core.refinement import SPACE, ClassSpace, RefineConfig
 from core.rundir import RunDir
 from stego_app import segmaps
 from stego_app.db import as_utc, lock_for_update
@@ -399,13 +399,13 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
         if other.name != str(ref_id):
             shutil.rmtree(other, ignore_errors=True)       # an older job's leftovers
     out_dir = rd.refined_partial(ref_id)
-    saved_space = out_dir / "space.json"
+    saved_space = out_dir / SPACE
     if saved_space.is_file():        # resuming: keep the names this job started with
         space = ClassSpace.from_dict(json.loads(saved_space.read_text()))
-        meta_version = json.loads((out_dir / "job.json").read_text())["mapping_version"]
+        meta_version = json.loads(rd.refined_job_json(ref_id).read_text())["mapping_version"]
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "job.json").write_text(json.dumps({"mapping_version": version}))
+        atomic_write_json(rd.refined_job_json(ref_id), {"mapping_version": version})
         meta_version = version
     found = segmaps.found_clusters(run_dir)
     index = segmaps.correspondence_index(run_dir) if found else None
@@ -441,7 +441,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
             "created": time.time()}
     atomic_write_json(out_dir / rd.refined_meta_json.name, meta)
     final = rd.segments_dir("refined")
-    old = run_dir / f"refined.old.{ref_id}"
+    old = rd.refined_old(ref_id)
     if final.exists():
         final.rename(old)
     out_dir.rename(final)
