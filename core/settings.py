@@ -92,7 +92,7 @@ class RunSettings:
     """Every hyper-parameter of a discovery run (stored with the run; defaults are the product's)."""
 
     backbone: str | None = _setting(
-        None, label="Backbone", help="frozen DINO / DINOv2 feature extractor (core.registry)",
+        None, label="Backbone", help="frozen DINO / DINOv2 feature extractor",
         auto="the best one whose weights are available")
     resolution: int = _setting(
         322, label="Resolution (short side, px)", minimum=28, maximum=2048,

@@ -35,8 +35,8 @@ def setting_input(ctx, name: str, kind: type, default, sp: Spec) -> gr.component
         return gr.Radio(label=sp.label, choices=list(zip(labels, sp.choices)), value=default, elem_id=elem_id,
                         info=sp.help)
     if sp.auto is not None:        # empty = automatic: a text box that may stay blank
-        return gr.Textbox(label=sp.label, value="" if default is None else str(default),
-                          placeholder=f"auto: {sp.auto}", elem_id=elem_id, info=info)
+        return gr.Textbox(label=sp.label, value="" if default is None else str(default), placeholder="auto",
+                          lines=1, max_lines=1, elem_id=elem_id, info=f"{info}; empty = {sp.auto}")
     # no minimum/maximum on the component: Gradio would refuse out-of-range values with a bare
     # error; the schema's check names the setting and its limits instead (the value stays)
     return gr.Number(label=sp.label, value=default, precision=0 if kind is int else None, elem_id=elem_id,
