@@ -32,6 +32,18 @@ def main() -> None:
                    "--images", str(d / args.split / "images"), "--masks", str(d / args.split / "masks"),
                    "--classes", "11", "--ignore", "11", "--class-names", NAMES, "--backbone", "dinov2_vits14", "--resolution", "322",
                    "--steps", "2000", "--seed", str(args.seed), "--out", str(out), *rest])
+    md = out.with_name(out.name + ".md")
+    md.write_text(md.read_text() + "\n" + ROLE[args.split] + "\n")
+
+
+ROLE = {
+    "train": "Split role: **choosing**. CamVid train (367 frames) is where K = 4C was chosen (the shift "
+             "rule's level was compared on val in an earlier session, docs/shifts.md; propagation settings "
+             "are untuned defaults): the pipeline is fitted, clusters named and scored on train.",
+    "val": "Split role: **confirming**. CamVid val (101 frames) played no part in choosing K; caveat: the "
+           "shift rule's level was compared on val in an earlier session (docs/shifts.md). The pipeline is "
+           "fitted on train, clusters are named and scored on val.",
+}
 
 
 if __name__ == "__main__":
