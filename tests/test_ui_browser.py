@@ -253,6 +253,7 @@ def choose(page, elem_id: str, option_text: str) -> None:
             if attempt == 2:
                 raise
             page.keyboard.press("Escape")
+            page.locator(f"#{elem_id} input").blur()     # the next click opens the full list again
 
 
 def error_toast(page, text: str) -> str:

@@ -395,7 +395,16 @@ def test_dead_server_is_shown_and_the_tab_comes_back_to_its_project_and_run(brow
         expect(field(pg, "project-select")).to_have_value("Other (0 images)")
         choose(pg, "project-select", "Streets")
         expect(field(pg, "run-select")).to_have_value(re.compile(r"Run \d"))
+        tab(pg, "Discover")                                      # where the run's status shows
         choose(pg, "run-select", "Run 1")
+        expect(field(pg, "run-select")).to_have_value(re.compile(r"Run 1"))
+        # the list opened again while the run loads keeps every run: the run's views must not
+        # send new choices, which would make Gradio filter the open list down to the selected run
+        field(pg, "run-select").click()
+        expect(pg.locator("#run-status-box")).to_have_attribute("data-status", "done")
+        expect(pg.locator("ul.options li", has_text="Run 2")).to_be_visible()
+        pg.keyboard.press("Escape")
+        field(pg, "run-select").blur()
         expect(field(pg, "run-select")).to_have_value(re.compile(r"Run 1"))
         pg.wait_for_function("() => location.search.includes('run=1')")
         banner = pg.locator("#stego-connection-lost")

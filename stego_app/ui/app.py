@@ -210,9 +210,9 @@ class App:
         info = runs.get_run(self.ctx, run_id)
         out = self.discover.status_views(info)
         out.update(self.discover.form_views(info.params))
-        # choices only (their labels carry the status): a value here could undo a newer selection
-        # the person made while this response was on its way
-        out[self.run_dd] = gr.update(choices=H.run_choices(runs.list_runs(self.ctx, info.project_id)))
+        # No run-list update here: new choices make Gradio re-filter an open list by the text in the
+        # box, so a list the person had just opened would shrink to the selected run. The poll
+        # relabels the list when the selected run's status changes; Refresh does it on demand.
         if info.status != RunStatus.DONE:
             word = H.STATUS_WORDS.get(info.status, info.status).lower()
             out.update(self._no_mapping(f"Run {info.id} is {word}: its clusters appear here "
