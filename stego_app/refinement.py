@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 from core.atomic import atomic_write_json
 from core.refinement import SPACE, ClassSpace, RefineConfig
 from core.rundir import RunDir
-from stego_app import segmaps
+from stego_app import jobs, segmaps
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping
@@ -183,12 +183,7 @@ def cancel_refinement(ctx, ref_id: int) -> RefinementInfo:
         row = lock_for_update(s, Refinement, ref_id)
         if row is None:
             raise NotFound(f"refinement {ref_id} does not exist")
-        if row.status in (RUN_QUEUED, RUN_INTERRUPTED):
-            row.status, row.finished_at = RUN_CANCELLED, utcnow()
-        elif row.status == RUN_RUNNING:
-            row.cancel_requested = True
-        else:
-            raise UserError(f"refinement {ref_id} is {row.status}; only queued or running ones can be cancelled")
+        jobs.cancel(row, f"refinement {ref_id}", "ones")
         s.flush()
         info = _info(row)
     worker = getattr(ctx, "worker", None)
@@ -205,15 +200,12 @@ def resume_refinement(ctx, ref_id: int) -> RefinementInfo:
         row = lock_for_update(s, Refinement, ref_id)
         if row is None:
             raise NotFound(f"refinement {ref_id} does not exist")
-        if row.status not in RUN_RESUMABLE:
-            raise UserError(f"refinement {ref_id} is {row.status}; only interrupted, failed or cancelled "
-                            "ones can be resumed")
+        jobs.check_resumable(row, f"refinement {ref_id}", "ones")
         busy = s.scalars(select(Refinement).where(Refinement.run_id == row.run_id, Refinement.id != ref_id,
                                                   Refinement.status.in_(RUN_ACTIVE))).first()
         if busy is not None:
             raise UserError(f"refinement {busy.id} of this run is {busy.status}; wait for it or cancel it")
-        row.status, row.cancel_requested, row.error = RUN_QUEUED, False, None
-        row.owner, row.finished_at, row.heartbeat_at = worker.owner, None, utcnow()
+        jobs.requeue(row, worker.owner)
         s.flush()
         info = _info(row)
     worker.submit_job(_key(ref_id), lambda cancel, stopping: execute(ctx.db, ctx.config, ref_id, cancel, stopping))
@@ -221,12 +213,7 @@ def resume_refinement(ctx, ref_id: int) -> RefinementInfo:
 
 
 def wait_for_refinement(ctx, ref_id: int, timeout: float | None = None, poll: float = 0.2) -> RefinementInfo:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        info = get_refinement(ctx, ref_id)
-        if not info.is_active or (deadline is not None and time.monotonic() >= deadline):
-            return info
-        time.sleep(poll)
+    return jobs.wait(lambda: get_refinement(ctx, ref_id), timeout, poll)
 
 
 def refined_state(ctx, run_id: int) -> RefinedState:
@@ -243,14 +230,8 @@ def refined_state(ctx, run_id: int) -> RefinedState:
 
 def mark_interrupted(db, is_alive) -> list[int]:
     """Refinements queued/running under a worker that is gone become 'interrupted'."""
-    with db.write() as s:
-        rows = s.scalars(select(Refinement).where(Refinement.status.in_(RUN_ACTIVE))).all()
-        dead = [r.id for r in rows if not is_alive(r.owner, as_utc(r.heartbeat_at))]
-        if dead:
-            s.execute(update(Refinement).where(Refinement.id.in_(dead)).values(
-                status=RUN_INTERRUPTED, owner=None, cancel_requested=False,
-                error="the app stopped during this refinement; resume it to continue"))
-    return dead
+    return jobs.mark_interrupted(db, Refinement, is_alive,
+                                 "the app stopped during this refinement; resume it to continue")
 
 
 # ---------------------------------------------------------------- the job

@@ -7,20 +7,19 @@ done by stego_app.worker.RunWorker in a background thread.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from core.settings import RunSettings, SettingsError, auto_steps
+from stego_app import jobs
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE,
-                              RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE, RUN_RUNNING, Image, Project, Run,
-                              RunImage, utcnow)
+from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_DONE, RUN_QUEUED, RUN_RESUMABLE, Image,
+                              Project, Run, RunImage, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +186,7 @@ def cancel_run(ctx, run_id: int) -> RunInfo:
         run = lock_for_update(s, Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
-        if run.status in (RUN_QUEUED, RUN_INTERRUPTED):
-            run.status, run.finished_at = RUN_CANCELLED, utcnow()
-        elif run.status == RUN_RUNNING:
-            run.cancel_requested = True
-        else:
-            raise UserError(f"run {run_id} is {run.status}; only queued or running runs can be cancelled")
+        jobs.cancel(run, f"run {run_id}", "runs")
         s.flush()
         info = run_info(run)
     worker = getattr(ctx, "worker", None)
@@ -208,15 +202,12 @@ def resume_run(ctx, run_id: int) -> RunInfo:
         run = lock_for_update(s, Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
-        if run.status not in RUN_RESUMABLE:
-            raise UserError(f"run {run_id} is {run.status}; only interrupted, failed or cancelled "
-                            "runs can be resumed")
+        jobs.check_resumable(run, f"run {run_id}", "runs")
         missing = [ri.image.name for ri in run.images if not Path(ri.image.path).is_file()]
         if missing:
             raise UserError(f"cannot resume run {run_id}: {len(missing)} image file(s) are missing, "
                             f"e.g. {missing[0]}")
-        run.status, run.cancel_requested, run.error = RUN_QUEUED, False, None
-        run.owner, run.finished_at, run.heartbeat_at = worker.owner, None, utcnow()
+        jobs.requeue(run, worker.owner)
         s.flush()
         info = run_info(run)
     worker.submit(run_id)
@@ -226,12 +217,7 @@ def resume_run(ctx, run_id: int) -> RunInfo:
 
 def wait_for_run(ctx, run_id: int, timeout: float | None = None, poll: float = 0.2) -> RunInfo:
     """Block until the run is no longer queued/running (or the timeout passes)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        info = get_run(ctx, run_id)
-        if not info.is_active or (deadline is not None and time.monotonic() >= deadline):
-            return info
-        time.sleep(poll)
+    return jobs.wait(lambda: get_run(ctx, run_id), timeout, poll)
 
 
 def run_images(ctx, run_id: int) -> list[RunImageInfo]:
@@ -247,13 +233,8 @@ def run_images(ctx, run_id: int) -> list[RunImageInfo]:
 
 def mark_interrupted(db, is_alive) -> list[int]:
     """Runs queued/running under a worker that no longer exists become 'interrupted'."""
-    with db.write() as s:
-        rows = s.scalars(select(Run).where(Run.status.in_(RUN_ACTIVE))).all()
-        dead = [r.id for r in rows if not is_alive(r.owner, as_utc(r.heartbeat_at))]
-        if dead:
-            s.execute(update(Run).where(Run.id.in_(dead)).values(
-                status="interrupted", owner=None, cancel_requested=False,
-                error="the app stopped while this run was queued or running; resume it to continue"))
+    dead = jobs.mark_interrupted(db, Run, is_alive, "the app stopped while this run was queued or running; "
+                                                     "resume it to continue")
     for run_id in dead:
         log.warning("run %s was left unfinished by a stopped process: marked interrupted", run_id)
     return dead

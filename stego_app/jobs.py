@@ -1,0 +1,65 @@
+"""The lifecycle shared by background jobs (discovery runs, refinements): one home for its rules.
+
+Both tables carry ``status``, ``cancel_requested``, ``owner``, ``heartbeat_at``,
+``finished_at`` and ``error``. Cancelling, queueing again, waiting and marking the jobs of a
+stopped process as interrupted are the same for both; callers pass the row (locked in their
+write transaction) and the words that name it in messages.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+
+from stego_app.db import as_utc
+from stego_app.errors import UserError
+from stego_app.models import (RUN_ACTIVE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
+                              RUN_RUNNING, utcnow)
+
+__all__ = ["cancel", "requeue", "wait", "mark_interrupted"]
+
+
+def cancel(row: Any, what: str, plural: str) -> None:
+    """A queued or interrupted job is cancelled at once, a running one at its next check.
+
+    ``what`` names the row ("run 3"), ``plural`` the kind in the refusal ("runs", "ones").
+    """
+    if row.status in (RUN_QUEUED, RUN_INTERRUPTED):
+        row.status, row.finished_at = RUN_CANCELLED, utcnow()
+    elif row.status == RUN_RUNNING:
+        row.cancel_requested = True
+    else:
+        raise UserError(f"{what} is {row.status}; only queued or running {plural} can be cancelled")
+
+
+def check_resumable(row: Any, what: str, plural: str) -> None:
+    if row.status not in RUN_RESUMABLE:
+        raise UserError(f"{what} is {row.status}; only interrupted, failed or cancelled {plural} can be resumed")
+
+
+def requeue(row: Any, owner: str) -> None:
+    """Queue the job again under the worker ``owner`` (check_resumable first)."""
+    row.status, row.cancel_requested, row.error = RUN_QUEUED, False, None
+    row.owner, row.finished_at, row.heartbeat_at = owner, None, utcnow()
+
+
+def wait(get: Callable[[], Any], timeout: float | None = None, poll: float = 0.2) -> Any:
+    """Poll ``get()`` until its result is no longer active (or the timeout passes); return it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        info = get()
+        if not info.is_active or (deadline is not None and time.monotonic() >= deadline):
+            return info
+        time.sleep(poll)
+
+
+def mark_interrupted(db, model, is_alive: Callable, error: str) -> list[int]:
+    """Jobs of ``model`` queued/running under a worker that is gone become 'interrupted'."""
+    with db.write() as s:
+        rows = s.scalars(select(model).where(model.status.in_(RUN_ACTIVE))).all()
+        dead = [r.id for r in rows if not is_alive(r.owner, as_utc(r.heartbeat_at))]
+        if dead:
+            s.execute(update(model).where(model.id.in_(dead)).values(
+                status=RUN_INTERRUPTED, owner=None, cancel_requested=False, error=error))
+    return dead
