@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Iterable
 
-from core.settings import DEFAULTS, GROUPS, RunSettings, SettingsError, Spec, specs
+from core.settings import DEFAULTS, GROUPS, RunSettings, SettingsError, Spec, spec, specs
 
 __all__ = ["add_settings_arguments", "given_settings", "settings_from_args", "settings_error_text"]
 
@@ -78,10 +78,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def settings_from_args(args: argparse.Namespace, **defaults: Any) -> RunSettings:
     """RunSettings of the given flags over ``defaults`` over the schema's; SettingsError if out of range."""
-    values = {**defaults, **given_settings(args)}
-    settings = RunSettings(**{**DEFAULTS.to_dict(), **values})
-    return settings.validate()
+    return DEFAULTS.replace(**{**defaults, **given_settings(args)}).validate()
 
 
 def settings_error_text(exc: SettingsError) -> str:
-    return f"{_flag(exc.name, next(sp for n, _, _, sp in specs() if n == exc.name))}: {exc}"
+    return f"{_flag(exc.name, spec(exc.name))}: {exc}"
