@@ -393,8 +393,9 @@ def test_dead_server_is_shown_and_the_tab_comes_back_to_its_project_and_run(brow
         field(pg, "new-project-name").fill("Other")              # the newest project, not the one in use
         pg.locator("#btn-create-project").click()
         expect(field(pg, "project-select")).to_have_value("Other (0 images)")
+        expect(field(pg, "run-select")).to_have_value("")       # the switch to Other is complete
         choose(pg, "project-select", "Streets")
-        expect(field(pg, "run-select")).to_have_value(re.compile(r"Run \d"))
+        expect(field(pg, "run-select")).to_have_value(re.compile(r"Run \d"))   # so this is Streets' list
         tab(pg, "Discover")                                      # where the run's status shows
         choose(pg, "run-select", "Run 1")
         expect(field(pg, "run-select")).to_have_value(re.compile(r"Run 1"))
