@@ -172,6 +172,7 @@ def test_06_click_to_find_makes_a_new_cluster(page, db, shots):
     tab(page, "Explore")
     page.locator("#explore-gallery .thumbnail-item").nth(0).click()
     page.locator("#explore-gallery .thumbnail-item").nth(1).click()       # open an image again: refined maps
+    expect(field(page, "explore-image")).to_have_value("street_1.png")    # the last click wins
     expect(page.locator("#explore-maps")).to_have_attribute("data-maps", "refined with names", timeout=30_000)
     img = page.locator("#explore-original img")
     expect(img).to_be_visible()

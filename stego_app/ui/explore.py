@@ -127,7 +127,9 @@ class ExploreTab:
         for control in (self.opacity, self.crf, self.shown):    # while dragging, only the last value renders
             control.input(self.on_render, [run_dd] + self.inputs, self.render_outputs,
                           trigger_mode="always_last", show_progress="hidden")
-        self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd])
+        # the last thumbnail clicked wins (Gradio's default "once" drops a click made while the
+        # previous one is still on its way, leaving the gallery and the image shown out of step)
+        self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd], trigger_mode="always_last")
         self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], None)
         self.finder.wire(guard, run_dd, self.image_dd, [self.original_img, self.overlay_img], self.inputs,
                          self.app.label_outputs, self.app.label_views, DISPLAY_MAX_SIDE)

@@ -511,7 +511,8 @@ class FindPanel:
             return out
 
         for img in click_images:
-            img.select(on_click, [run_dd, image_dd, self.threshold], [self.info, self.heat, self.matches, self.state])
+            img.select(on_click, [run_dd, image_dd, self.threshold], [self.info, self.heat, self.matches, self.state],
+                       trigger_mode="always_last")                     # the last point clicked wins
         self.threshold.release(on_threshold, [run_dd, self.state, self.threshold],
                                [self.info, self.heat, self.matches, self.state], trigger_mode="always_last")
         self.create_btn.click(on_create, [run_dd, self.state, self.threshold, self.name] + explore_inputs,
