@@ -38,6 +38,7 @@ from core.atomic import atomic_write_json, atomic_write_text
 from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
 from core.crf import ClusterMapJob, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
+from core.hierarchy import ClusterHierarchy
 from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, majority_names, named_scores,
                           with_void)
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
@@ -115,7 +116,8 @@ class MethodResult:
     per_class_iou: dict[str, float | None]
     matching: dict[int, int] | None = None     # Hungarian cluster -> class
     names: list[int] | None = None             # named rows: class of each cluster (-1 unnamed)
-    naming_actions: int | None = None
+    naming_actions: int | None = None          # one action per named cluster
+    group_actions: int | None = None           # the same names given with the hierarchy's groups
     unnamed_clusters: int | None = None
 
 
@@ -167,10 +169,14 @@ class Report:
                       f"Clusters with more than {100 * m['max_void_share']:.0f} % void pixels stay unnamed; "
                       "their pixels count as errors. Propagation: "
                       f"{m.get('propagation', {})}.", "",
-                      "| method | K | naming actions | mIoU | pixel accuracy |", "| --- | --- | --- | --- | --- |"]
+                      "Naming actions: one per named cluster; with groups: the same names given with the "
+                      "Clusters tab's groups (K / 4 groups; name a group, then rename the members that "
+                      "differ, or name members one by one, whichever is fewer).", "",
+                      "| method | K | naming actions | with groups | mIoU | pixel accuracy |",
+                      "| --- | --- | --- | --- | --- | --- |"]
             for r in named:
-                lines.append(f"| {r.label} | {r.n_clusters} | {r.naming_actions} | {100 * r.miou:.1f} | "
-                             f"{100 * r.accuracy:.1f} |")
+                lines.append(f"| {r.label} | {r.n_clusters} | {r.naming_actions} | {r.group_actions} | "
+                             f"{100 * r.miou:.1f} | {100 * r.accuracy:.1f} |")
         lines += ["", "## Per-class IoU (%)", "", "| method | K | " + " | ".join(names) + " |",
                   "| --- | --- |" + " --- |" * len(names)]
         for r in self.results.values():
@@ -469,11 +475,14 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         results[name] = _row(label, "probe" if probe else "hungarian", None if probe else cm.n_pred, s, names_cls,
                              matching=None if probe else s["matching"])
     names: dict[tuple[str, int], np.ndarray] = {}
+    group_actions: dict[tuple[str, int], int] = {}
     for (kind, K), cm in counts.items():
         names[(kind, K)] = majority_names(cm.matrix, settings.max_void_share)
+        group_actions[(kind, K)] = ClusterHierarchy().fit(centroids[(kind, K)]).naming_actions(names[(kind, K)])
         s = named_scores(cm.matrix, names[(kind, K)])
         results[f"named_{kind}_k{K}"] = _row(LABELS[f"named_{kind}"], "named", K, s, names_cls,
                                              names=names[(kind, K)].tolist(), naming_actions=s["naming_actions"],
+                                             group_actions=group_actions[(kind, K)],
                                              unnamed_clusters=s["unnamed_clusters"])
 
     # ---- pass 2: named STEGO + CRF, and propagation (a classifier per K), without and with the CRF
@@ -530,7 +539,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             kind = settings.propagate_from if base.startswith("propagated") else "stego"
             results[name] = _row(LABELS[base], "named", K, s, names_cls, names=names[(kind, K)].tolist(),
                                  naming_actions=int((names[(kind, K)] >= 0).sum()),
-                                 unnamed_clusters=int((names[(kind, K)] < 0).sum()))
+                                 group_actions=group_actions[(kind, K)], unnamed_clusters=int((names[(kind, K)] < 0).sum()))
         timings["refining"] = time.perf_counter() - t
 
     order = {n: j for j, n in enumerate(["kmeans_raw", "stego", "stego_crf"])}

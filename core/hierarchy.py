@@ -150,3 +150,22 @@ class ClusterHierarchy:
         sims = self.similarity_[int(index), cand]
         best = int(np.argmax(sims))
         return cand[best], float(sims[best])
+
+    def naming_actions(self, names: np.ndarray, n_groups: int | None = None) -> int:
+        """Actions a person needs to give every cluster its name ``names[k]`` (-1 = left unnamed)
+        with the groups of a cut into ``n_groups`` (default ``default_n_groups``).
+
+        Per group the cheaper of: name the whole group with its most common name, then rename each
+        member whose name differs; or name each member on its own. The Clusters tab offers both.
+        """
+        self._check()
+        names = np.asarray(names).astype(np.int64).ravel()
+        if names.shape[0] != self.n_clusters_:
+            raise ValueError(f"{names.shape[0]} names for {self.n_clusters_} clusters")
+        n = default_n_groups(self.n_clusters_) if n_groups is None else int(n_groups)
+        total = 0
+        for members in self.groups(n):
+            named = names[members][names[members] >= 0]
+            if named.size:
+                total += min(int(named.size), 1 + int(named.size) - int(np.bincount(named).max()))
+        return total

@@ -62,6 +62,8 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     assert res["named_raw_k6"].miou > 0.6 and res["named_raw_k6"].naming_actions <= 6
     assert res["named_raw_k6"].n_clusters == 6 and len(res["named_raw_k6"].names) == 6
     assert res["propagated_k6"].naming_actions == res["named_stego_k6"].naming_actions
+    # with the Clusters tab's groups the same names never take more actions
+    assert 1 <= res["named_raw_k6"].group_actions <= res["named_raw_k6"].naming_actions
     assert report.meta["shifts"]["paper_shifts"] == {"self": 0.18, "knn": 0.12, "neg": 0.46}
     assert report.meta["n_fit_images"] == 8 and report.meta["n_images"] == 4
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())

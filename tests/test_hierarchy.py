@@ -71,3 +71,19 @@ def test_validation_messages():
         ClusterHierarchy().groups(2)
     assert ClusterHierarchy().fit(np.ones((1, 4))).groups(1) == [[0]]
     assert default_n_groups(40) == 10 and default_n_groups(3) == 1 and default_n_groups(1) == 1
+
+
+def test_naming_actions_count_a_pure_group_as_one_action_and_each_exception_as_one_more():
+    cents, truth = planted_centroids()                   # 4 classes x 5 clusters
+    tree = ClusterHierarchy().fit(cents)
+    assert tree.naming_actions(truth, n_groups=4) == 4                     # one per group
+    assert tree.naming_actions(truth, n_groups=20) == 20                   # no groups: one per cluster
+    odd = truth.copy()
+    member = tree.groups(4)[0][0]
+    odd[member] = (truth[member] + 1) % 4                                   # one cluster named otherwise
+    assert tree.naming_actions(odd, n_groups=4) == 5
+    unnamed = truth.copy()
+    unnamed[tree.groups(4)[1]] = -1                                         # a group left unnamed
+    assert tree.naming_actions(unnamed, n_groups=4) == 3
+    with pytest.raises(ValueError, match="names for 20 clusters"):
+        tree.naming_actions(truth[:5])
