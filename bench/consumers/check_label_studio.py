@@ -1,10 +1,12 @@
 """Round trip through a real Label Studio server (run in a venv with `label-studio` + pycocotools).
 
-Starts `label-studio` on 127.0.0.1:PORT with local-files serving rooted at the export,
+For each export with Label Studio tasks, starts `label-studio` on 127.0.0.1:PORT with
+local-files serving rooted at that unzipped export (as docs/export.md tells users),
 creates a project with the export's labelling config, connects the images/ folder as
 local storage, imports tasks.json, reads every prediction back through the API, decodes
 it (brush RLE with Label Studio's own decoder, polygons rasterised with pycocotools)
-and compares it pixel for pixel with the export's COCO masks of the same image.
+and compares it pixel for pixel with the export's COCO masks of the same image; then fetches
+every task's image URL from the server and compares the bytes with images/<file_name>.
 
 Usage: python check_label_studio.py EXPORTS_JSON PORT  -> prints 'RESULT {json}'.
 """
@@ -69,6 +71,7 @@ def check_export(port, name, e):
     api_coco = COCO(f"{d}/annotations/instances_default.json")
     differing = n_results = 0
     images_ok = 0
+    image_errors = []
     for task in back:
         image_id = task["data"]["image_id"]
         img = api_coco.loadImgs([image_id])[0]
@@ -89,21 +92,27 @@ def check_export(port, name, e):
         want = coco_by_label(api_coco, image_id, h, w)
         for label in set(got) | set(want):
             differing += int((got[label] ^ want[label]).sum())
+        with open(os.path.join(d, "images", img["file_name"]), "rb") as f:
+            want_bytes = f.read()
         try:
             status, body = api(port, "GET", task["data"]["image"])
-            images_ok += int(status == 200 and len(body) > 0)
-        except urllib.error.HTTPError:
-            pass
-    return {"ok": differing == 0 and len(back) == len(tasks), "tasks_imported": imported.get("task_count"),
+            if status == 200 and body == want_bytes:
+                images_ok += 1
+            else:
+                image_errors.append(f"{task['data']['image']}: HTTP {status}, {len(body)} bytes, file {len(want_bytes)}")
+        except urllib.error.HTTPError as exc:
+            image_errors.append(f"{task['data']['image']}: HTTP {exc.code}")
+    return {"ok": differing == 0 and len(back) == len(tasks) and images_ok == len(back),
+            "tasks_imported": imported.get("task_count"),
             "predictions_imported": imported.get("prediction_count"), "tasks_read_back": len(back),
             "results_read_back": n_results, "pixels_differing_from_coco": differing,
-            "images_served_by_local_files": images_ok, "regions": e["options"]["ls_regions"]}
+            "local_files_document_root": "<the unzipped export>", "image_urls": sorted({t["data"]["image"] for t in back}),
+            "images_served_by_local_files": images_ok, "image_errors": image_errors[:5],
+            "regions": e["options"]["ls_regions"]}
 
 
-def main():
-    exports = json.load(open(sys.argv[1]))["exports"]
-    port = int(sys.argv[2])
-    root = os.path.commonpath([e["dir"] for e in exports.values()])
+def start_server(port, root):
+    """Label Studio with local-files serving rooted at ROOT (the unzipped export) and a fresh data dir."""
     data_dir = tempfile.mkdtemp(prefix="ls-data-")
     env = dict(os.environ, LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
                LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=root, LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK="true")
@@ -113,32 +122,44 @@ def main():
                                "--data-dir", data_dir, "--username", "bench@example.com", "--password",
                                "bench-password-1", "--user-token", TOKEN, "--enable-legacy-api-token"],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
-    result = {}
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except Exception:  # noqa: BLE001
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("Label Studio did not start: " + open(log.name).read()[-2000:])
-                time.sleep(2)
-        import label_studio
-        result["label_studio_version"] = label_studio.__version__
-        for name, e in exports.items():
-            if e["options"]["label_studio"]:
-                try:
-                    result[name] = check_export(port, name, e)
-                except urllib.error.HTTPError as exc:
-                    result[name] = {"ok": False, "error": f"HTTP {exc.code}: {exc.read()[:500]!r}"}
-    finally:
-        server.terminate()
+    deadline = time.time() + 300
+    while True:
         try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return server, data_dir
+        except Exception:  # noqa: BLE001
+            if server.poll() is not None or time.time() > deadline:
+                stop_server(server, None)
+                raise RuntimeError("Label Studio did not start: " + open(log.name).read()[-2000:])
+            time.sleep(2)
+
+
+def stop_server(server, data_dir):
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    if data_dir:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def main():
+    exports = json.load(open(sys.argv[1]))["exports"]
+    port = int(sys.argv[2])
+    import label_studio
+    result = {"label_studio_version": label_studio.__version__}
+    for name, e in exports.items():
+        if not e["options"]["label_studio"]:
+            continue
+        # one server per export: its tasks use /data/local-files/?d=images/..., relative to the export folder
+        server, data_dir = start_server(port, e["dir"])
+        try:
+            result[name] = check_export(port, name, e)
+        except urllib.error.HTTPError as exc:
+            result[name] = {"ok": False, "error": f"HTTP {exc.code}: {exc.read()[:500]!r}"}
+        finally:
+            stop_server(server, data_dir)
     print("RESULT " + json.dumps(result))
 
 
