@@ -197,6 +197,18 @@ def test_cluster_examples_are_thumbnails(done_run):
     assert all(t.dtype == np.uint8 and max(t.shape[:2]) <= 32 for _, t in ex)
 
 
+def test_examples_of_all_clusters_match_one_by_one_and_unknown_clusters_are_refused(done_run):
+    ctx, run_id, _ = done_run
+    every = views.examples_of_clusters(ctx, run_id, None, n=2, size=32)
+    assert sorted(every) == list(range(K))
+    for k in range(K):
+        one = views.cluster_examples(ctx, run_id, k, n=2, size=32)
+        assert [i for i, _ in one] == [i for i, _ in every[k]]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(one, every[k]))
+    with pytest.raises(NotFound, match="no cluster 99"):
+        views.examples_of_clusters(ctx, run_id, [0, 99])
+
+
 def test_render_downscales_large_images_for_display(done_run):
     """max_side: the photo is area-averaged, the cluster map sampled by nearest pixel; the
     legend still counts the full-size map."""

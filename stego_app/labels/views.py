@@ -10,7 +10,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Sequence
 
 import numpy as np
 from sqlalchemy import select
@@ -138,11 +138,26 @@ class _ByteLRU:
 # depends on names, merges or colours, so edits re-tint cached pieces instead of decoding
 # images again; a changed file (new mtime or size) is a new key.
 _EXAMPLE_CACHE = _ByteLRU(EXAMPLE_CACHE_BYTES)
+_COVERAGE_CACHE = _ByteLRU(EXAMPLE_CACHE_BYTES // 4)   # per (segment map, cluster): what a name edit keeps
+
+
+def _coverage(base_key: tuple, seg: np.ndarray, index: int, k: int) -> np.ndarray:
+    """(h, w) uint8: how many of the k x k map samples under each thumbnail pixel are cluster ``index``
+    (``base_key``: the example's cache key, which changes with its map)."""
+    key = base_key + (int(index),)
+    cached = _COVERAGE_CACHE.get(key)
+    if cached is not None:
+        return cached[0]
+    H, W = seg.shape
+    cov = (seg == index).view(np.uint8).reshape(H // k, k, W).sum(axis=1, dtype=np.uint8)
+    cov = cov.reshape(H // k, W // k, k).sum(axis=2, dtype=np.uint8)
+    _COVERAGE_CACHE.put(key, (cov,))
+    return cov
 
 
 def _example_base(run_dir: Path, position: int, path: Path, size: int,
-                  max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(photo with long side <= size, raw cluster map at EXAMPLE_SUPERSAMPLE x its size)."""
+                  max_pixels: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(photo with long side <= size, raw cluster map at EXAMPLE_SUPERSAMPLE x its size, cache key)."""
     seg_path = RunDir(run_dir).segment_path(position, "plain")
     try:
         seg_stat, img_stat = seg_path.stat(), path.stat()
@@ -154,14 +169,14 @@ def _example_base(run_dir: Path, position: int, path: Path, size: int,
            str(path), img_stat.st_mtime_ns, img_stat.st_size, size, version_key(run_dir))
     cached = _EXAMPLE_CACHE.get(key)
     if cached is not None:
-        return cached  # type: ignore[return-value]
+        return cached[0], cached[1], key
     rgb = load_rgb_fit(path, size, max_pixels)
     h, w = rgb.shape[:2]
     full = read_segments(run_dir, position, False)
     seg = resize_nearest(full, (h * EXAMPLE_SUPERSAMPLE, w * EXAMPLE_SUPERSAMPLE))
     seg = seg.astype(np.uint8 if int(seg.max(initial=0)) < 256 else np.uint16)
     _EXAMPLE_CACHE.put(key, (rgb, seg))
-    return rgb, seg
+    return rgb, seg, key
 
 
 def cluster_examples(ctx, run_id: int, cluster_index: int, n: int = 4,
@@ -171,26 +186,43 @@ def cluster_examples(ctx, run_id: int, cluster_index: int, n: int = 4,
     The downscaled images are cached per process, so after a name/merge/colour edit only
     the tint is redone (milliseconds, not a decode of every example photo).
     """
+    return examples_of_clusters(ctx, run_id, [cluster_index], n, size)[cluster_index]
+
+
+def examples_of_clusters(ctx, run_id: int, cluster_indices: Sequence[int] | None = None, n: int = 4,
+                         size: int = 192) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """``cluster_examples`` of many clusters (default: all) from one read of the mapping.
+
+    One database snapshot for all of them: the Clusters tab redraws every card after each edit,
+    and a snapshot per cluster made that grow with the square of K.
+    """
     if isinstance(size, bool) or int(size) < MIN_DISPLAY_SIDE:
         raise UserError(f"the thumbnail size {size!r} must be at least {MIN_DISPLAY_SIDE} pixels")
     with ctx.db.read() as s:
         mapping = snapshot(s, get_done_run(s, run_id))
-        cluster = next((c for c in mapping.clusters if c.index == cluster_index), None)
-        if cluster is None:
-            raise NotFound(f"run {run_id} has no cluster {cluster_index}")
-        items = []
-        for image_id in cluster.example_image_ids[:max(0, n)]:
+        by_index = {c.index: c for c in mapping.clusters}
+        wanted = list(by_index) if cluster_indices is None else [int(i) for i in cluster_indices]
+        missing = [i for i in wanted if i not in by_index]
+        if missing:
+            raise NotFound(f"run {run_id} has no cluster {missing[0]}")
+        image_ids = {i for c in wanted for i in by_index[c].example_image_ids[:max(0, n)]}
+        places = {}
+        for image_id in image_ids:
             position, img, _ = _position(s, run_id, image_id)
-            items.append((image_id, position, Path(img.path)))
-    out = []
+            places[image_id] = (position, Path(img.path))
     k = EXAMPLE_SUPERSAMPLE
-    for image_id, position, path in items:
-        try:
-            rgb, seg = _example_base(mapping.run_dir, position, path, int(size), ctx.config.max_image_pixels)
-        except (UserError, OSError) as exc:
-            log.warning("example image %s of cluster %s unavailable: %s", image_id, cluster_index, exc)
-            continue
-        h, w = rgb.shape[:2]
-        coverage = (seg == cluster_index).reshape(h, k, w, k).mean(axis=(1, 3))
-        out.append((image_id, highlight(rgb, coverage, cluster.colour)))
+    out: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for index in wanted:
+        cluster = by_index[index]
+        out[index] = []
+        for image_id in cluster.example_image_ids[:max(0, n)]:
+            position, path = places[image_id]
+            try:
+                rgb, seg, base_key = _example_base(mapping.run_dir, position, path, int(size),
+                                                   ctx.config.max_image_pixels)
+            except (UserError, OSError) as exc:
+                log.warning("example image %s of cluster %s unavailable: %s", image_id, index, exc)
+                continue
+            coverage = _coverage(base_key, seg, index, k) / (k * k)
+            out[index].append((image_id, highlight(rgb, coverage, cluster.colour)))
     return out

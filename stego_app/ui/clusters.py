@@ -83,14 +83,15 @@ class ClustersTab:
     # ---------------------------------------------------------------- views
     def example_urls(self, run_id: int, clusters) -> dict[tuple[int, int], str]:
         urls: dict[tuple[int, int], str] = {}
-        for c in clusters:
-            try:
-                thumbs = views.cluster_examples(self.ctx, run_id, c.index, n=N_EXAMPLES, size=EXAMPLE_SIZE)
-            except UserError as exc:
-                log.warning("no examples for cluster %s of run %s: %s", c.index, run_id, exc)
-                continue
-            for image_id, arr in thumbs:
-                urls[(c.index, image_id)] = H.image_data_uri(arr)
+        try:
+            thumbs = views.examples_of_clusters(self.ctx, run_id, [c.index for c in clusters], n=N_EXAMPLES,
+                                                size=EXAMPLE_SIZE)
+        except UserError as exc:
+            log.warning("no examples for the clusters of run %s: %s", run_id, exc)
+            return urls
+        for index, items in thumbs.items():
+            for image_id, arr in items:
+                urls[(index, image_id)] = H.image_data_uri(arr)
         return urls
 
     def cluster_views(self, run_id, clusters) -> dict:
