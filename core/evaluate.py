@@ -42,8 +42,8 @@ from core.hierarchy import ClusterHierarchy
 from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, majority_names, named_scores,
                           with_void)
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
-from core.propagation import (DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map, cluster_probabilities,
-                              pseudo_labels)
+from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
+                              cluster_probabilities, pseudo_labels)
 from core.training import encode_tokens
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class EvalSettings:
     propagate_from: str = "stego"            # which over-clustering gives the pseudo-labels: stego | raw
     propagation: dict = field(default_factory=dict)   # core.propagation.Propagator keyword arguments
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
-    min_confidence: float = 0.5
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     n_jobs: int = 2
     seed: int = 0
 

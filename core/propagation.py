@@ -34,11 +34,18 @@ from core.tokens import TokenFeatures
 log = logging.getLogger(__name__)
 
 __all__ = ["Propagator", "pseudo_labels", "cluster_probabilities", "ClassMapJob", "ClassMap", "class_map",
-           "DEFAULT_PSEUDO_ALPHA"]
+           "DEFAULT_PSEUDO_ALPHA", "DEFAULT_MIN_CONFIDENCE", "PROPAGATOR_DEFAULTS"]
 
 # Temperature for cluster probabilities used to rank pseudo-labels (confidence = sigmoid(alpha *
 # margin) is monotone in the margin, so selection by quantile does not depend on it).
 DEFAULT_PSEUDO_ALPHA = 10.0
+# Pseudo-labels below this confidence are left out (swept 0.3 / 0.5 / 0.7 on CamVid train:
+# within 0.8 mIoU, 0.5 best with 0.3; docs/evaluation.md).
+DEFAULT_MIN_CONFIDENCE = 0.5
+# The Propagator's training defaults: the one home of these values (the app's refinement stage and
+# evaluate take them from here). Chosen on CamVid train, docs/evaluation.md.
+PROPAGATOR_DEFAULTS = {"hidden": 256, "keep_fraction": 0.7, "class_balance": 0.5, "steps": 1000,
+                       "batch_size": 1024, "lr": 1e-3}
 
 Progress = Callable[[int, int, float], None]   # (step, steps, loss)
 
@@ -58,7 +65,8 @@ def cluster_probabilities(vectors: np.ndarray, centroids: np.ndarray, alpha: flo
     return p.astype(np.float32)
 
 
-def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *, min_confidence: float = 0.5
+def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *,
+                  min_confidence: float = DEFAULT_MIN_CONFIDENCE
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels of one item's tokens from cluster probabilities and the names of the clusters.
 
@@ -109,9 +117,12 @@ class Propagator:
     - ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``dropout``, ``label_smoothing``: training.
     """
 
-    def __init__(self, n_classes: int, *, hidden: int = 256, keep_fraction: float = 0.7,
-                 class_balance: float = 0.5, weighted: bool = False, max_tokens: int = 300_000,
-                 steps: int = 1000, batch_size: int = 1024, lr: float = 1e-3, weight_decay: float = 1e-4,
+    def __init__(self, n_classes: int, *, hidden: int = PROPAGATOR_DEFAULTS["hidden"],
+                 keep_fraction: float = PROPAGATOR_DEFAULTS["keep_fraction"],
+                 class_balance: float = PROPAGATOR_DEFAULTS["class_balance"], weighted: bool = False,
+                 max_tokens: int = 300_000, steps: int = PROPAGATOR_DEFAULTS["steps"],
+                 batch_size: int = PROPAGATOR_DEFAULTS["batch_size"], lr: float = PROPAGATOR_DEFAULTS["lr"],
+                 weight_decay: float = 1e-4,
                  dropout: float = 0.2, label_smoothing: float = 0.1, seed: int = 0, device: str = "cpu"):
         self.n_classes = n_classes
         self.hidden = hidden

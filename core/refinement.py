@@ -28,7 +28,9 @@ from core.atomic import atomic_write_json
 from core.crf import ordered_map
 from core.errors import Cancelled
 from core.propagation import (
+    DEFAULT_MIN_CONFIDENCE,
     DEFAULT_PSEUDO_ALPHA,
+    PROPAGATOR_DEFAULTS,
     ClassMapJob,
     Propagator,
     class_map,
@@ -54,13 +56,13 @@ Progress = Callable[[str, float, dict], None]
 class RefineConfig:
     """Every setting of the stage (the Propagator's hyper-parameters included)."""
 
-    hidden: int = 256
-    steps: int = 1500
-    keep_fraction: float = 0.7
-    class_balance: float = 0.5
-    batch_size: int = 2048
-    lr: float = 1e-3
-    min_confidence: float = 0.5       # pseudo-labels below this confidence are left out
+    hidden: int = PROPAGATOR_DEFAULTS["hidden"]
+    steps: int = PROPAGATOR_DEFAULTS["steps"]
+    keep_fraction: float = PROPAGATOR_DEFAULTS["keep_fraction"]
+    class_balance: float = PROPAGATOR_DEFAULTS["class_balance"]
+    batch_size: int = PROPAGATOR_DEFAULTS["batch_size"]
+    lr: float = PROPAGATOR_DEFAULTS["lr"]
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE   # pseudo-labels below this confidence are left out
     seed_weight: float = 3.0          # weight of person-checked tokens (> 1 marks a seed)
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
     crf: bool = True

@@ -154,7 +154,7 @@ def test_04_accept_a_merge_suggestion(page, db, shots):
 
 def test_05_refine_with_names_in_the_background(page, db, app):
     close_toasts(page)
-    field(page, "refine-steps").fill("150")     # the default (1500) is for real corpora
+    field(page, "refine-steps").fill("150")     # the default (1000) is for real corpora
     page.locator("#btn-refine").click()
     box = page.locator("#refine-status-box")
     expect(box).to_have_attribute("data-status", re.compile("queued|running|done"), timeout=30_000)
