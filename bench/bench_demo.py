@@ -2,7 +2,7 @@
 
 A fresh data folder with the Demo project the server creates on start (scikit-image's photographs), a run
 started with ``RunSettings()`` (every default of core/settings.py: best available backbone,
-322 px, 40 clusters, automatic steps, CRF on), through the app's own services and worker, as
+322 px, 88 clusters, automatic steps, CRF on), through the app's own services and worker, as
 the Discover tab's *Start discovery* does. Only the converted backbone weights are reused
 (``--weights-cache``: converting them is a one-time install step); features are extracted anew.
 Results: bench/results/demo.json and demo.md (target: about a minute on a 2-core CPU).

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--propagate", default="", help="K:kind pairs to propagate from, e.g. 88:raw,88:stego")
     ap.add_argument("--grid", default="{}", help="JSON dict of Propagator / pseudo-label settings to list over")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--role", default="", help="a line saying what this split was used for (choosing, confirming)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -160,7 +161,10 @@ def main(argv=None) -> int:
         lines.append(f"| {r['row']} | {r['kind']} | {r['K']} | {json.dumps(r.get('settings', ''))} | "
                      f"{100 * r['mIoU']:.1f} | {100 * r['accuracy']:.1f} | {r.get('actions', '')} | "
                      f"{r.get('group_actions', '')} |")
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    head = [f"Token-level naming / propagation (`bench/bench_naming.py`), run {a.run.name}, scored on "
+            f"{'the fitting images' if a.store is None else a.store.name}, seed {a.seed}.", ""]
+    tail = ["", a.role] if a.role else []
+    a.out.with_suffix(".md").write_text("\n".join(head + lines + tail) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -37,10 +37,12 @@ def main() -> None:
 
 
 ROLE = {
-    "train": "Split role: **choosing**. CamVid train (367 frames) is where K = 4C was chosen (the shift "
-             "rule's level was compared on val in an earlier session, docs/shifts.md; propagation settings "
-             "are untuned defaults): the pipeline is fitted, clusters named and scored on train.",
-    "val": "Split role: **confirming**. CamVid val (101 frames) played no part in choosing K; caveat: the "
+    "train": "Split role: **choosing**. CamVid train (367 frames) is where K was chosen (4C = 44 in session 4, "
+             "8C = 88 with group naming in session 5, bench/results/naming_train_s0_*) and the propagation "
+             "settings were swept (the shift rule's level was compared on val in an earlier session, "
+             "docs/shifts.md): the pipeline is fitted, clusters named and scored on train.",
+    "val": "Split role: **confirming**. CamVid val (101 frames) played no part in choosing K or the "
+           "propagation settings; caveat: the "
            "shift rule's level was compared on val in an earlier session (docs/shifts.md). The pipeline is "
            "fitted on train, clusters are named and scored on val.",
 }

@@ -98,9 +98,9 @@ class RunSettings:
         322, label="Resolution (short side, px)", minimum=28, maximum=2048,
         help="short image side the backbone sees; more finds smaller things and costs time (~quadratic)")
     n_clusters: int = _setting(
-        40, label="Number of clusters", minimum=2, maximum=256, flag="--clusters", aliases=("--n-clusters",),
-        help="clusters to discover; well above the classes you expect (over-clustering: name and merge "
-             "them afterwards)")
+        88, label="Number of clusters", minimum=2, maximum=256, flag="--clusters", aliases=("--n-clusters",),
+        help="clusters to discover; well above the classes you expect (over-clustering: name them, a group "
+             "of similar ones at a time, afterwards)")
     crf: bool = _setting(True, label="Refine edges with a CRF", help="sharpen segment edges with a dense CRF")
     steps: int | None = _setting(
         None, label="Training steps", minimum=0, maximum=1_000_000, group="training", help="head training steps",
