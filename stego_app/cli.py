@@ -195,7 +195,8 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
     if act == "name-group":
         clusters = groups.name_group(ctx, rid, args.group, args.name, args.n_groups, only_unnamed=not args.all)
         n = sum(1 for c in clusters if (c.label_name or "").lower() == " ".join(args.name.split()).lower())
-        _out(f"{n} clusters are now '{' '.join(args.name.split())}'; {groups.naming_progress(ctx, rid).text}")
+        verb = "cluster is" if n == 1 else "clusters are"
+        _out(f"{n} {verb} now '{' '.join(args.name.split())}'; {groups.naming_progress(ctx, rid).text}")
         return EXIT_OK
     if act == "suggest":
         sugg = groups.merge_suggestions(ctx, rid, max(args.n, args.accept or 0))

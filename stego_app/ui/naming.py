@@ -282,7 +282,7 @@ class NamingPanel:
                 clusters = groups.name_group(ctx, run_id, int(group_id), name)
                 clean = " ".join((name or "").split())
                 n = sum(1 for c in clusters if (c.label_name or "").lower() == clean.lower())
-                gr.Info(f"{n} clusters are now '{clean}'.")
+                gr.Info(f"{H.count(n, 'cluster')} {'is' if n == 1 else 'are'} now '{clean}'.")
 
             return edited(run_id, version, image_id, op, use_crf, visible, action, clear=self.group_name)
 
