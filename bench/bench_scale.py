@@ -148,10 +148,12 @@ def run_child(n: int, tmp: Path, steps: int, segments: bool) -> dict:
                                                 "stores": {"train": str(store), "infer": str(store)},
                                                 "weights_source": "synthetic"}))
     samples: dict[str, float] = {}
+    anon: dict[str, float] = {}          # RssAnon: what the process allocated, without mapped file pages
     finished: list[str] = []
 
     def progress(stage: str, frac: float, info: dict) -> None:
         samples[stage] = max(samples.get(stage, 0.0), _status_mb("VmRSS"))
+        anon[stage] = max(anon.get(stage, 0.0), _status_mb("RssAnon"))
         if "seconds" in info:
             finished.append(stage)
 
@@ -164,7 +166,7 @@ def run_child(n: int, tmp: Path, steps: int, segments: bool) -> dict:
         pass
     timings = json.loads((run / "state.json").read_text())["timings"]
     return {"n": n, "store_build_s": build_s, "rss_start_mb": rss_start, "peak_rss_mb": _status_mb("VmHWM"),
-            "rss_by_stage_mb": samples, "timings": timings, "steps": steps, "segments": segments,
+            "rss_by_stage_mb": samples, "anon_by_stage_mb": anon, "timings": timings, "steps": steps, "segments": segments,
             "tokens_gb": (store / "tokens.f16").stat().st_size / 1e9}
 
 
@@ -261,13 +263,20 @@ def estimate(result: dict) -> dict:
             "assumed_cores_per_node": cores, "rows": rows}
 
 
+def _load_words(m: dict) -> str:
+    """How busy the machine was, from the 1-minute load averages at start and end."""
+    load = max(m["load_start"][0], m["load_end"][0])
+    return ("quiet: only this benchmark ran" if load <= 1.5 * m["cores"] else
+            "a shared machine: other jobs ran alongside")
+
+
 def write_md(result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=1))
     m = result["machine"]
     L = ["# Scale benchmark: 100k items, FAISS, flat memory, Ray", "",
          f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; load average at start {m['load_start']}, at end "
-         f"{m['load_end']} (a shared machine: other engineers' jobs ran alongside). `bench/bench_scale.py`.", "",
+         f"{m['load_end']} ({_load_words(m)}). `bench/bench_scale.py`.", "",
          "## KNN table (k = 30), synthetic clustered pooled features, 384 dims", "",
          "| N | method | seconds | recall@30 vs exact | estimated recall (512 queries) | peak RSS MB (input alone) |",
          "| --- | --- | --- | --- | --- | --- |"]
@@ -285,19 +294,24 @@ def write_md(result: dict) -> None:
                "`auto` uses exact search up to `core.knn.EXACT_MAX_ITEMS` = 20,000 items and IVF beyond: "
                "from the rows above, exact grows as N^2 and IVF stays at seconds with recall@30 about 0.99."), ""]
     L += ["## Peak RSS of a whole run after features (fresh process each)", "",
-          "| items | tokens on disk | peak RSS MB | RSS at start MB | RSS by stage MB | stage seconds |",
-          "| --- | --- | --- | --- | --- | --- |"]
+          "| items | tokens on disk | peak RSS MB | RSS at start MB | RSS by stage MB | of it anonymous (RssAnon) MB "
+          "| stage seconds |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         by = ", ".join(f"{k} {v:.0f}" for k, v in r["rss_by_stage_mb"].items())
+        an = ", ".join(f"{k} {v:.0f}" for k, v in r.get("anon_by_stage_mb", {}).items()) or "-"
         t = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
-        L.append(f"| {r['n']:,} | {r['tokens_gb']:.2f} GB | **{r['peak_rss_mb']:.0f}** | {r['rss_start_mb']:.0f} | {by} | {t} |")
+        L.append(f"| {r['n']:,} | {r['tokens_gb']:.2f} GB | **{r['peak_rss_mb']:.0f}** | {r['rss_start_mb']:.0f} | {by} "
+                 f"| {an} | {t} |")
     L += ["", ("Stages: knn (auto), training (%d steps), clustering (100k sampled codes, 2 restarts), segments "
                "(no CRF, in-process; only for the smallest store: it streams one image at a time and took about "
-               "0.1 s per item on this loaded machine, so the larger runs stop before it through the pipeline's cancel "
+               "0.1 s per item here, so the larger runs stop before it through the pipeline's cancel "
                "check). What still grows with N: the pooled features and the KNN index (two float32 "
                "copies of N x 384, 154 MB each per 100k items), the KNN table (N x 30 int64, 24 MB per 100k) and the "
                "per-image segment statistics (N x K); token statistics (clustering sample, shifts) are sampled and "
-               "stay fixed." % result["runs"][0]["steps"]), ""]
+               "stay fixed. RSS also counts the pages of the memory-mapped token store the stages have read (file "
+               "pages the kernel can drop); RssAnon is the memory the process allocated itself." %
+               result["runs"][0]["steps"]), ""]
     if "ray" in result:
         ray_r = result["ray"]
         L += [f"## Ray path: {ray_r['n_images']} CamVid frames, DINOv2 ViT-S/14, short side {ray_r['resolution']}, "
@@ -314,7 +328,7 @@ def write_md(result: dict) -> None:
                    "actors and loading the backbone in each."), ""]
     e = result["estimate"]
     L += ["## Estimate: 1M images on N GPU nodes (on paper)", "",
-          (f"Measured in this run (heavily loaded machine): features {e['cpu_features_s_per_image']:.3f} s/image "
+          (f"Measured in this run ({_load_words(m)}): features {e['cpu_features_s_per_image']:.3f} s/image "
            f"(flip on, 2 CPU cores); segments + CRF {e['cpu_segments_crf_cpu_s_per_image']:.3f} CPU-s/image. On a quieter "
            f"machine (bench/results/crf.json, features.json): CRF job {e['quiet_crf_cpu_s_per_image']:.3f} CPU-s/image "
            f"(used below), features {e['quiet_features_s_per_image_224_noflip']:.3f} s/image at 224 without flip. IVF KNN {e['ivf_100k_s']:.1f} s at 100k, "
