@@ -11,8 +11,8 @@ per token. For each K and feature kind (raw backbone features, STEGO codes):
   renames the members whose majority differs, or names each member alone, whichever takes fewer
   actions. Same named map, fewer actions;
 - **propagated**: `pseudo_labels` from the named clusters on every token of the fitting and
-  the scored images, a `Propagator` per setting of the grid on the raw features, scored on the
-  scored split.
+  the scored images, a `Propagator` per setting of the grid on the raw features (evaluate's own
+  `_fit_propagator`), scored on the scored split.
 
     python bench/bench_naming.py --run <cache>/eval_runs/<key> --fit-masks .../train/masks \
         --store <features of the scored split> --masks .../val/masks --out bench/results/naming_val
@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.clustering import CosineKMeans, sample_tokens  # noqa: E402
-from core.evaluate import _Concat, load_mask, pipeline_features  # noqa: E402
+from core.evaluate import EvalSettings, _Concat, _fit_propagator, load_mask, pipeline_features  # noqa: E402
 from core.features import FeatureStore  # noqa: E402
 from core.hierarchy import ClusterHierarchy  # noqa: E402
-from core.metrics import downsample_labels, majority_names, named_scores  # noqa: E402
+from core.metrics import ConfusionMatrix, downsample_labels, majority_names, named_scores, with_void  # noqa: E402
 from core.pipeline import StegoPipeline  # noqa: E402
-from core.propagation import Propagator, cluster_probabilities, pseudo_labels  # noqa: E402
+from core.propagation import DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA  # noqa: E402
 from core.training import encode_tokens  # noqa: E402
 
 log = logging.getLogger("bench_naming")
@@ -51,16 +51,15 @@ def token_targets(store, masks: list[Path], C: int, ignore: int) -> list[np.ndar
 
 
 def counts_of(pred: list[np.ndarray], targets: list[np.ndarray], K: int, C: int) -> np.ndarray:
-    m = np.zeros((K, C + 1), dtype=np.int64)
+    """(K, C + 1) tokens per cluster and true class, unlabelled tokens in the last column."""
+    cm = ConfusionMatrix(K, C + 1)
     for p, t in zip(pred, targets):
-        t = np.where(t < 0, C, t)
-        np.add.at(m, (p, t), 1)
-    return m
+        cm.update(p, with_void(t, C))
+    return cm.matrix
 
 
 def class_scores(pred: list[np.ndarray], targets: list[np.ndarray], C: int) -> dict:
-    m = counts_of(pred, targets, C, C)
-    return named_scores(m, np.arange(C))
+    return named_scores(counts_of(pred, targets, C, C), np.arange(C))
 
 
 def main(argv=None) -> int:
@@ -136,17 +135,11 @@ def main(argv=None) -> int:
         cen, names = centroids[(K, kind)], centroids[(K, kind, "names")]
         for combo in combos:
             t = time.perf_counter()
-            pl = {k: combo[k] for k in ("alpha", "min_confidence") if k in combo}
-            prop_kw = {k: v for k, v in combo.items() if k not in pl}
-            labels, weights = [], []
-            for st in corpus_stores:
-                for i in range(len(st)):
-                    probs = cluster_probabilities(vec(st, i, kind), cen, pl.get("alpha", 10.0))
-                    lab, wt = pseudo_labels(probs, names, min_confidence=pl.get("min_confidence", 0.5))
-                    labels.append(lab)
-                    weights.append(wt)
-            corpus = _Concat(corpus_stores)
-            prop = Propagator(C, seed=a.seed, **prop_kw).fit(corpus, labels, weights)
+            pseudo = {"pseudo_alpha": combo.get("alpha", DEFAULT_PSEUDO_ALPHA),
+                      "min_confidence": combo.get("min_confidence", DEFAULT_MIN_CONFIDENCE)}
+            prop_kw = {k: v for k, v in combo.items() if k not in ("alpha", "min_confidence")}
+            settings = EvalSettings(C, propagate_from=kind, propagation=prop_kw, seed=a.seed, **pseudo)
+            prop = _fit_propagator(_Concat(corpus_stores), head, cen, names, settings)
             pred = [prop.predict(np.asarray(store.tokens(i), dtype=np.float32)) for i in range(len(store))]
             s = class_scores(pred, targets, C)
             rows.append({"row": "propagated", "kind": kind, "K": K, "settings": combo, "mIoU": s["miou"],
