@@ -387,6 +387,30 @@ def test_status_panel_times_and_no_dimming_on_polls(browser, app, db, shots):
         context.close()
 
 
+def test_a_busy_server_is_not_taken_for_a_dead_one(browser, app):
+    """A server that answers slowly (busy ingesting, say) must not make the tab reload itself:
+    that closed the open form and dropped what was typed (seen under CI load)."""
+    context, pg = _open(browser, app)
+    try:
+        tab(pg, "Discover")
+        pg.locator("#advanced").click()
+        field(pg, "steps").fill("1234")
+        pg.evaluate("() => { window.__stego_same_page = true; }")
+        banner = pg.locator("#stego-connection-lost")
+        app.proc.send_signal(signal.SIGSTOP)           # no answers, but the connection stays open
+        try:
+            expect(banner).to_be_visible(timeout=45_000)   # two pings in a row timed out
+        finally:
+            app.proc.send_signal(signal.SIGCONT)
+        expect(banner).to_be_hidden(timeout=30_000)    # the same server answers again
+        pg.wait_for_timeout(3_000)                     # a reload would have happened by now
+        assert pg.evaluate("() => window.__stego_same_page === true"), "the page reloaded itself"
+        expect(field(pg, "steps")).to_be_visible()
+        expect(field(pg, "steps")).to_have_value("1234")
+    finally:
+        context.close()
+
+
 def test_dead_server_is_shown_and_the_tab_comes_back_to_its_project_and_run(browser, app, db):
     context, pg = _open(browser, app)
     try:

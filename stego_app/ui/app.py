@@ -12,6 +12,7 @@ anything else is logged with its traceback on the server and shown as a short to
 from __future__ import annotations
 
 import logging
+import secrets
 
 import gradio as gr
 
@@ -78,6 +79,10 @@ body.stego-offline #run-status, body.stego-offline #tabs { opacity: .45; pointer
 # Gradio's own event stream does not recover when it breaks mid-event, and all state lives
 # in the database anyway. The selected project and run are kept in the URL
 # (?project=ID&run=ID, see URL_STATE_JS), so the reload comes back to them.
+# A server that is only slow (busy ingesting, say) is not "gone": a ping that times out
+# counts only twice in a row, and the page reloads only when the connection was refused or
+# the server is another process (a new Gradio app id), never after a slow answer, which
+# would throw away the open tab and what was typed into it.
 RECONNECT_JS = """
 () => {
   const bar = document.createElement("div");
@@ -86,25 +91,38 @@ RECONNECT_JS = """
   bar.textContent = "Connection to the server lost: what you see may be out of date. " +
                     "This page reconnects by itself when the server is back.";
   document.body.appendChild(bar);
-  let down = false;
+  const base = window.location.pathname.endsWith("/") ? window.location.pathname
+                                                       : window.location.pathname + "/";
+  let appId = null, down = false, refused = false, misses = 0;
   const ping = async () => {
-    let ok = false;
+    let answer = null, lost = false;
     try {
       const ctl = new AbortController();
-      const timer = setTimeout(() => ctl.abort(), 4000);
-      const r = await fetch(window.location.pathname + "?stego_ping=" + Date.now(),
-                            {method: "HEAD", cache: "no-store", signal: ctl.signal});
+      const timer = setTimeout(() => ctl.abort(), %(timeout_ms)d);
+      const r = await fetch(base + "gradio_api/app_id?stego_ping=" + Date.now(),
+                            {cache: "no-store", signal: ctl.signal});
       clearTimeout(timer);
-      ok = r.status < 500;
+      if (r.ok) { answer = String((await r.json()).app_id); } else { lost = r.status >= 500; }
     } catch (e) {
-      ok = false;
+      lost = true;
+      if (e.name !== "AbortError") { refused = true; }   // refused or reset, not merely slow
     }
-    if (ok && down) { window.location.reload(); }
-    if (!ok && !down) { down = true; document.body.classList.add("stego-offline"); }
+    if (answer !== null) {
+      misses = 0;
+      const restarted = appId !== null && answer !== appId;
+      if (restarted || (down && refused)) { window.location.reload(); return; }
+      appId = answer;
+      if (down) { down = false; document.body.classList.remove("stego-offline"); }
+    } else if (lost) {
+      misses += 1;
+      if (!down && (refused || misses >= 2)) { down = true; document.body.classList.add("stego-offline"); }
+    }
+    if (!down) { refused = false; }
+    setTimeout(ping, %(interval_ms)d);
   };
-  setInterval(ping, 2000);
+  ping();
 }
-"""
+""" % {"timeout_ms": 10_000, "interval_ms": 2_000}
 
 # Keeps ?project=ID&run=ID in the address bar (no reload), so a reload, a restart or a
 # copied link opens the same project and run.
@@ -282,4 +300,7 @@ def build_ui(ctx) -> gr.Blocks:
     with gr.Blocks(title="STEGO class discovery", css=CSS + NAMING_CSS, analytics_enabled=False,
                    theme=_theme(), js=RECONNECT_JS) as demo:
         App(ctx).wire(demo)
+    # what the open tabs' ping compares to see a restart: fresh per process (Gradio draws it from
+    # `random`, which a seeded run could make repeat) and exact in JavaScript (below 2**53)
+    demo.app_id = secrets.randbits(52)
     return demo
