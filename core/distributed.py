@@ -100,6 +100,11 @@ class RayConfig:
             raise ValueError("cpus_per_worker, shard_items and map_batch must be >= 1")
         if self.num_workers is not None and self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.staging is not None:
+            try:                     # an unknown protocol or a missing client (s3fs) is said now
+                Location(self.staging)
+            except (ImportError, ValueError) as exc:
+                raise ValueError(f"the shard staging location {self.staging!r} cannot be used: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -457,16 +462,18 @@ def _plan_shards(batches: list[np.ndarray], shard_items: int) -> list[list[np.nd
     return shards
 
 
-_ENGINES: dict[str, RayEngine] = {}
+_ENGINES: dict[tuple, RayEngine] = {}
 
 
 def engine_for(address: str | None, **config) -> RayEngine | None:
-    """The process's engine for ``address`` (created and started once), or None without an address."""
+    """The process's engine for ``address`` and ``config`` (created and started once), or None
+    without an address."""
     if not address:
         return None
-    engine = _ENGINES.get(address)
+    key = (address, tuple(sorted((k, repr(v)) for k, v in config.items())))
+    engine = _ENGINES.get(key)
     if engine is None:
-        engine = _ENGINES[address] = RayEngine(RayConfig(address=address, **config)).start()
+        engine = _ENGINES[key] = RayEngine(RayConfig(address=address, **config)).start()
     return engine
 
 

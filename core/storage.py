@@ -54,10 +54,12 @@ class Location:
         self.fs.makedirs(self.root, exist_ok=True)
 
     def exists(self, name: str) -> bool:
+        self._forget_listings()
         return bool(self.fs.exists(self.path(name)))
 
     def list(self, suffix: str = "") -> list[str]:
         """Names (not paths) of the finished objects directly under the root, sorted."""
+        self._forget_listings()
         try:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -65,6 +67,12 @@ class Location:
         names = [posixpath.basename(str(e).rstrip("/")) for e in entries]
         return sorted(n for n in names if n.endswith(suffix) and not n.endswith(TMP_SUFFIX)
                       and not n.startswith("."))
+
+    def _forget_listings(self) -> None:
+        """Object-store file systems (s3fs) cache listings: other workers' new objects would not show."""
+        invalidate = getattr(self.fs, "invalidate_cache", None)
+        if invalidate is not None:
+            invalidate(self.root)
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open(self.path(name), "rb") as f:

@@ -56,6 +56,10 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     g.add_argument("--ray", default=d, metavar="ADDRESS", dest="ray_address",
                    help="run features and segments/CRF on a Ray cluster: host:port, ray://host:10001, or auto "
                         "(a local cluster); STEGO_RAY_ADDRESS; needs requirements-ray.txt")
+    g.add_argument("--ray-staging", default=d, metavar="URL", dest="ray_staging",
+                   help="where Ray workers put finished feature shards: a path every node mounts, or an "
+                        "fsspec URL such as s3://bucket/stego (credentials as the store's client reads them "
+                        "on every node); STEGO_RAY_STAGING; default: inside the feature store")
     g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress else 0,
                    help="more log output (-vv for debug)")
     return p
@@ -267,7 +271,8 @@ def _config(args: argparse.Namespace, **extra) -> AppConfig:
         data_dir=getattr(args, "data_dir", None), database_url=getattr(args, "database_url", None),
         cache_dir=getattr(args, "cache_dir", None), allowed_roots=getattr(args, "allowed_root", None),
         backbone=getattr(args, "backbone", None), weights=getattr(args, "weights", None),
-        device=getattr(args, "device", None), ray_address=getattr(args, "ray_address", None))
+        device=getattr(args, "device", None), ray_address=getattr(args, "ray_address", None),
+        ray_staging=getattr(args, "ray_staging", None))
     flags.update(extra)
     return AppConfig.from_env(**flags)
 

@@ -56,6 +56,7 @@ class AppConfig:
     pipeline_jobs: int = 2                   # processes for the segments/CRF stages (1 = in-process)
     precision: str = "auto"                  # backbone compute precision (core.constants.PRECISIONS)
     ray_address: str | None = None           # STEGO_RAY_ADDRESS / --ray: Ray engine ("auto" = local cluster)
+    ray_staging: str | None = None           # STEGO_RAY_STAGING / --ray-staging: where workers put shards
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "AppConfig":
@@ -97,6 +98,7 @@ class AppConfig:
             raise UserError(f"bad number in a STEGO_* variable: {exc}") from None
         cfg.auth = parse_auth(get("AUTH"))
         cfg.ray_address = get("RAY_ADDRESS")
+        cfg.ray_staging = get("RAY_STAGING")
         if (v := get("DEMO")) is not None:
             cfg.demo = _parse_bool(v)
         return cfg.with_overrides(**overrides)

@@ -84,11 +84,11 @@ def default_pipeline_factory(pipeline_config, run_dir: Path, cache_root: Path, e
     return StegoPipeline(pipeline_config, run_dir, cache_root, engine=engine)
 
 
-def _ray_engine(address: str):
-    """The process's Ray engine for ``address`` (core.distributed; connected once)."""
+def _ray_engine(address: str, staging: str | None = None):
+    """The process's Ray engine for ``address`` and shard ``staging`` (core.distributed; connected once)."""
     from core.distributed import engine_for
 
-    return engine_for(address)
+    return engine_for(address, staging=staging)
 
 
 def resolve_backbone(params: RunSettings, config: AppConfig) -> str:
@@ -323,7 +323,8 @@ class RunWorker:
                 s.execute(update(Run).where(Run.id == run_id).values(
                     backbone=pipeline_config.features.backbone))
             run_dir.mkdir(parents=True, exist_ok=True)
-            engine = {"engine": _ray_engine(self.config.ray_address)} if self.config.ray_address else {}
+            engine = ({"engine": _ray_engine(self.config.ray_address, self.config.ray_staging)}
+                      if self.config.ray_address else {})
             pipeline = self.pipeline_factory(pipeline_config, run_dir, self.config.cache_dir, **engine)
             result = pipeline.fit(paths, progress=progress, cancel=cancelled)
             self._finish(run_id, run_dir, result, progress.close())

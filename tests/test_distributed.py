@@ -29,10 +29,43 @@ ray = pytest.importorskip("ray", reason="ray is installed by requirements-ray.tx
 from core.distributed import RayConfig, RayEngine, address_from_env, engine_for  # noqa: E402
 
 HEAD_PORT = 6380   # this project's Ray ports: 6380-6389
+S3_PORT = 6387     # the S3 stand-in (moto's server)
+S3_BUCKET = "stego-shards"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def s3_endpoint():
+    """An S3 server on 127.0.0.1 (moto, from requirements-test.txt) with one bucket, and the standard
+    AWS variables pointing at it, set before the Ray cluster starts so that its workers see them
+    as a real cluster's nodes would see their own credentials. None when moto is not installed."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{S3_PORT}"
+    env = {"AWS_ENDPOINT_URL_S3": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=S3_BUCKET)
+        yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
     """`ray start --head --block` on 127.0.0.1:6380 (2 CPUs), stopped by killing its process group."""
     temp = tempfile.mkdtemp(prefix="ray15_", dir="/tmp")
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
@@ -149,6 +182,47 @@ def test_shards_can_be_staged_in_an_fsspec_url(tmp_path, engine):
     assert store.complete and eng.last_stats["features"]["shards"] == 2
     assert Location(staging + "/" + store.root.name).list() == []      # ingested, then removed
     eng.release_workers()
+
+
+def test_shards_can_be_staged_in_an_s3_bucket_and_a_run_resumes_from_them(tmp_path, engine, s3_endpoint):
+    """Workers write finished shards to S3 (moto's server here) and the driver moves them into the
+    feature store; a cancelled run resumes from what is there: the same tokens as one process,
+    and the bucket emptied."""
+    if s3_endpoint is None:
+        pytest.skip("moto is installed by requirements-test.txt")
+    pytest.importorskip("s3fs", reason="s3fs is installed by requirements-ray.txt")
+    paths = _write_images(tmp_path / "imgs", n=10, seed=11)
+    cfg = FeatureConfig(backbone="test_tiny", resolution=32, batch_size=2)
+    staging = f"s3://{S3_BUCKET}/run"
+    engine.release_workers()               # the cluster has 2 CPUs: one engine's actors at a time
+    eng = RayEngine(RayConfig(address=engine.config.address, shard_items=2, staging=staging))
+    seen = []
+    with pytest.raises(Cancelled):
+        eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu",
+                             progress=lambda d, t: seen.append(d), cancel=lambda: bool(seen) and seen[-1] > 0)
+    root = next((tmp_path / "cache").iterdir())
+    done_before = int(FeatureStore.open(root)._done.sum())
+    assert 0 < done_before < len(paths)
+    time.sleep(2.0)                        # shards still running when the driver stopped land in the bucket
+    store = eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu")
+    assert store.complete and store.root == root
+    assert eng.last_stats["features"]["shards"] * 2 <= len(store) - done_before
+    from core.backbones import create_backbone
+
+    ref = extract_features(paths, create_backbone("test_tiny", device="cpu"), cfg, tmp_path / "cache_ref")
+    for i in range(len(ref)):
+        np.testing.assert_array_equal(ref.tokens(i), store.tokens(i))
+    assert Location(f"{staging}/{root.name}").list() == []      # ingested, then removed
+    eng.release_workers()
+
+
+def test_a_staging_url_that_cannot_be_used_is_refused_up_front():
+    with pytest.raises(ValueError, match="cannot be used: Protocol not known"):
+        RayConfig(staging="nosuch://bucket/x")
+    from stego_app.config import AppConfig
+
+    assert AppConfig.from_env({"STEGO_RAY_STAGING": "s3://b/stego"}).ray_staging == "s3://b/stego"
+    assert AppConfig.from_env({}, ray_staging="/mnt/shared").ray_staging == "/mnt/shared"
 
 
 def test_without_an_address_there_is_no_engine(monkeypatch):
