@@ -1,13 +1,20 @@
-"""Benchmark: the whole pipeline on the 468 CamVid train+val frames, raw files to CRF segments.
+"""Benchmark: the whole pipeline on the 468 CamVid train+val frames, raw files to CRF segments,
+then propagation ("refine with names").
 
 ``core.pipeline.StegoPipeline.fit`` with DINOv2 ViT-S/14 at short side 322 in a fresh feature
 cache (only the converted weights are reused: converting them is a one-time install step),
-11 clusters, CRF on, both cores. Reports each stage's time and share, the total (target
-< 5 minutes) and the peak RSS of the main process and of the worker processes.
-Results: bench/results/end_to_end.json and end_to_end.md.
+the app's default run settings (``core.settings.DEFAULTS``: automatic steps, its default K,
+CRF on), both cores. With ``--propagate`` (the default) each cluster is then named by the
+majority class of its pixels in the CamVid masks (the stand-in for a careful person; not
+timed) and ``core.refinement.refine`` runs with its defaults, as the app's Refine stage does.
+Reports each stage's time and share, the totals, the ratio to the discovery-only reference
+(``--reference``, the earlier end_to_end.json: 500 steps, 11 clusters; target at most 2x), and
+the peak RSS of the main process and of the worker processes.
+Results: bench/results/<out>.json and <out>.md.
 
-    .venv/bin/python bench/bench_end_to_end.py [--steps 500] [--precision auto|float32|bfloat16]
-        [--crf-resolution N] [--out NAME] [--keep DIR]
+    .venv/bin/python bench/bench_end_to_end.py [--steps N] [--clusters K] [--no-propagate]
+        [--precision auto|float32|bfloat16] [--crf-resolution N] [--out NAME] [--keep DIR]
+    (the earlier discovery-only row: --steps 500 --clusters 11 --no-propagate --out end_to_end)
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ log = logging.getLogger("bench_end_to_end")
 CAMVID = ROOT.parent / "shared" / "data" / "camvid"
 RESULTS = ROOT / "bench" / "results"
 TARGET_S = 300.0
+N_CLASSES, VOID = 11, 11          # CamVid's 11 classes; mask value 11 is unlabelled
 
 
 class RssSampler(threading.Thread):
@@ -68,8 +76,12 @@ class RssSampler(threading.Thread):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=500, help="training steps (the app's default run)")
-    ap.add_argument("--clusters", type=int, default=11)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the app's automatic choice)")
+    ap.add_argument("--clusters", type=int, default=None, help="clusters (default: the app's)")
+    ap.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
+                    help="name clusters by majority and run the propagation stage after discovery")
+    ap.add_argument("--reference", type=Path, default=RESULTS / "end_to_end.json",
+                    help="an earlier result to compare the total with (target: at most 2x its total)")
     ap.add_argument("--resolution", type=int, default=322)
     ap.add_argument("--precision", default="auto", help="backbone precision (auto, float32, bfloat16)")
     ap.add_argument("--crf-resolution", type=int, default=None,
@@ -80,10 +92,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
-    from core.features import FeatureConfig
     from core.pipeline import STAGES, PipelineConfig, StegoPipeline
     from core.precision import resolve_precision
-    from core.training import TrainConfig
+    from core.settings import DEFAULTS
     from core.weights import default_cache_dir, weights_dir
 
     paths = sorted((CAMVID / "train" / "images").glob("*.jpg")) + sorted((CAMVID / "val" / "images").glob("*.jpg"))
@@ -96,16 +107,28 @@ def main() -> None:
         raise SystemExit(f"no converted dinov2_vits14 weights in {src}: run the app once (or "
                          "`python -c \"from core.backbones import create_backbone; create_backbone('dinov2_vits14')\"`)")
     shutil.copytree(src, cache / "weights")
-    config = PipelineConfig(features=FeatureConfig(backbone="dinov2_vits14", resolution=args.resolution,
-                                                   precision=args.precision),
-                            train=TrainConfig(steps=args.steps), n_clusters=args.clusters, crf=True,
-                            crf_resolution=args.crf_resolution, device="cpu", n_jobs=2)
+    settings = DEFAULTS.replace(resolution=args.resolution, crf=True, crf_resolution=args.crf_resolution,
+                                **({"steps": args.steps} if args.steps else {}),
+                                **({"n_clusters": args.clusters} if args.clusters else {}))
+    config = PipelineConfig.from_settings(settings, backbone="dinov2_vits14", n_train_items=len(paths),
+                                          device="cpu", precision=args.precision, n_jobs=2)
+    args.steps, args.clusters = config.train.steps, config.n_clusters
     load_start = os.getloadavg()
     sampler = RssSampler()
     sampler.start()
     t0 = time.perf_counter()
     result = StegoPipeline(config, work / "run", cache).fit(paths)
-    total = time.perf_counter() - t0
+    discovery = time.perf_counter() - t0
+    propagation = None
+    if args.propagate:
+        space, names = _majority_space(work / "run", paths, config.n_clusters)
+        t1 = time.perf_counter()
+        prop_metrics = _propagate(work / "run", paths, space, config)
+        propagation = time.perf_counter() - t1
+        t_score = time.perf_counter()
+        quality = _scores(work / "run", paths, names, space)
+        log.info("scoring (not counted) %.1f s", time.perf_counter() - t_score)
+    total = discovery + (propagation or 0.0)
     sampler.stop.set()
     sampler.join()
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -120,11 +143,19 @@ def main() -> None:
         "precision": resolve_precision(config.features.precision, "cpu"), "crf_short_side": config.crf_short_side,
         "stages_s": {s: round(result.timings.get(s, 0.0), 1) for s in STAGES},
         "stages_share": {s: round(result.timings.get(s, 0.0) / stage_total, 3) for s in STAGES},
+        "discovery_s": round(discovery, 1), "propagation_s": None if propagation is None else round(propagation, 1),
         "total_s": round(total, 1), "target_s": TARGET_S, "passed": total < TARGET_S,
         "peak_rss_main_mb": round(main_peak, 1), "peak_rss_largest_worker_mb": round(sampler.peak_worker_mb, 1),
         "peak_rss_sum_sampled_mb": round(sampler.peak_total_mb, 1),
         "shifts": result.shifts,
     }
+    reference = json.loads(args.reference.read_text()) if args.reference.is_file() and args.propagate else None
+    if reference is not None:
+        report["reference"] = {"file": args.reference.name, "total_s": reference["total_s"],
+                               "steps": reference["steps"], "clusters": reference["clusters"]}
+        report["ratio_to_reference"] = round(total / reference["total_s"], 2)
+    if args.propagate:
+        report["propagation"] = {"classes": space.n_classes, "metrics": prop_metrics, **quality}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=1))
     rows = [f"| {s} | {report['stages_s'][s]:.1f} | {100 * report['stages_share'][s]:.1f} % |" for s in STAGES]
@@ -146,6 +177,7 @@ def main() -> None:
         "| --- | --- | --- |",
         *rows,
         "",
+        *_propagation_lines(report, discovery, propagation),
         f"Total wall time: **{total:.0f} s** (target < {TARGET_S:.0f} s: {'met' if total < TARGET_S else 'NOT met'}).",
         f"Peak RSS: main process {main_peak:.0f} MB; largest worker process {sampler.peak_worker_mb:.0f} MB and "
         f"main + workers {sampler.peak_total_mb:.0f} MB (sampled every 0.5 s).",
@@ -153,14 +185,117 @@ def main() -> None:
         "pass (one decode, one probability map per image), so the CRF cost is in the segments row; the crf "
         "stage only checks that every refined map exists.",
         "",
-        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py` (the earlier configuration, float32 and the CRF "
-        "at full resolution: `--precision float32 --crf-resolution 0 --out end_to_end_fp32_fullres_crf`)",
+        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py --out " + args.out + "`"
+        + ("" if args.propagate else " (discovery only)") + "; the earlier discovery-only reference: "
+        "`--steps 500 --clusters 11 --no-propagate --out end_to_end`; float32 and the CRF at full resolution: "
+        "`--precision float32 --crf-resolution 0 --out end_to_end_fp32_fullres_crf`.",
         "",
     ]
     (RESULTS / f"{args.out}.md").write_text("\n".join(md))
     log.info("total %.1f s; wrote %s", total, RESULTS / f"{args.out}.md")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _mask_paths(paths: list[Path]) -> list[Path]:
+    return [p.parent.parent / "masks" / (p.stem + ".png") for p in paths]
+
+
+def _counts(maps, masks, n_rows: int):
+    """(n_rows, C + 1) pixels of each map value per true class, void last (CamVid: 11 classes, 11 = void)."""
+    import numpy as np
+    from PIL import Image
+
+    from core.metrics import ConfusionMatrix, with_void
+
+    cm = ConfusionMatrix(n_rows, N_CLASSES + 1)
+    for seg, mask_path in zip(maps, masks):
+        gt = np.asarray(Image.open(mask_path)).astype(np.int64)
+        cm.update(seg, with_void(gt, N_CLASSES, VOID))
+    return cm.matrix
+
+
+def _majority_space(run_dir: Path, paths: list[Path], n_clusters: int):
+    """Each cluster named by the majority class of its (CRF) pixels; mostly-void clusters ignored."""
+    from core.metrics import majority_names
+    from core.refinement import ClassSpace
+    from core.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    counts = _counts((rd.read_segments(i, "crf") for i in range(len(paths))), _mask_paths(paths), n_clusters)
+    names = majority_names(counts)
+    c2c, reps, labels = [-1] * n_clusters, [], []
+    for cls in sorted(set(int(n) for n in names if n >= 0)):
+        members = [k for k in range(n_clusters) if names[k] == cls]
+        for k in members:
+            c2c[k] = len(reps)
+        reps.append(min(members))
+        labels.append(f"class {cls}")
+    ignored = [k for k in range(n_clusters) if names[k] < 0]
+    if ignored:
+        for k in ignored:
+            c2c[k] = len(reps)
+        reps.append(min(ignored))
+        labels.append("ignored")
+    return ClassSpace(tuple(c2c), tuple(reps), tuple(labels)), names
+
+
+def _propagate(run_dir: Path, paths: list[Path], space, config) -> dict:
+    """The app's Refine stage on the run: core.refinement.refine with its defaults."""
+    from PIL import Image
+
+    from core.features import FeatureStore
+    from core.pipeline import StegoPipeline, item_codes
+    from core.refinement import RefineConfig, refine
+    from core.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    pipe = StegoPipeline.load(run_dir)
+    store = FeatureStore.open(Path(json.loads(rd.state_json.read_text())["stores"]["infer"]))
+    sizes = []
+    for p in paths:
+        with Image.open(p) as im:
+            sizes.append((im.height, im.width))
+
+    def codes_of(i: int):
+        codes = item_codes(pipe.head, store, i)
+        return codes.reshape(-1, codes.shape[-1])
+
+    settings = RefineConfig(crf=True, crf_resolution=config.crf_short_side, n_jobs=2, device="cpu")
+    return refine(store, codes_of, pipe.centroids, space, paths, sizes, rd.segments_dir("refined"), settings)
+
+
+def _scores(run_dir: Path, paths: list[Path], names, space) -> dict:
+    """mIoU / pixel accuracy of the named CRF maps and of the propagated maps (same names)."""
+    from core.metrics import named_scores
+    from core.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    masks = _mask_paths(paths)
+    named = named_scores(_counts((rd.read_segments(i, "crf") for i in range(len(paths))), masks, len(names)),
+                         names)
+    refined = (rd.read_segments(i, "refined") for i in range(len(paths)))
+    prop = named_scores(_counts(refined, masks, len(names)), names)
+    pick = ("miou", "accuracy")
+    return {"named": {k: named[k] for k in pick}, "propagated": {k: prop[k] for k in pick},
+            "scored_on": "the same 468 train + val images the run was fitted on (the product's protocol)"}
+
+
+def _propagation_lines(report: dict, discovery: float, propagation: float | None) -> list[str]:
+    if propagation is None:
+        return []
+    p = report["propagation"]
+    lines = [f"Discovery {discovery:.0f} s, then propagation {propagation:.0f} s ({p['classes']} classes from "
+             f"majority naming, not timed; `core.refinement.refine` with its defaults, CRF on)."]
+    if "reference" in report:
+        ref = report["reference"]
+        lines.append(f"Against the discovery-only reference ({ref['file']}: {ref['steps']} steps, {ref['clusters']} "
+                     f"clusters, {ref['total_s']:.0f} s): **{report['ratio_to_reference']:.2f}x** "
+                     f"(target at most 2x: {'met' if report['ratio_to_reference'] <= 2 else 'NOT met'}).")
+    lines.append(f"Quality on {p['scored_on']}: named {100 * p['named']['miou']:.1f} mIoU "
+                 f"({100 * p['named']['accuracy']:.1f} % pixels), propagated "
+                 f"{100 * p['propagated']['miou']:.1f} ({100 * p['propagated']['accuracy']:.1f} %).")
+    return lines
 
 
 if __name__ == "__main__":
