@@ -263,6 +263,12 @@ def estimate(result: dict) -> dict:
             "assumed_cores_per_node": cores, "rows": rows}
 
 
+STAGING_NOTE = ("Shards staged here in the feature store's own folder. Staging in an object store "
+                "(`--ray-staging s3://bucket/prefix`) is covered by tests/test_distributed.py against moto's S3 "
+                "server on 127.0.0.1 (cancel, resume from the bucket, same tokens as one process), not timed; "
+                "no real S3 was reachable.")
+
+
 def _load_words(m: dict) -> str:
     """How busy the machine was, from the 1-minute load averages at start and end."""
     load = max(m["load_start"][0], m["load_end"][0])
@@ -325,7 +331,7 @@ def write_md(result: dict) -> None:
                      f"{r.get('segments_identical_to_one_process', '-')} |")
         L += ["", ("On one 2-core machine Ray cannot add cores: 1 worker x 2 threads vs 2 workers x 1 thread shows the "
                    "engine's overhead and how the work splits, not a speed-up. Feature times include starting the "
-                   "actors and loading the backbone in each."), ""]
+                   "actors and loading the backbone in each."), "", STAGING_NOTE, ""]
     e = result["estimate"]
     L += ["## Estimate: 1M images on N GPU nodes (on paper)", "",
           (f"Measured in this run ({_load_words(m)}): features {e['cpu_features_s_per_image']:.3f} s/image "

@@ -32,10 +32,11 @@ from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CorrespondenceIndex", "FORMAT_VERSION", "DEFAULT_DIM"]
+__all__ = ["CorrespondenceIndex", "FORMAT_VERSION", "DEFAULT_DIM", "DEFAULT_THRESHOLD"]
 
 FORMAT_VERSION = 1
 DEFAULT_DIM = 128          # principal components kept (all when the features have fewer)
+DEFAULT_THRESHOLD = 0.6    # similarity at or above which a location belongs to a found region
 FIT_SAMPLES = 50_000       # tokens the mean and components are estimated on
 CHUNK = 262_144            # tokens per block of a query
 

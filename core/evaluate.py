@@ -14,7 +14,11 @@ pipeline's own corpus):
   left unnamed), the mIoU / pixel accuracy of the named map and the number of naming actions;
   the named STEGO map refined by the CRF; and **propagation**: a ``core.propagation.Propagator``
   trained on the named clusters' confident tokens (backbone features), predicting every
-  scored image, without and with the CRF.
+  scored image, without and with the CRF; with ``find_missing``, also the same after the
+  stand-in person's **click-to-find**: for each class present in the scored images that no
+  cluster was named after, one click on the scored token that class fills most, whose
+  correspondence region (``core.correspondence``, similarity >= ``find_threshold``) is named
+  that class and labels the propagator's tokens, as a found cluster does in the app.
 
 Every score comes from confusion matrices accumulated image by image, so memory does not grow
 with the number of images. Named scores never drop pixels of extra or unnamed clusters (unnamed
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,7 @@ from PIL import Image
 
 from core.atomic import atomic_write_json, atomic_write_text
 from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
+from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
 from core.crf import ClusterMapJob, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
 from core.hierarchy import ClusterHierarchy
@@ -77,6 +83,8 @@ class EvalSettings:
     propagation: dict = field(default_factory=dict)   # core.propagation.Propagator keyword arguments
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    find_missing: bool = False               # click-to-find stand-in rows (one find per class left unnamed)
+    find_threshold: float = DEFAULT_THRESHOLD
     n_jobs: int = 2
     seed: int = 0
 
@@ -91,6 +99,10 @@ class EvalSettings:
             raise ValueError(f"propagate_from must be one of {FEATURE_KINDS}, got {self.propagate_from!r}")
         if not 0.0 <= self.max_void_share <= 1.0:
             raise ValueError(f"max_void_share must be in [0, 1], got {self.max_void_share}")
+        if not -1.0 <= self.find_threshold <= 1.0:
+            raise ValueError(f"find_threshold must be in [-1, 1], got {self.find_threshold}")
+        if self.find_missing and not self.propagate:
+            raise ValueError("find_missing adds propagation rows: it needs propagate=True")
         if self.propagate_k is not None and not set(self.propagate_k) <= set(self.sweep):
             raise ValueError(f"propagate_k {self.propagate_k} must be among the sweep's K {self.sweep}")
         Propagator(self.n_classes, **self.propagation)._validate()
@@ -319,6 +331,8 @@ LABELS = {
     "named_stego_crf": "STEGO codes, named, + CRF",
     "propagated": "propagated (no CRF)",
     "propagated_crf": "propagated + CRF",
+    "propagated_found": "propagated with click-to-find (no CRF)",
+    "propagated_found_crf": "propagated with click-to-find + CRF",
 }
 
 
@@ -446,6 +460,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                                     crf=settings.crf, crf_resolution=crf_side)
 
     mask_cache: dict[int, np.ndarray] = {}
+    clicks: dict[int, tuple[float, int, int, int]] = {}   # class -> (share, image, y, x) of its fullest token
     for res in ordered_map(cluster_map, jobs1(), settings.n_jobs):
         i, name = tags.popleft()  # a job is always submitted before its result arrives
         if i not in mask_cache:
@@ -457,6 +472,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             hung[name.replace("stego", "stego_crf", 1)].update(res.labels_crf, mask)
         if name == "kmeans_raw":  # once per image: the sweep counts and the probes
             _count_sweep(store, i, mask, pipeline.head, centroids, counts, settings)
+            if settings.find_missing:
+                _best_clicks(clicks, i, with_void(mask, C, ignore), store.grid(i), C)
             for pname, probe in probes.items():
                 tok = np.asarray(store.tokens(i), dtype=np.float32)
                 x = enc[""](tok) if pname == "codes" else tok
@@ -496,6 +513,19 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                                        names[(settings.propagate_from, K)], settings)
             report("propagation", len(props) / len(prop_k))
         timings["propagation_training"] = time.perf_counter() - t
+    finds: dict[int, list[dict]] = {}
+    if settings.find_missing:
+        t = time.perf_counter()
+        at = (lambda i: store.items[i]) if isinstance(store, _Subset) else (lambda i: i)   # scored -> corpus
+        with tempfile.TemporaryDirectory(prefix="stego_eval_find_") as tmp:
+            index = CorrespondenceIndex.build(corpus, Path(tmp) / "index", seed=seed)
+            for K in prop_k:
+                kind = settings.propagate_from
+                found_of, finds[K] = _found_regions(index, counts[(kind, K)].matrix, names[(kind, K)], clicks,
+                                                    at, settings.find_threshold)
+                props[("found", K)] = _fit_propagator(corpus, pipeline.head, centroids[(kind, K)], names[(kind, K)],
+                                                      settings, found_of=found_of)
+        timings["click_to_find"] = time.perf_counter() - t
     if settings.crf or props:
         t = time.perf_counter()
         cms2: dict[str, ConfusionMatrix] = {}
@@ -512,10 +542,11 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
                         tags2.append((i, f"named_stego_crf_k{K}"))
                         yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
-                    if K in props:
-                        lp = props[K].predict_log_proba(raw).reshape(h, w, -1)
-                        tags2.append((i, f"propagated_k{K}"))
-                        yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side)
+                    for key, row in ((K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")):
+                        if key in props:
+                            lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
+                            tags2.append((i, row))
+                            yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side)
 
         for res in ordered_map(class_map, jobs2(), settings.n_jobs):
             i, name = tags2.popleft()
@@ -528,8 +559,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             else:
                 cms2.setdefault(name, ConfusionMatrix(C + 1, C + 1)).update(res.labels, target)
                 if res.labels_crf is not None:
-                    cms2.setdefault(name.replace("propagated", "propagated_crf"),
-                                    ConfusionMatrix(C + 1, C + 1)).update(res.labels_crf, target)
+                    base, k = name.rsplit("_k", 1)
+                    cms2.setdefault(f"{base}_crf_k{k}", ConfusionMatrix(C + 1, C + 1)).update(res.labels_crf, target)
             report("refining", (i + 1) / len(store))
         ident = np.array(list(range(C)) + [-1])
         for name, cm in cms2.items():
@@ -537,9 +568,11 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             base = name.rsplit("_k", 1)[0]
             s = named_scores(cm.matrix, ident)
             kind = settings.propagate_from if base.startswith("propagated") else "stego"
+            extra = len(finds.get(K, ())) if base.startswith("propagated_found") else 0   # one action per find
             results[name] = _row(LABELS[base], "named", K, s, names_cls, names=names[(kind, K)].tolist(),
-                                 naming_actions=int((names[(kind, K)] >= 0).sum()),
-                                 group_actions=group_actions[(kind, K)], unnamed_clusters=int((names[(kind, K)] < 0).sum()))
+                                 naming_actions=int((names[(kind, K)] >= 0).sum()) + extra,
+                                 group_actions=group_actions[(kind, K)] + extra,
+                                 unnamed_clusters=int((names[(kind, K)] < 0).sum()))
         timings["refining"] = time.perf_counter() - t
 
     order = {n: j for j, n in enumerate(["kmeans_raw", "stego", "stego_crf"])}
@@ -559,6 +592,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "propagation": ({"from": settings.propagate_from, "k": list(prop_k), "pseudo_alpha": settings.pseudo_alpha,
                          "min_confidence": settings.min_confidence,
                          **Propagator(C, **settings.propagation).get_params()} if settings.propagate else {}),
+        "click_to_find": ({"threshold": settings.find_threshold, "finds": {str(k): v for k, v in finds.items()}}
+                          if settings.find_missing else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
                    [("", pipeline)] + [(f"_{n}", q) for n, q in (compare or {}).items()]},
         "pipeline_config": cfg.to_dict(), "peak_rss_mb": peak_rss_mb(),
@@ -583,8 +618,13 @@ def _count_sweep(store, i: int, mask: np.ndarray, head, centroids: dict, counts:
             counts[(kind, K)].update(upsample_bilinear(dots, mask.shape).argmax(-1), target)
 
 
-def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, settings: EvalSettings) -> Propagator:
-    """Pseudo-labels of every token of ``corpus`` from the named clusters, then a Propagator on its raw features."""
+def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, settings: EvalSettings,
+                    found_of: Callable[[int], np.ndarray | None] | None = None) -> Propagator:
+    """Pseudo-labels of every token of ``corpus`` from the named clusters, then a Propagator on its raw features.
+
+    ``found_of(i)``: (T,) class of each token of item i inside a found region (-1 = none); those
+    tokens take that class at full weight, as the app's refinement does with found clusters.
+    """
     kind = settings.propagate_from
     labels, weights = [], []
     for i in range(len(corpus)):
@@ -592,6 +632,56 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
         v = encode_tokens(head, x) if kind == "stego" else x
         lab, wt = pseudo_labels(cluster_probabilities(v, centroids, settings.pseudo_alpha), names,
                                 min_confidence=settings.min_confidence)
+        found = found_of(i) if found_of is not None else None
+        if found is not None:
+            hit = found >= 0
+            lab = np.where(hit, found, lab)
+            wt = np.where(hit, 1.0, wt).astype(np.float32)
         labels.append(lab)
         weights.append(wt)
     return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels, weights)
+
+
+def _best_clicks(clicks: dict, i: int, target: np.ndarray, grid: tuple[int, int], n_classes: int) -> None:
+    """Keep, per class, the token of scored image ``i`` that the class fills most (its pixel share of
+    the token's cell, void included in the cell): where a person would click to find that thing."""
+    h, w = grid
+    H, W = target.shape
+    cell = (np.arange(H)[:, None] * h // H) * w + (np.arange(W)[None, :] * w // W)
+    hist = np.bincount((cell * (n_classes + 1) + target).ravel(), minlength=h * w * (n_classes + 1))
+    hist = hist.reshape(h * w, n_classes + 1)
+    share = hist[:, :n_classes] / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    for c in np.flatnonzero(share.max(axis=0) > 0):
+        t = int(share[:, c].argmax())
+        if share[t, c] > clicks.get(int(c), (0.0,))[0]:
+            clicks[int(c)] = (float(share[t, c]), i, t // w, t % w)
+
+
+def _found_regions(index: CorrespondenceIndex, counts: np.ndarray, names: np.ndarray, clicks: dict,
+                   corpus_item: Callable[[int], int], threshold: float):
+    """One find per class with pixels in the scored images that no cluster is named after.
+
+    Returns ``found_of(i)`` -> (T,) class per token of corpus item i (-1 = none; where two found
+    regions overlap, the more similar one wins) and what was found, for the report.
+    """
+    present = np.flatnonzero(np.asarray(counts)[:, :-1].sum(axis=0) > 0)
+    named = set(int(n) for n in names if n >= 0)
+    missing = [int(c) for c in present if int(c) not in named and int(c) in clicks]
+    sims = []
+    finds = []
+    for c in missing:
+        share, i, y, x = clicks[c]
+        sim = index.similarities(index.vector(corpus_item(i), y, x))
+        sims.append(sim)
+        finds.append({"class": c, "image": int(i), "cell": [int(y), int(x)], "cell_share": round(share, 3),
+                      "token_share_found": round(float((sim >= threshold).mean()), 5)})
+    if not finds:
+        return None, finds
+    stack = np.stack(sims)                       # (finds, total tokens)
+    best = stack.argmax(axis=0)
+    cls = np.where(stack.max(axis=0) >= threshold, np.asarray(missing)[best], -1)
+
+    def found_of(i: int) -> np.ndarray:
+        return index.item_map(cls, i).ravel()
+
+    return found_of, finds

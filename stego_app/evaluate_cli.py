@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from core.correspondence import DEFAULT_THRESHOLD
 from core.evaluate import EvalSettings, Report, evaluate, pair_images_and_masks
 from core.pipeline import PipelineConfig, StegoPipeline
 from core.precision import PRECISIONS
@@ -62,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--propagate-k", default=None, help="comma-separated K values to propagate (default: all)")
     e.add_argument("--propagate-from", default="stego", choices=("stego", "raw"))
     e.add_argument("--propagation", default="{}", help="JSON of core.propagation.Propagator keyword arguments")
+    e.add_argument("--find-missing", action="store_true",
+                   help="also propagate after a click-to-find stand-in: one find per class no cluster was named "
+                        "after, clicked on the scored token that class fills most")
+    e.add_argument("--find-threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"similarity threshold of those finds (default {DEFAULT_THRESHOLD}, the app's)")
     o = parser.add_argument_group("output")
     o.add_argument("--cache-dir", type=Path, default=None,
                    help="where weights, features and fitted runs are cached (default: $STEGO_CACHE_DIR)")
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> Report:
         probes=not args.no_probes,
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
-        seed=settings.seed)
+        find_missing=args.find_missing, find_threshold=args.find_threshold, seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
     report.write(Path(args.out))
     log.info("wrote %s.json and %s.md", args.out, args.out)

@@ -21,7 +21,7 @@ import numpy as np
 from sqlalchemy import select
 
 from core.atomic import atomic_write_bytes, atomic_write_json
-from core.correspondence import CorrespondenceIndex
+from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
 from core.rundir import RunDir
 from stego_app import edit_versions, segmaps
 from stego_app.db import lock_for_update
@@ -33,7 +33,6 @@ from stego_app.thumbnails import load_rgb_fit
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.6
 N_MATCHES = 8
 MATCH_SIZE = 160
 N_EXAMPLES = 8

@@ -45,13 +45,13 @@ def _args(tmp_path, **over):
 
 
 def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
-    report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2",
+    report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2", find_missing=True,
                                     propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
     res = report.results
     hungarian = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
                  "linear_probe_raw", "linear_probe_codes"}
-    named = {f"{m}_k{k}" for m in ("named_raw", "named_stego", "named_stego_crf", "propagated", "propagated_crf")
-             for k in (3, 6)}
+    named = {f"{m}_k{k}" for m in ("named_raw", "named_stego", "named_stego_crf", "propagated", "propagated_crf",
+                                   "propagated_found", "propagated_found_crf") for k in (3, 6)}
     assert set(res) == hungarian | named
     for name, r in res.items():
         assert 0.0 <= r.miou <= 1.0 and 0.0 <= r.accuracy <= 1.0, name
@@ -62,6 +62,12 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     assert res["named_raw_k6"].miou > 0.6 and res["named_raw_k6"].naming_actions <= 6
     assert res["named_raw_k6"].n_clusters == 6 and len(res["named_raw_k6"].names) == 6
     assert res["propagated_k6"].naming_actions == res["named_stego_k6"].naming_actions
+    # click-to-find: one find (one action more) per class present that no cluster was named after
+    for k in (3, 6):
+        finds = report.meta["click_to_find"]["finds"][str(k)]
+        named_classes = {n for n in res[f"named_stego_k{k}"].names if n >= 0}
+        assert {f["class"] for f in finds} == {0, 1, 2} - named_classes
+        assert res[f"propagated_found_k{k}"].naming_actions == res[f"propagated_k{k}"].naming_actions + len(finds)
     # with the Clusters tab's groups the same names never take more actions
     assert 1 <= res["named_raw_k6"].group_actions <= res["named_raw_k6"].naming_actions
     assert report.meta["shifts"]["paper_shifts"] == {"self": 0.18, "knn": 0.12, "neg": 0.46}
@@ -101,3 +107,39 @@ def test_evaluate_explains_missing_masks(tmp_path):
     (tmp_path / "val" / "masks" / "s01.png").unlink()
     with pytest.raises(ValueError, match="no mask"):
         evaluate_cli.run(args)
+
+
+def test_the_click_to_find_stand_in_clicks_where_a_class_fills_its_cell_and_finds_what_looks_alike(tmp_path):
+    from core.correspondence import CorrespondenceIndex
+    from core.evaluate import _best_clicks, _found_regions
+    from core.tokens import ArrayFeatures
+
+    # 2 x 2 token grid over an 8 x 8 mask: class 1 fills cell (1, 0), half of cell (0, 1); 3 = void
+    target = np.zeros((8, 8), np.int64)
+    target[4:, :4] = 1
+    target[:4, 4:6] = 1
+    target[:4, 6:] = 3
+    clicks = {}
+    _best_clicks(clicks, 0, target, (2, 2), 3)
+    assert clicks[1] == (1.0, 0, 1, 0)
+    assert clicks[0][0] == 1.0 and 2 not in clicks              # class 2 is nowhere: no click
+    _best_clicks(clicks, 1, np.full((8, 8), 1), (2, 2), 3)        # as full elsewhere: the first click stays
+    assert clicks[1] == (1.0, 0, 1, 0)
+
+    # features: class 2 tokens share a direction, the rest are noise; class 2 is never a cluster's name
+    rng = np.random.default_rng(0)
+    cls = [rng.integers(0, 2, size=(4, 5)) for _ in range(3)]
+    cls[1][2, 3] = 2
+    cls[2][0, 0] = cls[2][3, 4] = 2
+    direction = rng.normal(size=16)
+    maps = [rng.normal(size=(4, 5, 16)) * 0.3 + (c == 2)[..., None] * 3 * direction for c in cls]
+    index = CorrespondenceIndex.build(ArrayFeatures(maps), tmp_path / "index")
+    counts = np.array([[50, 0, 0, 1], [0, 40, 3, 0], [5, 0, 2, 0]])     # clusters x (classes + void)
+    names = np.array([0, 1, 0])
+    found_of, finds = _found_regions(index, counts, names, {0: (1.0, 0, 0, 0), 2: (0.9, 1, 2, 3)},
+                                     lambda i: i, threshold=0.6)
+    assert [f["class"] for f in finds] == [2]                   # classes 0 and 1 are named: no find for them
+    for i, c in enumerate(cls):
+        assert np.array_equal(found_of(i) == 2, (c == 2).ravel()), i
+        assert set(found_of(i).tolist()) <= {-1, 2}
+    assert _found_regions(index, counts, np.array([0, 1, 2]), {2: (0.9, 1, 2, 3)}, lambda i: i, 0.6) == (None, [])
