@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=None, help="clusters (default: the app's)")
     ap.add_argument("--propagate", action=argparse.BooleanOptionalAction, default=True,
                     help="name clusters by majority and run the propagation stage after discovery")
+    ap.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                    help="the discovery run's CRF over the clusters (default: the app's); propagation always has one")
     ap.add_argument("--reference", type=Path, default=RESULTS / "end_to_end.json",
                     help="an earlier result to compare the total with (target: at most 2x its total)")
     ap.add_argument("--resolution", type=int, default=322)
@@ -107,7 +109,8 @@ def main() -> None:
         raise SystemExit(f"no converted dinov2_vits14 weights in {src}: run the app once (or "
                          "`python -c \"from core.backbones import create_backbone; create_backbone('dinov2_vits14')\"`)")
     shutil.copytree(src, cache / "weights")
-    settings = DEFAULTS.replace(resolution=args.resolution, crf=True, crf_resolution=args.crf_resolution,
+    settings = DEFAULTS.replace(resolution=args.resolution, crf=DEFAULTS.crf if args.crf is None else args.crf,
+                                crf_resolution=args.crf_resolution,
                                 **({"steps": args.steps} if args.steps else {}),
                                 **({"n_clusters": args.clusters} if args.clusters else {}))
     config = PipelineConfig.from_settings(settings, backbone="dinov2_vits14", n_train_items=len(paths),
@@ -121,12 +124,12 @@ def main() -> None:
     discovery = time.perf_counter() - t0
     propagation = None
     if args.propagate:
-        space, names = _majority_space(work / "run", paths, config.n_clusters)
+        space, names = _majority_space(work / "run", paths, config.n_clusters, "crf" if config.crf else "plain")
         t1 = time.perf_counter()
         prop_metrics = _propagate(work / "run", paths, space, config)
         propagation = time.perf_counter() - t1
         t_score = time.perf_counter()
-        quality = _scores(work / "run", paths, names, space)
+        quality = _scores(work / "run", paths, names)
         log.info("scoring (not counted) %.1f s", time.perf_counter() - t_score)
     total = discovery + (propagation or 0.0)
     sampler.stop.set()
@@ -139,7 +142,7 @@ def main() -> None:
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "images": len(paths), "backbone": "dinov2_vits14", "weights_source": result.weights_source,
-        "resolution": args.resolution, "steps": args.steps, "clusters": args.clusters,
+        "resolution": args.resolution, "steps": args.steps, "clusters": args.clusters, "discovery_crf": config.crf,
         "precision": resolve_precision(config.features.precision, "cpu"), "crf_short_side": config.crf_short_side,
         "stages_s": {s: round(result.timings.get(s, 0.0), 1) for s in STAGES},
         "stages_share": {s: round(result.timings.get(s, 0.0) / stage_total, 3) for s in STAGES},
@@ -169,6 +172,7 @@ def main() -> None:
         f"{args.clusters} clusters, 2 worker processes. Backbone forward in {report['precision']} "
         + ("(`precision='auto'`: bfloat16 autocast on CPUs with native bfloat16 matrix units, float32 elsewhere); "
            if args.precision == "auto" else f"(`--precision {args.precision}`); ")
+        + ("" if config.crf else "No CRF in discovery (`--no-crf`); the propagation stage's CRF: ")
         + (f"CRF with the paper's parameters on the image at the inference size (short side "
            f"{report['crf_short_side']}, as the paper does), its marginals upsampled bilinearly to 480x360."
            if report["crf_short_side"] else "CRF with the paper's parameters at the full 480x360 resolution."),
@@ -215,14 +219,14 @@ def _counts(maps, masks, n_rows: int):
     return cm.matrix
 
 
-def _majority_space(run_dir: Path, paths: list[Path], n_clusters: int):
-    """Each cluster named by the majority class of its (CRF) pixels; mostly-void clusters ignored."""
+def _majority_space(run_dir: Path, paths: list[Path], n_clusters: int, kind: str):
+    """Each cluster named by the majority class of its pixels (``kind`` maps); mostly-void clusters ignored."""
     from core.metrics import majority_names
     from core.refinement import ClassSpace
     from core.rundir import RunDir
 
     rd = RunDir(run_dir)
-    counts = _counts((rd.read_segments(i, "crf") for i in range(len(paths))), _mask_paths(paths), n_clusters)
+    counts = _counts((rd.read_segments(i, kind) for i in range(len(paths))), _mask_paths(paths), n_clusters)
     names = majority_names(counts)
     c2c, reps, labels = [-1] * n_clusters, [], []
     for cls in sorted(set(int(n) for n in names if n >= 0)):
@@ -265,23 +269,28 @@ def _propagate(run_dir: Path, paths: list[Path], space, config) -> dict:
     return refine(store, codes_of, pipe.centroids, space, paths, sizes, rd.segments_dir("refined"), settings)
 
 
-def _scores(run_dir: Path, paths: list[Path], names, space) -> dict:
-    """mIoU / pixel accuracy of the named CRF maps and of the propagated maps (same names)."""
+def _scores(run_dir: Path, paths: list[Path], names) -> dict:
+    """mIoU / pixel accuracy of the named cluster maps (with and without the CRF) and of the
+    propagated maps (same names), on all images and on the train and val ones apart."""
     from core.metrics import named_scores
     from core.rundir import RunDir
 
     rd = RunDir(run_dir)
     masks = _mask_paths(paths)
-    named = named_scores(_counts((rd.read_segments(i, "crf") for i in range(len(paths))), masks, len(names)),
-                         names)
-    plain = named_scores(_counts((rd.read_segments(i, "plain") for i in range(len(paths))), masks, len(names)),
-                         names)
-    refined = (rd.read_segments(i, "refined") for i in range(len(paths)))
-    prop = named_scores(_counts(refined, masks, len(names)), names)
-    pick = ("miou", "accuracy")
-    return {"named": {k: named[k] for k in pick}, "named_no_crf": {k: plain[k] for k in pick},
-            "propagated": {k: prop[k] for k in pick},
-            "scored_on": "the same 468 train + val images the run was fitted on (the product's protocol)"}
+    kinds = {"named_crf": "crf", "named_no_crf": "plain", "propagated": "refined"}
+    out: dict = {"scored_on": "the 468 train + val images the run was fitted on (the product's protocol); "
+                              "the train rows alone are the choosing split's"}
+    for part, keep in (("all", lambda p: True), ("train", lambda p: p.parent.parent.name == "train"),
+                       ("val", lambda p: p.parent.parent.name == "val")):
+        idx = [i for i, p in enumerate(paths) if keep(p)]
+        out[part] = {}
+        for row, kind in kinds.items():
+            if not rd.has_segments(kind):
+                continue
+            sc = named_scores(_counts((rd.read_segments(i, kind) for i in idx), [masks[i] for i in idx],
+                                      len(names)), names)
+            out[part][row] = {"miou": sc["miou"], "accuracy": sc["accuracy"]}
+    return out
 
 
 def _propagation_lines(report: dict, discovery: float, propagation: float | None) -> list[str]:
@@ -295,11 +304,12 @@ def _propagation_lines(report: dict, discovery: float, propagation: float | None
         lines.append(f"Against the discovery-only reference ({ref['file']}: {ref['steps']} steps, {ref['clusters']} "
                      f"clusters, {ref['total_s']:.0f} s): **{report['ratio_to_reference']:.2f}x** "
                      f"(target at most 2x: {'met' if report['ratio_to_reference'] <= 2 else 'NOT met'}).")
-    lines.append(f"Quality on {p['scored_on']}: named cluster maps with the CRF {100 * p['named']['miou']:.1f} mIoU "
-                 f"({100 * p['named']['accuracy']:.1f} % pixels)"
-                 + (f", without {100 * p['named_no_crf']['miou']:.1f} ({100 * p['named_no_crf']['accuracy']:.1f} %)"
-                    if "named_no_crf" in p else "") + ", propagated "
-                 f"{100 * p['propagated']['miou']:.1f} ({100 * p['propagated']['accuracy']:.1f} %).")
+    lines.append(f"Quality (mIoU / pixel accuracy, %) on {p['scored_on']}:")
+    lines += ["", "| images | " + " | ".join(p["all"]) + " |", "| --- |" + " --- |" * len(p["all"])]
+    for part in ("all", "train", "val"):
+        lines.append(f"| {part} | " + " | ".join(f"{100 * v['miou']:.1f} / {100 * v['accuracy']:.1f}"
+                                                 for v in p[part].values()) + " |")
+    lines.append("")
     return lines
 
 

@@ -137,7 +137,7 @@ def test_the_click_to_find_stand_in_clicks_where_a_class_fills_its_cell_and_find
     counts = np.array([[50, 0, 0, 1], [0, 40, 3, 0], [5, 0, 2, 0]])     # clusters x (classes + void)
     names = np.array([0, 1, 0])
     found_of, finds = _found_regions(index, counts, names, {0: (1.0, 0, 0, 0), 2: (0.9, 1, 2, 3)},
-                                     lambda i: i, threshold=0.6)
+                                     lambda i: i, threshold=0.9)
     assert [f["class"] for f in finds] == [2]                   # classes 0 and 1 are named: no find for them
     for i, c in enumerate(cls):
         assert np.array_equal(found_of(i) == 2, (c == 2).ravel()), i
