@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -189,7 +190,7 @@ def main() -> None:
         "probability map per image); the pipeline splits that pass's time by the CRF's measured share "
         "into the segments and crf rows.",
         "",
-        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py --out " + args.out + "`"
+        "Reproduce: `.venv/bin/python bench/bench_end_to_end.py " + " ".join(sys.argv[1:]) + "`"
         + ("" if args.propagate else " (discovery only)") + "; the earlier discovery-only reference: "
         "`--steps 500 --clusters 11 --no-propagate --out end_to_end`; float32 and the CRF at full resolution: "
         "`--precision float32 --crf-resolution 0 --out end_to_end_fp32_fullres_crf`.",
