@@ -49,7 +49,7 @@ from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, major
                           with_void)
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
-                              cluster_probabilities, pseudo_labels)
+                              cluster_probabilities, pseudo_labels, with_found)
 from core.training import encode_tokens
 
 log = logging.getLogger(__name__)
@@ -634,9 +634,7 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
                                 min_confidence=settings.min_confidence)
         found = found_of(i) if found_of is not None else None
         if found is not None:
-            hit = found >= 0
-            lab = np.where(hit, found, lab)
-            wt = np.where(hit, 1.0, wt).astype(np.float32)
+            lab, wt, _ = with_found(lab, wt, found)
         labels.append(lab)
         weights.append(wt)
     return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels, weights)

@@ -33,7 +33,7 @@ from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Propagator", "pseudo_labels", "cluster_probabilities", "ClassMapJob", "ClassMap", "class_map",
+__all__ = ["Propagator", "pseudo_labels", "with_found", "cluster_probabilities", "ClassMapJob", "ClassMap", "class_map",
            "DEFAULT_PSEUDO_ALPHA", "DEFAULT_MIN_CONFIDENCE", "PROPAGATOR_DEFAULTS"]
 
 # Temperature for cluster probabilities used to rank pseudo-labels (confidence = sigmoid(alpha *
@@ -63,6 +63,18 @@ def cluster_probabilities(vectors: np.ndarray, centroids: np.ndarray, alpha: flo
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
     return p.astype(np.float32)
+
+
+def with_found(labels: np.ndarray, weights: np.ndarray, found: np.ndarray, hit: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pseudo-labels with found regions (click-to-find) on top: a token whose ``found`` class is
+    >= 0 takes it at full weight; a token in ``hit`` (default: found >= 0) whose found class is
+    -1 is left out (weight 0). Returns the labels, the weights and how many tokens took a class."""
+    hit = found >= 0 if hit is None else hit
+    take = hit & (found >= 0)
+    lab = np.where(take, found, np.where(hit, -1, labels))
+    wt = np.where(take, 1.0, np.where(hit, 0.0, weights)).astype(np.float32)
+    return lab, wt, int(take.sum())
 
 
 def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *,

@@ -36,6 +36,7 @@ from core.propagation import (
     class_map,
     cluster_probabilities,
     pseudo_labels,
+    with_found,
 )
 from core.rundir import write_label_png
 from core.tokens import TokenFeatures
@@ -132,11 +133,8 @@ def _training_labels(features: TokenFeatures, codes_of: Callable[[int], np.ndarr
         fnd = found_of(i)
         if fnd is not None:
             hit = fnd >= 0
-            cls = np.where(hit, c2c[np.clip(fnd, 0, len(c2c) - 1)], -1)
-            take = hit & (cls >= 0)
-            lab = np.where(take, cls, np.where(hit, -1, lab))
-            wt = np.where(take, 1.0, np.where(hit, 0.0, wt)).astype(np.float32)
-            stats["found_tokens"] += int(take.sum())
+            lab, wt, taken = with_found(lab, wt, np.where(hit, c2c[np.clip(fnd, 0, len(c2c) - 1)], -1), hit)
+            stats["found_tokens"] += taken
         if i in seeds:
             seed = np.asarray(seeds[i]).ravel()
             cls = np.where(seed >= 0, c2c[np.clip(seed, 0, len(c2c) - 1)], -1)
