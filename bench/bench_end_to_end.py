@@ -229,20 +229,8 @@ def _majority_space(run_dir: Path, paths: list[Path], n_clusters: int, kind: str
     rd = RunDir(run_dir)
     counts = _counts((rd.read_segments(i, kind) for i in range(len(paths))), _mask_paths(paths), n_clusters)
     names = majority_names(counts)
-    c2c, reps, labels = [-1] * n_clusters, [], []
-    for cls in sorted(set(int(n) for n in names if n >= 0)):
-        members = [k for k in range(n_clusters) if names[k] == cls]
-        for k in members:
-            c2c[k] = len(reps)
-        reps.append(min(members))
-        labels.append(f"class {cls}")
-    ignored = [k for k in range(n_clusters) if names[k] < 0]
-    if ignored:
-        for k in ignored:
-            c2c[k] = len(reps)
-        reps.append(min(ignored))
-        labels.append("ignored")
-    return ClassSpace(tuple(c2c), tuple(reps), tuple(labels)), names
+    clusters = [(k, int(n) if n >= 0 else None, bool(n < 0)) for k, n in enumerate(names)]
+    return ClassSpace.of_clusters(clusters, lambda cls: f"class {cls}"), names
 
 
 def _propagate(run_dir: Path, paths: list[Path], space, config) -> dict:

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -114,6 +114,38 @@ class ClassSpace:
     def from_dict(cls, d: dict) -> "ClassSpace":
         return cls(tuple(int(v) for v in d["cluster_to_class"]), tuple(int(v) for v in d["class_to_cluster"]),
                    tuple(d.get("names", ())))
+
+    @classmethod
+    def of_clusters(cls, clusters: Sequence[tuple[int, Hashable | None, bool]],
+                    label_name: Callable[[Hashable], str]) -> "ClassSpace":
+        """Classes from (cluster index, label key or None, ignored) per cluster: each label (in
+        key order, written as its lowest cluster, named ``label_name(key)``), each unnamed
+        cluster, and all ignored clusters as one class."""
+        size = max((i for i, _, _ in clusters), default=-1) + 1
+        c2c = [-1] * size
+        reps: list[int] = []
+        names: list[str] = []
+        by_label: dict[Hashable, list[int]] = {}
+        for i, key, ignored in clusters:
+            if key is not None and not ignored:
+                by_label.setdefault(key, []).append(i)
+        for key in sorted(by_label):
+            for i in by_label[key]:
+                c2c[i] = len(reps)
+            reps.append(min(by_label[key]))
+            names.append(label_name(key))
+        for i, key, ignored in clusters:
+            if key is None and not ignored:
+                c2c[i] = len(reps)
+                reps.append(i)
+                names.append(f"cluster {i}")
+        ignored = [i for i, _, ign in clusters if ign]
+        if ignored:
+            for i in ignored:
+                c2c[i] = len(reps)
+            reps.append(min(ignored))
+            names.append("ignored")
+        return cls(tuple(c2c), tuple(reps), tuple(names))
 
 
 def _training_labels(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray,

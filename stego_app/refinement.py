@@ -238,32 +238,8 @@ def mark_interrupted(db, is_alive) -> list[int]:
 
 def class_space(clusters: list[mapping.ClusterInfo]) -> ClassSpace:
     """Classes: each label (as its lowest cluster), each unnamed cluster, all ignored ones as one."""
-    size = max((c.index for c in clusters), default=-1) + 1
-    c2c = [-1] * size
-    reps: list[int] = []
-    names: list[str] = []
-    by_label: dict[int, list[mapping.ClusterInfo]] = {}
-    for c in clusters:
-        if c.label_id is not None and not c.ignored:
-            by_label.setdefault(c.label_id, []).append(c)
-    for label_id in sorted(by_label):
-        members = by_label[label_id]
-        for c in members:
-            c2c[c.index] = len(reps)
-        reps.append(min(c.index for c in members))
-        names.append(members[0].label_name or f"label {label_id}")
-    for c in clusters:
-        if c.label_id is None and not c.ignored:
-            c2c[c.index] = len(reps)
-            reps.append(c.index)
-            names.append(f"cluster {c.index}")
-    ignored = [c.index for c in clusters if c.ignored]
-    if ignored:
-        for i in ignored:
-            c2c[i] = len(reps)
-        reps.append(min(ignored))
-        names.append("ignored")
-    return ClassSpace(tuple(c2c), tuple(reps), tuple(names))
+    names = {c.label_id: c.label_name or f"label {c.label_id}" for c in clusters if c.label_id is not None}
+    return ClassSpace.of_clusters([(c.index, c.label_id, c.ignored) for c in clusters], names.__getitem__)
 
 
 class _Reporter:
