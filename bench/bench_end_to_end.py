@@ -208,15 +208,12 @@ def _mask_paths(paths: list[Path]) -> list[Path]:
 
 def _counts(maps, masks, n_rows: int):
     """(n_rows, C + 1) pixels of each map value per true class, void last (CamVid: 11 classes, 11 = void)."""
-    import numpy as np
-    from PIL import Image
-
+    from core.evaluate import load_mask
     from core.metrics import ConfusionMatrix, with_void
 
     cm = ConfusionMatrix(n_rows, N_CLASSES + 1)
     for seg, mask_path in zip(maps, masks):
-        gt = np.asarray(Image.open(mask_path)).astype(np.int64)
-        cm.update(seg, with_void(gt, N_CLASSES, VOID))
+        cm.update(seg, with_void(load_mask(mask_path), N_CLASSES, VOID))
     return cm.matrix
 
 
@@ -235,8 +232,6 @@ def _majority_space(run_dir: Path, paths: list[Path], n_clusters: int, kind: str
 
 def _propagate(run_dir: Path, paths: list[Path], space, config) -> dict:
     """The app's Refine stage on the run: core.refinement.refine with its defaults."""
-    from PIL import Image
-
     from core.features import FeatureStore
     from core.pipeline import StegoPipeline, item_codes
     from core.refinement import RefineConfig, refine
@@ -245,10 +240,7 @@ def _propagate(run_dir: Path, paths: list[Path], space, config) -> dict:
     rd = RunDir(run_dir)
     pipe = StegoPipeline.load(run_dir)
     store = FeatureStore.open(Path(json.loads(rd.state_json.read_text())["stores"]["infer"]))
-    sizes = []
-    for p in paths:
-        with Image.open(p) as im:
-            sizes.append((im.height, im.width))
+    sizes = [(int(h), int(w)) for h, w in store.image_sizes()]      # one whole-image item per image
 
     def codes_of(i: int):
         codes = item_codes(pipe.head, store, i)
@@ -269,15 +261,18 @@ def _scores(run_dir: Path, paths: list[Path], names) -> dict:
     kinds = {"named_crf": "crf", "named_no_crf": "plain", "propagated": "refined"}
     out: dict = {"scored_on": "the 468 train + val images the run was fitted on (the product's protocol); "
                               "the train rows alone are the choosing split's"}
-    for part, keep in (("all", lambda p: True), ("train", lambda p: p.parent.parent.name == "train"),
-                       ("val", lambda p: p.parent.parent.name == "val")):
-        idx = [i for i, p in enumerate(paths) if keep(p)]
-        out[part] = {}
+    counts: dict = {"train": {}, "val": {}}         # each map read once; "all" is their sum
+    for part in counts:
+        idx = [i for i, p in enumerate(paths) if p.parent.parent.name == part]
         for row, kind in kinds.items():
-            if not rd.has_segments(kind):
-                continue
-            sc = named_scores(_counts((rd.read_segments(i, kind) for i in idx), [masks[i] for i in idx],
-                                      len(names)), names)
+            if rd.has_segments(kind):
+                counts[part][row] = _counts((rd.read_segments(i, kind) for i in idx), [masks[i] for i in idx],
+                                            len(names))
+    counts = {"all": {row: counts["train"][row] + counts["val"][row] for row in counts["train"]}, **counts}
+    for part, rows in counts.items():
+        out[part] = {}
+        for row, matrix in rows.items():
+            sc = named_scores(matrix, names)
             out[part][row] = {"miou": sc["miou"], "accuracy": sc["accuracy"]}
     return out
 
