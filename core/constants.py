@@ -1,7 +1,7 @@
 """Names shared by core and the app, torch-free so the app can import them without the ML stack."""
 from __future__ import annotations
 
-__all__ = ["STAGES", "CROP_MODES", "PRECISIONS"]
+__all__ = ["STAGES", "CROP_MODES", "PRECISIONS", "FIND_THRESHOLD"]
 
 # Pipeline stages in the order StegoPipeline.fit runs them ("crf" only with CRF on).
 STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segments", "crf")
@@ -9,3 +9,7 @@ STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segment
 CROP_MODES: tuple[str, ...] = ("none", "five")
 # Backbone compute precisions ("auto" = bfloat16 on CPUs with native bf16, else float32).
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+# Click-to-find: similarity at or above which a location belongs to a found region. Chosen on
+# CamVid train (bench/results/find_train_s0_sweep.md): at 0.6 one click on a pole covered a
+# third of the corpus; 0.9 keeps what looks alike and gave the best pseudo-labels; confirmed on val.
+FIND_THRESHOLD: float = 0.9

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from core.atomic import atomic_save_npy, atomic_write_json
+from core.constants import FIND_THRESHOLD
 from core.errors import Cancelled
 from core.tokens import TokenFeatures
 
@@ -36,10 +37,7 @@ __all__ = ["CorrespondenceIndex", "FORMAT_VERSION", "DEFAULT_DIM", "DEFAULT_THRE
 
 FORMAT_VERSION = 1
 DEFAULT_DIM = 128          # principal components kept (all when the features have fewer)
-# Similarity at or above which a location belongs to a found region. Chosen on CamVid train
-# (bench/results/find_train_s0_sweep.md): at 0.6 one click on a pole covered a third of the
-# corpus; 0.9 keeps what looks alike and gave the best pseudo-labels; confirmed on val.
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_THRESHOLD = FIND_THRESHOLD   # core.constants: numpy-free, so the CLI's help can show it
 FIT_SAMPLES = 50_000       # tokens the mean and components are estimated on
 CHUNK = 262_144            # tokens per block of a query
 

@@ -26,7 +26,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from core.correspondence import DEFAULT_THRESHOLD
+from core.constants import FIND_THRESHOLD
 from stego_app import cli_images
 from stego_app.config import AppConfig, parse_auth
 from stego_app.errors import UserError
@@ -169,7 +169,7 @@ def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
     a.add_argument("image_id", type=int)
     a.add_argument("x", type=float)
     a.add_argument("y", type=float)
-    a.add_argument("--threshold", type=float, default=None, help=f"cosine similarity (default {DEFAULT_THRESHOLD})")
+    a.add_argument("--threshold", type=float, default=None, help=f"cosine similarity (default {FIND_THRESHOLD})")
     a.add_argument("--name", help="name it (an existing label's name adds it to that label)")
     a.add_argument("--dry-run", action="store_true", help="only report the best matches")
     a = acts.add_parser("refine", parents=[common],
