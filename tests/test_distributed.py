@@ -143,7 +143,18 @@ def test_a_run_through_ray_gives_the_same_clusters_as_one_process(tmp_path, engi
     assert local.n_images == remote.n_images == 8
 
 
-def test_ray_feature_extraction_resumes_per_shard(tmp_path, engine):
+@pytest.mark.parametrize("staging", ["store", "s3"])
+def test_ray_feature_extraction_resumes_per_shard(tmp_path, engine, s3_endpoint, staging):
+    """A cancelled extraction resumes per shard, from the shards staged in the store's folder or in
+    an S3 bucket (moto's server here): the same tokens as one process, the staging area emptied."""
+    if staging == "s3":
+        if s3_endpoint is None:
+            pytest.skip("moto is installed by requirements-test.txt")
+        pytest.importorskip("s3fs", reason="s3fs is installed by requirements-ray.txt")
+        engine.release_workers()           # the cluster has 2 CPUs: one engine's actors at a time
+        eng = RayEngine(RayConfig(address=engine.config.address, shard_items=2, staging=f"s3://{S3_BUCKET}/run"))
+    else:
+        eng = engine
     paths = _write_images(tmp_path / "imgs", n=10, seed=3)
     cfg = FeatureConfig(backbone="test_tiny", resolution=32, batch_size=2)
     seen = []
@@ -152,15 +163,15 @@ def test_ray_feature_extraction_resumes_per_shard(tmp_path, engine):
         return bool(seen) and seen[-1] > 0
 
     with pytest.raises(Cancelled):
-        engine.extract_features(paths, cfg, tmp_path / "cache", device="cpu",
-                                progress=lambda d, t: seen.append(d), cancel=cancel)
+        eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu",
+                             progress=lambda d, t: seen.append(d), cancel=cancel)
     root = next((tmp_path / "cache").iterdir())
     partial = FeatureStore.open(root)
     done_before = int(partial._done.sum())
     assert 0 < done_before < len(partial)
     time.sleep(2.0)          # shards still running when the driver stopped land in the staging area
-    store = engine.extract_features(paths, cfg, tmp_path / "cache", device="cpu")
-    stats = engine.last_stats["features"]
+    store = eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu")
+    stats = eng.last_stats["features"]
     assert store.complete and store.root == root
     # only what was missing was computed again (leftover shards ingested, finished items kept)
     assert stats["shards"] * 2 <= len(store) - done_before
@@ -170,6 +181,9 @@ def test_ray_feature_extraction_resumes_per_shard(tmp_path, engine):
     assert ref.root.name == root.name
     for i in range(len(ref)):
         np.testing.assert_array_equal(ref.tokens(i), store.tokens(i))
+    if staging == "s3":
+        assert Location(f"s3://{S3_BUCKET}/run/{root.name}").list() == []      # ingested, then removed
+        eng.release_workers()
 
 
 def test_shards_can_be_staged_in_an_fsspec_url(tmp_path, engine):
@@ -181,38 +195,6 @@ def test_shards_can_be_staged_in_an_fsspec_url(tmp_path, engine):
     store = eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu")
     assert store.complete and eng.last_stats["features"]["shards"] == 2
     assert Location(staging + "/" + store.root.name).list() == []      # ingested, then removed
-    eng.release_workers()
-
-
-def test_shards_can_be_staged_in_an_s3_bucket_and_a_run_resumes_from_them(tmp_path, engine, s3_endpoint):
-    """Workers write finished shards to S3 (moto's server here) and the driver moves them into the
-    feature store; a cancelled run resumes from what is there: the same tokens as one process,
-    and the bucket emptied."""
-    if s3_endpoint is None:
-        pytest.skip("moto is installed by requirements-test.txt")
-    pytest.importorskip("s3fs", reason="s3fs is installed by requirements-ray.txt")
-    paths = _write_images(tmp_path / "imgs", n=10, seed=11)
-    cfg = FeatureConfig(backbone="test_tiny", resolution=32, batch_size=2)
-    staging = f"s3://{S3_BUCKET}/run"
-    engine.release_workers()               # the cluster has 2 CPUs: one engine's actors at a time
-    eng = RayEngine(RayConfig(address=engine.config.address, shard_items=2, staging=staging))
-    seen = []
-    with pytest.raises(Cancelled):
-        eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu",
-                             progress=lambda d, t: seen.append(d), cancel=lambda: bool(seen) and seen[-1] > 0)
-    root = next((tmp_path / "cache").iterdir())
-    done_before = int(FeatureStore.open(root)._done.sum())
-    assert 0 < done_before < len(paths)
-    time.sleep(2.0)                        # shards still running when the driver stopped land in the bucket
-    store = eng.extract_features(paths, cfg, tmp_path / "cache", device="cpu")
-    assert store.complete and store.root == root
-    assert eng.last_stats["features"]["shards"] * 2 <= len(store) - done_before
-    from core.backbones import create_backbone
-
-    ref = extract_features(paths, create_backbone("test_tiny", device="cpu"), cfg, tmp_path / "cache_ref")
-    for i in range(len(ref)):
-        np.testing.assert_array_equal(ref.tokens(i), store.tokens(i))
-    assert Location(f"{staging}/{root.name}").list() == []      # ingested, then removed
     eng.release_workers()
 
 
