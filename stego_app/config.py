@@ -120,6 +120,13 @@ class AppConfig:
                      else data_dir / "cache")
         url = self.database_url or f"sqlite:///{data_dir / 'stego.db'}"
         roots = [Path(p).expanduser().resolve() for p in self.allowed_roots]
+        if self.ray_staging is not None:      # refused before any run is made, not when one starts
+            from core.distributed import RayConfig
+
+            try:
+                RayConfig(staging=self.ray_staging)
+            except ValueError as exc:
+                raise UserError(f"--ray-staging / STEGO_RAY_STAGING: {exc}") from None
         return replace(self, data_dir=data_dir, cache_dir=cache_dir, database_url=url,
                        allowed_roots=roots)
 

@@ -205,6 +205,10 @@ def test_a_staging_url_that_cannot_be_used_is_refused_up_front():
 
     assert AppConfig.from_env({"STEGO_RAY_STAGING": "s3://b/stego"}).ray_staging == "s3://b/stego"
     assert AppConfig.from_env({}, ray_staging="/mnt/shared").ray_staging == "/mnt/shared"
+    from stego_app.errors import UserError
+
+    with pytest.raises(UserError, match="STEGO_RAY_STAGING: the shard staging location 'nosuch://b' cannot be used"):
+        AppConfig.from_env({"STEGO_RAY_STAGING": "nosuch://b"}).resolved()
 
 
 def test_without_an_address_there_is_no_engine(monkeypatch):
