@@ -173,7 +173,8 @@ def main() -> None:
         f"{args.clusters} clusters, 2 worker processes. Backbone forward in {report['precision']} "
         + ("(`precision='auto'`: bfloat16 autocast on CPUs with native bfloat16 matrix units, float32 elsewhere); "
            if args.precision == "auto" else f"(`--precision {args.precision}`); ")
-        + ("" if config.crf else "No CRF in discovery (`--no-crf`); the propagation stage's CRF: ")
+        + ("CRF over the clusters in discovery (`--crf`): " if config.crf else
+           "No CRF over the clusters in discovery (the app's default); the propagation stage's CRF: ")
         + (f"CRF with the paper's parameters on the image at the inference size (short side "
            f"{report['crf_short_side']}, as the paper does), its marginals upsampled bilinearly to 480x360."
            if report["crf_short_side"] else "CRF with the paper's parameters at the full 480x360 resolution."),

@@ -85,6 +85,7 @@ class EvalSettings:
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     find_missing: bool = False               # click-to-find stand-in rows (one find per class left unnamed)
     find_threshold: float = DEFAULT_THRESHOLD
+    predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     n_jobs: int = 2
     seed: int = 0
 
@@ -103,6 +104,10 @@ class EvalSettings:
             raise ValueError(f"find_threshold must be in [-1, 1], got {self.find_threshold}")
         if self.find_missing and not self.propagate:
             raise ValueError("find_missing adds propagation rows: it needs propagate=True")
+        if self.predict_resolution is not None and not self.propagate:
+            raise ValueError("predict_resolution changes the propagated rows: it needs propagate=True")
+        if self.predict_resolution is not None and not 28 <= self.predict_resolution <= 2048:
+            raise ValueError(f"predict_resolution must be between 28 and 2048, got {self.predict_resolution}")
         if self.propagate_k is not None and not set(self.propagate_k) <= set(self.sweep):
             raise ValueError(f"propagate_k {self.propagate_k} must be among the sweep's K {self.sweep}")
         Propagator(self.n_classes, **self.propagation)._validate()
@@ -180,7 +185,9 @@ class Report:
             lines += ["", "## Over-clustering, each cluster named by its majority class", "",
                       f"Clusters with more than {100 * m['max_void_share']:.0f} % void pixels stay unnamed; "
                       "their pixels count as errors. Propagation: "
-                      f"{m.get('propagation', {})}.", "",
+                      f"{m.get('propagation', {})}"
+                      + (f"; the propagated rows predict on features at short side {m['predict_resolution']}"
+                         if m.get("predict_resolution") else "") + ".", "",
                       "Naming actions: one per named cluster; with groups: the same names given with the "
                       "Clusters tab's groups (K / 4 groups; name a group, then rename the members that "
                       "differ, or name members one by one, whichever is fewer).", "",
@@ -526,6 +533,15 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 props[("found", K)] = _fit_propagator(corpus, pipeline.head, centroids[(kind, K)], names[(kind, K)],
                                                       settings, found_of=found_of)
         timings["click_to_find"] = time.perf_counter() - t
+    predict_store = store        # the features the propagators predict on
+    if props and settings.predict_resolution not in (None, cfg.features.resolution):
+        t = time.perf_counter()
+        predict_store = extract_features(images, pipeline.backbone(),
+                                         dataclasses.replace(cfg.features, crop_mode="none",
+                                                             resolution=int(settings.predict_resolution)),
+                                         pipeline.cache_root / "features")
+        pipeline._backbone = None
+        timings["predict_features"] = time.perf_counter() - t
     if settings.crf or props:
         t = time.perf_counter()
         cms2: dict[str, ConfusionMatrix] = {}
@@ -536,7 +552,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 size = (int(sizes[i][0]), int(sizes[i][1]))
                 h, w = store.grid(i)
                 codes = item_codes(pipeline.head, store, i) if settings.crf else None
-                raw = np.asarray(store.tokens(i))
+                raw = np.asarray(predict_store.tokens(i))
+                ph, pw = predict_store.grid(i)
                 for K in settings.sweep:
                     if settings.crf:
                         lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
@@ -544,7 +561,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
                     for key, row in ((K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")):
                         if key in props:
-                            lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
+                            lp = props[key].predict_log_proba(raw).reshape(ph, pw, -1)
                             tags2.append((i, row))
                             yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side)
 
@@ -592,6 +609,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "propagation": ({"from": settings.propagate_from, "k": list(prop_k), "pseudo_alpha": settings.pseudo_alpha,
                          "min_confidence": settings.min_confidence,
                          **Propagator(C, **settings.propagation).get_params()} if settings.propagate else {}),
+        "predict_resolution": settings.predict_resolution,
         "click_to_find": ({"threshold": settings.find_threshold, "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in

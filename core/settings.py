@@ -101,7 +101,11 @@ class RunSettings:
         88, label="Number of clusters", minimum=2, maximum=256, flag="--clusters", aliases=("--n-clusters",),
         help="clusters to discover; well above the classes you expect (over-clustering: name them, a group "
              "of similar ones at a time, afterwards)")
-    crf: bool = _setting(True, label="Refine edges with a CRF", help="sharpen segment edges with a dense CRF")
+    crf: bool = _setting(
+        False, label="Refine cluster edges with a CRF",
+        help="sharpen the discovered clusters' edges with a dense CRF (its cost grows with the clusters: "
+             "about 2 s per image at 88 on 2 CPU cores); Refine with names runs its own CRF over the named "
+             "classes either way")
     steps: int | None = _setting(
         None, label="Training steps", minimum=0, maximum=1_000_000, group="training", help="head training steps",
         auto=f"{AUTO_STEPS_PER_ITEM} per training item, between {AUTO_STEPS_MIN} and {AUTO_STEPS_MAX}")

@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "after, clicked on the scored token that class fills most")
     e.add_argument("--find-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"similarity threshold of those finds (default {DEFAULT_THRESHOLD}, the app's)")
+    e.add_argument("--predict-resolution", type=int, default=None,
+                   help="short side of the features the propagated rows predict on (default: the run's "
+                        "resolution; more finds thinner things, extracts the scored images' features again)")
     o = parser.add_argument_group("output")
     o.add_argument("--cache-dir", type=Path, default=None,
                    help="where weights, features and fitted runs are cached (default: $STEGO_CACHE_DIR)")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> Report:
     else:
         fit_images, fit_masks = images, masks
     cache = Path(args.cache_dir or default_cache_dir())
-    settings = settings_from_args(args, n_clusters=C)
+    settings = settings_from_args(args, n_clusters=C, crf=True)   # the CRF rows: on unless --no-crf
     if settings.backbone is None:
         from core.backbones import default_backbone_name
 
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> Report:
         probes=not args.no_probes,
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
-        find_missing=args.find_missing, find_threshold=args.find_threshold, seed=settings.seed)
+        find_missing=args.find_missing, find_threshold=args.find_threshold, predict_resolution=args.predict_resolution,
+        seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
     report.write(Path(args.out))
     log.info("wrote %s.json and %s.md", args.out, args.out)

@@ -267,7 +267,7 @@ def _inputs(db, config, ref_id: int):
         items = s.execute(select(RunImage.position, RunImage.confirmed, Image.path, Image.height, Image.width)
                           .join(Image, RunImage.image_id == Image.id).where(RunImage.run_id == run.id)
                           .order_by(RunImage.position)).all()
-        return (run.id, Path(run.run_dir), dict(row.params or {}), bool((run.params or {}).get("crf", True)),
+        return (run.id, Path(run.run_dir), dict(row.params or {}),
                 [(int(p), bool(c), Path(path), (int(h), int(w))) for p, c, path, h, w in items])
 
 
@@ -329,7 +329,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     from core.pipeline import StegoPipeline, item_codes
     from core.refinement import refine
 
-    run_id, run_dir, params, run_crf, items = _inputs(db, config, ref_id)
+    run_id, run_dir, params, items = _inputs(db, config, ref_id)
     shim = SimpleNamespace(db=db, config=config)
     with db.read() as s:
         version = s.get(Run, run_id).mapping_version
@@ -347,7 +347,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = RefineConfig.from_dict({**params, "crf": bool(params.get("crf", run_crf)),
+    settings = RefineConfig.from_dict({**params, "crf": bool(params.get("crf", RefineConfig.crf)),
                                        "crf_resolution": pipe.config.crf_short_side,
                                        "n_jobs": max(1, int(getattr(config, "pipeline_jobs", 1) or 1)),
                                        "device": device})

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from core.evaluate import EvalSettings, evaluate, pair_images_and_masks
+from core.features import FeatureStore
 from stego_app import evaluate_cli
 
 COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 220]], dtype=np.uint8)
@@ -100,6 +101,38 @@ def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
     assert report.to_dict()["meta"]["n_images"] == 6
     with pytest.raises(ValueError, match="class names"):
         evaluate(pipe, images, masks, EvalSettings(n_classes=3, class_names=("a",)))
+
+
+def test_propagated_rows_can_predict_on_features_at_another_resolution(tmp_path):
+    from core.features import FeatureConfig
+    from core.pipeline import PipelineConfig
+    from core.training import TrainConfig
+
+    data = _dataset(tmp_path / "d", 6, 3)
+    images, masks = pair_images_and_masks(data / "images", data / "masks")
+    cfg = PipelineConfig(features=FeatureConfig(backbone="test_tiny", resolution=32),
+                         train=TrainConfig(steps=4, batch_size=4, code_dim=8), n_clusters=3, crf=False,
+                         device="cpu", n_jobs=1)
+    pipe = evaluate_cli.fit_pipeline(cfg, images, tmp_path / "cache")
+    before = set((tmp_path / "cache" / "features").iterdir())
+    settings = EvalSettings(n_classes=3, ignore_index=9, k_multiples=(2,), crf=False, n_jobs=1,
+                            propagation={"steps": 20, "batch_size": 64, "hidden": 16}, predict_resolution=64)
+    report = evaluate(pipe, images, masks, settings)
+    new = set((tmp_path / "cache" / "features").iterdir()) - before
+    assert len(new) == 1                       # the scored images' features at short side 64
+    store = FeatureStore.open(new.pop())
+    assert store.grid(0)[0] > pipe_grid(pipe)  # a finer token grid than the run's
+    assert report.meta["predict_resolution"] == 64 and "predict_features" in report.timings_s
+    assert 0.0 <= report.results["propagated_k6"].miou <= 1.0
+    assert "predict on features at short side 64" in report.to_markdown()
+    with pytest.raises(ValueError, match="needs propagate=True"):
+        EvalSettings(n_classes=3, propagate=False, predict_resolution=64).validate()
+
+
+def pipe_grid(pipe) -> int:
+    from core.evaluate import pipeline_features
+
+    return pipeline_features(pipe)[0].grid(0)[0]
 
 
 def test_evaluate_explains_missing_masks(tmp_path):

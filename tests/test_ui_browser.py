@@ -372,6 +372,8 @@ def test_03_discovery_run_shows_progress_and_finishes(page, db, shots):
     clusters_box.fill(str(RUN_CLUSTERS))
     clusters_box.press("Enter")
     expect(page.locator("#shift-self textarea, #shift-self input").first).to_have_value("")
+    expect(page.locator("#crf input")).not_to_be_checked()     # off by default: costly at many clusters
+    page.locator("#crf input").check()                           # this run wants the CRF stage
     page.locator("#crf-resolution textarea, #crf-resolution input").first.fill("48")
     page.locator("#btn-start").click()
     seen = wait_status(page, {"done", "failed"})

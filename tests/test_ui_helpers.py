@@ -98,7 +98,7 @@ def test_run_choice_label_names_status_backbone_and_size():
 
 
 def test_stage_states_of_a_running_run():
-    states = H.stage_states(make_run())
+    states = H.stage_states(make_run(params=RunSettings(backbone="test_tiny", n_clusters=5, crf=True)))
     assert [s for s, _, _ in states] == ["features", "knn", "training", "clustering", "segments", "crf"]
     assert states[0][1] == "done" and states[1][1] == "done"
     assert states[2] == ("training", "active", 0.5)

@@ -241,9 +241,9 @@ class App:
         first = items[0].image_id if items else None
         out.update({ex.image_dd: gr.update(choices=[(it.name, it.image_id) for it in items], value=first),
                     ex.opacity: 0.5,
-                    ex.crf: gr.update(value=bool(info.params.crf), interactive=bool(info.params.crf))})
+                    ex.crf: gr.update(value=True)})     # the best maps there are: refined, else CRF, else raw
         out.update(ex.gallery_views(run_id, 1))
-        out.update(self.label_views(run_id, first, 0.5, info.params.crf, None, reset_visible=True))
+        out.update(self.label_views(run_id, first, 0.5, True, None, reset_visible=True))
         out.update(self.export.export_views(run_id))
         return out
 
