@@ -187,9 +187,9 @@ def main() -> None:
         f"Total wall time: **{total:.0f} s** (target < {TARGET_S:.0f} s: {'met' if total < TARGET_S else 'NOT met'}).",
         f"Peak RSS: main process {main_peak:.0f} MB; largest worker process {sampler.peak_worker_mb:.0f} MB and "
         f"main + workers {sampler.peak_total_mb:.0f} MB (sampled every 0.5 s).",
-        "With CRF on, one pass computes each image's cluster map and its CRF refinement (one decode, one "
-        "probability map per image); the pipeline splits that pass's time by the CRF's measured share "
-        "into the segments and crf rows.",
+        *(["With CRF on, one pass computes each image's cluster map and its CRF refinement (one decode, one "
+           "probability map per image); the pipeline splits that pass's time by the CRF's measured share "
+           "into the segments and crf rows."] if config.crf else []),
         "",
         "Reproduce: `.venv/bin/python bench/bench_end_to_end.py " + " ".join(sys.argv[1:]) + "`"
         + ("" if args.propagate else " (discovery only)") + "; the earlier discovery-only reference: "

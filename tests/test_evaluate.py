@@ -81,7 +81,8 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     assert "| propagated + CRF | 6 |" in md
 
 
-def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
+def _fitted(tmp_path):
+    """A pipeline fitted (test_tiny, 32 px) on 6 images of the colour dataset, and its images and masks."""
     from core.features import FeatureConfig
     from core.pipeline import PipelineConfig
     from core.training import TrainConfig
@@ -91,7 +92,11 @@ def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
     cfg = PipelineConfig(features=FeatureConfig(backbone="test_tiny", resolution=32),
                          train=TrainConfig(steps=4, batch_size=4, code_dim=8), n_clusters=3, crf=False,
                          device="cpu", n_jobs=1)
-    pipe = evaluate_cli.fit_pipeline(cfg, images, tmp_path / "cache")
+    return evaluate_cli.fit_pipeline(cfg, images, tmp_path / "cache"), images, masks
+
+
+def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
+    pipe, images, masks = _fitted(tmp_path)
     feats = sorted((tmp_path / "cache" / "features").iterdir())
     report = evaluate(pipe, images, masks, EvalSettings(n_classes=3, ignore_index=9, k_multiples=(2,), crf=False,
                                                         propagate=False, n_jobs=1))
@@ -104,16 +109,7 @@ def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
 
 
 def test_propagated_rows_can_predict_on_features_at_another_resolution(tmp_path):
-    from core.features import FeatureConfig
-    from core.pipeline import PipelineConfig
-    from core.training import TrainConfig
-
-    data = _dataset(tmp_path / "d", 6, 3)
-    images, masks = pair_images_and_masks(data / "images", data / "masks")
-    cfg = PipelineConfig(features=FeatureConfig(backbone="test_tiny", resolution=32),
-                         train=TrainConfig(steps=4, batch_size=4, code_dim=8), n_clusters=3, crf=False,
-                         device="cpu", n_jobs=1)
-    pipe = evaluate_cli.fit_pipeline(cfg, images, tmp_path / "cache")
+    pipe, images, masks = _fitted(tmp_path)
     before = set((tmp_path / "cache" / "features").iterdir())
     settings = EvalSettings(n_classes=3, ignore_index=9, k_multiples=(2,), crf=False, n_jobs=1,
                             propagation={"steps": 20, "batch_size": 64, "hidden": 16}, predict_resolution=64)
