@@ -50,6 +50,7 @@ from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, major
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
                               cluster_probabilities, pseudo_labels, with_found)
+from core.settings import SettingsError, check
 from core.training import encode_tokens
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,11 @@ class EvalSettings:
             raise ValueError("find_missing adds propagation rows: it needs propagate=True")
         if self.predict_resolution is not None and not self.propagate:
             raise ValueError("predict_resolution changes the propagated rows: it needs propagate=True")
-        if self.predict_resolution is not None and not 28 <= self.predict_resolution <= 2048:
-            raise ValueError(f"predict_resolution must be between 28 and 2048, got {self.predict_resolution}")
+        if self.predict_resolution is not None:
+            try:
+                check("resolution", self.predict_resolution)      # the run setting's limits
+            except SettingsError as exc:
+                raise ValueError(f"predict_resolution: {exc}") from None
         if self.propagate_k is not None and not set(self.propagate_k) <= set(self.sweep):
             raise ValueError(f"propagate_k {self.propagate_k} must be among the sweep's K {self.sweep}")
         Propagator(self.n_classes, **self.propagation)._validate()
@@ -550,10 +554,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         def jobs2() -> Iterator[ClassMapJob]:
             for i in range(len(store)):
                 size = (int(sizes[i][0]), int(sizes[i][1]))
-                h, w = store.grid(i)
                 codes = item_codes(pipeline.head, store, i) if settings.crf else None
                 raw = np.asarray(predict_store.tokens(i))
-                ph, pw = predict_store.grid(i)
+                h, w = predict_store.grid(i)
                 for K in settings.sweep:
                     if settings.crf:
                         lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
@@ -561,7 +564,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
                     for key, row in ((K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")):
                         if key in props:
-                            lp = props[key].predict_log_proba(raw).reshape(ph, pw, -1)
+                            lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
                             tags2.append((i, row))
                             yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side)
 
@@ -644,8 +647,8 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
     tokens take that class at full weight, as the app's refinement does with found clusters.
     """
     kind = settings.propagate_from
-    labels, weights = [], []
-    for i in range(len(corpus)):
+
+    def labels_of(i: int) -> tuple[np.ndarray, np.ndarray]:       # read twice per item, as the app does
         x = np.asarray(corpus.tokens(i), dtype=np.float32)
         v = encode_tokens(head, x) if kind == "stego" else x
         lab, wt = pseudo_labels(cluster_probabilities(v, centroids, settings.pseudo_alpha), names,
@@ -653,9 +656,9 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
         found = found_of(i) if found_of is not None else None
         if found is not None:
             lab, wt, _ = with_found(lab, wt, found)
-        labels.append(lab)
-        weights.append(wt)
-    return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels, weights)
+        return lab, wt
+
+    return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels_of)
 
 
 def _best_clicks(clicks: dict, i: int, target: np.ndarray, grid: tuple[int, int], n_classes: int) -> None:

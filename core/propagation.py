@@ -48,6 +48,13 @@ PROPAGATOR_DEFAULTS = {"hidden": 256, "keep_fraction": 0.7, "class_balance": 0.5
                        "batch_size": 1024, "lr": 1e-3}
 
 Progress = Callable[[int, int, float], None]   # (step, steps, loss)
+LabelSource = Callable[[int], tuple[np.ndarray, "np.ndarray | None"]]   # item -> (labels, weights)
+WEIGHT_STEPS = 1024        # weights are ranked for keep_fraction in steps of 1/1024
+MAX_WEIGHT_KEY = 64 * WEIGHT_STEPS   # weights above 64 rank as equal
+
+
+def _weight_keys(weights: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(weights, np.float64) * WEIGHT_STEPS), 0, MAX_WEIGHT_KEY).astype(np.int64)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -186,63 +193,115 @@ class Propagator:
                 net = torch.nn.Sequential(torch.nn.Dropout(self.dropout), torch.nn.Linear(in_dim, self.n_classes))
         return net
 
-    def _select(self, features: TokenFeatures, labels: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None,
-                rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """Per item, the positions kept for training; and the kept labels/weights (concatenated)."""
-        C = int(self.n_classes)
+    def _source(self, features: TokenFeatures, labels: Sequence[np.ndarray] | LabelSource,
+                weights: Sequence[np.ndarray] | None) -> LabelSource:
+        """One way to read the labels of item i, whether given as lists or as a callable."""
+        if callable(labels):
+            if weights is not None:
+                raise ValueError("a labels callable returns (labels, weights) itself; do not pass weights too")
+            return labels
         n = len(features)
         if len(labels) != n or (weights is not None and len(weights) != n):
             raise ValueError(f"labels (and weights) need one array per item: {n} items, {len(labels)} label arrays"
                              + ("" if weights is None else f", {len(weights)} weight arrays"))
-        labs, wts = [], []
+        return lambda i: (labels[i], None if weights is None else weights[i])
+
+    def _item(self, features: TokenFeatures, source: LabelSource, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Checked labels (T,) int64 (-1 where the weight is 0) and weights (T,) float32 of item i."""
+        h, w = features.grid(i)
+        lab, wt = source(i)
+        lab = np.asarray(lab).astype(np.int64).ravel()
+        if lab.shape[0] != h * w:
+            raise ValueError(f"labels[{i}] has {lab.shape[0]} entries, item {i} has {h * w} tokens ({h}x{w})")
+        if lab.size and lab.max() >= self.n_classes:
+            raise ValueError(f"labels[{i}] holds class {lab.max()} but n_classes is {self.n_classes}")
+        wt = np.ones(lab.shape, np.float32) if wt is None else np.asarray(wt, np.float32).ravel()
+        if wt.shape != lab.shape:
+            raise ValueError(f"weights[{i}] has {wt.shape[0]} entries, labels[{i}] {lab.shape[0]}")
+        return np.where(wt > 0, lab, -1), wt
+
+    def _select(self, features: TokenFeatures, source: LabelSource, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The training tokens (features float16, labels, weights) in two streaming passes.
+
+        Pass 1 counts, per class, the labelled tokens by weight (quantised to 1/WEIGHT_STEPS);
+        that fixes each class's weight threshold for ``keep_fraction`` and the sampling rate that
+        keeps about ``max_tokens``. Pass 2 reads the labels again and keeps the tokens above the
+        thresholds (at random within a threshold's own weight step), so memory holds only the kept
+        tokens and per-class counts, whatever the number of items.
+        """
+        C = int(self.n_classes)
+        n = len(features)
+        hist = [np.zeros(0, np.int64) for _ in range(C)]
         for i in range(n):
-            h, w = features.grid(i)
-            lab = np.asarray(labels[i]).astype(np.int64).ravel()
-            if lab.shape[0] != h * w:
-                raise ValueError(f"labels[{i}] has {lab.shape[0]} entries, item {i} has {h * w} tokens ({h}x{w})")
-            if lab.size and lab.max() >= C:
-                raise ValueError(f"labels[{i}] holds class {lab.max()} but n_classes is {C}")
-            wt = np.ones(lab.shape, np.float32) if weights is None else np.asarray(weights[i], np.float32).ravel()
-            if wt.shape != lab.shape:
-                raise ValueError(f"weights[{i}] has {wt.shape[0]} entries, labels[{i}] {lab.shape[0]}")
-            lab = np.where(wt > 0, lab, -1)
-            labs.append(lab)
-            wts.append(wt)
-        flat_l = np.concatenate(labs)
-        flat_w = np.concatenate(wts)
-        keep = flat_l >= 0
-        if not keep.any():
+            lab, wt = self._item(features, source, i)
+            on = lab >= 0
+            if not on.any():
+                continue
+            keys = _weight_keys(wt[on])
+            for c in np.unique(lab[on]):
+                counts = np.bincount(keys[lab[on] == c])
+                if counts.size > hist[c].size:
+                    hist[c] = np.pad(hist[c], (0, counts.size - hist[c].size))
+                hist[c][:counts.size] += counts
+        totals = np.array([h.sum() for h in hist], np.int64)
+        if not totals.any():
             raise ValueError("no labelled tokens: name at least one cluster (or give seed images) first")
-        present = np.unique(flat_l[keep])
+        present = np.flatnonzero(totals)
         if present.size < 2:
             raise ValueError(f"only one class ({int(present[0])}) has labelled tokens; a classifier needs at "
                              "least two: name clusters of another class too")
-        if self.keep_fraction < 1.0:  # per class, the top keep_fraction by weight (ties broken at random)
-            for c in present:
-                idx = np.flatnonzero(flat_l == c)
-                n_keep = max(1, int(round(self.keep_fraction * idx.size)))
-                if n_keep < idx.size:
-                    jitter = rng.random(idx.size) * 1e-6
-                    order = np.argsort(-(flat_w[idx] + jitter), kind="stable")
-                    keep[idx[order[n_keep:]]] = False
-        total = int(keep.sum())
-        if total > self.max_tokens:  # uniform subsample: memory is bounded whatever the corpus size
-            on = np.flatnonzero(keep)
-            drop = rng.choice(on, size=total - int(self.max_tokens), replace=False)
-            keep[drop] = False
-        positions, offset = [], 0
-        for lab in labs:
-            positions.append(np.flatnonzero(keep[offset:offset + lab.shape[0]]))
-            offset += lab.shape[0]
-        return positions, flat_l[keep], flat_w[keep]
+        # per class: keep weight keys above `cut`, and a share `part` of the tokens at `cut` itself
+        cut = np.full(C, np.iinfo(np.int64).max, np.int64)
+        part = np.zeros(C)
+        wanted = 0
+        for c in present:
+            n_keep = max(1, int(round(self.keep_fraction * totals[c])))
+            above = np.cumsum(hist[c][::-1])                       # tokens at or above each key, top down
+            j = int(np.searchsorted(above, n_keep))                 # first key reaching n_keep
+            cut[c] = hist[c].size - 1 - j
+            before = above[j - 1] if j else 0
+            part[c] = (n_keep - before) / hist[c][cut[c]]
+            wanted += n_keep
+        rate = min(1.0, int(self.max_tokens) / wanted)              # uniform subsample beyond max_tokens
+        room = min(wanted, int(self.max_tokens))
+        room += int(6 * np.sqrt(room)) + 64                          # Bernoulli slack, trimmed below
+        X = np.empty((room, int(features.embed_dim)), dtype=np.float16)  # float16 like the feature store
+        y = np.empty(room, np.int64)
+        w = np.empty(room, np.float32)
+        off = 0
+        for i in range(n):
+            lab, wt = self._item(features, source, i)
+            on = lab >= 0
+            if not on.any():
+                continue
+            keys = _weight_keys(wt)
+            c = np.where(on, lab, 0)
+            r = rng.random(lab.shape[0])
+            keep = on & ((keys > cut[c]) | ((keys == cut[c]) & (r < part[c])))
+            if rate < 1.0:
+                keep &= rng.random(lab.shape[0]) < rate
+            pos = np.flatnonzero(keep)[:room - off]
+            if pos.size:
+                X[off:off + pos.size] = np.asarray(features.tokens(i))[pos]
+                y[off:off + pos.size] = lab[pos]
+                w[off:off + pos.size] = wt[pos]
+                off += pos.size
+        if off > self.max_tokens:
+            pick = np.sort(rng.choice(off, size=int(self.max_tokens), replace=False))
+            return X[pick], y[pick], w[pick]
+        return X[:off], y[:off], w[:off]
 
     # ---------------------------------------------------------------- fitting
-    def fit(self, features: TokenFeatures, labels: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None,
-            progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> "Propagator":
+    def fit(self, features: TokenFeatures, labels: Sequence[np.ndarray] | LabelSource,
+            weights: Sequence[np.ndarray] | None = None, progress: Progress | None = None,
+            cancel: Callable[[], bool] | None = None) -> "Propagator":
         """Train on the labelled tokens of every item.
 
         ``labels[i]`` (h*w,) int class per token of item i (-1 = no label); ``weights[i]`` (h*w,)
-        confidence per token (0 = unlabelled; pseudo-labels in (0, 1], seeds > 1, e.g. 3).
+        confidence per token (0 = unlabelled; pseudo-labels in (0, 1], seeds > 1, e.g. 3). Or
+        ``labels`` is a callable ``i -> (labels, weights)`` (weights may be None), called twice
+        per item, so that nothing of the size of the corpus is held in memory.
         ``progress(step, steps, loss)`` is called every 50 steps; ``cancel()`` is polled as often
         and raises core.errors.Cancelled.
         """
@@ -250,14 +309,8 @@ class Propagator:
 
         self._validate()
         rng = np.random.default_rng(self.seed)
-        positions, y, w = self._select(features, labels, weights, rng)
+        X, y, w = self._select(features, self._source(features, labels, weights), rng)
         C = int(features.embed_dim)
-        X = np.empty((y.shape[0], C), dtype=np.float16)  # one buffer, float16 like the feature store
-        off = 0
-        for i, pos in enumerate(positions):
-            if pos.size:
-                X[off:off + pos.size] = np.asarray(features.tokens(i))[pos]
-                off += pos.size
         mean = X.mean(axis=0, dtype=np.float64)
         var = np.zeros(C)
         for s in range(0, X.shape[0], 65536):

@@ -148,37 +148,51 @@ class ClassSpace:
         return cls(tuple(c2c), tuple(reps), tuple(names))
 
 
-def _training_labels(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray,
-                     space: ClassSpace, config: RefineConfig, found_of: Callable[[int], np.ndarray | None],
-                     seeds: dict[int, np.ndarray], report: Progress, check: Callable[[], bool]
-                     ) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
-    c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
-    k = centroids.shape[0]
-    labels, weights = [], []
-    n = len(features)
-    stats = {"pseudo_tokens": 0, "seed_tokens": 0, "found_tokens": 0}
-    for i in range(n):
-        if check():
+class _LabelSource:
+    """Item i -> (labels, weights) of its tokens: pseudo-labels of the named clusters, found regions
+    and seeds on top. Propagator.fit reads every item twice (so nothing corpus-sized is kept);
+    progress runs over both passes and the counts are those of the latest read of each item."""
+
+    def __init__(self, n: int, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray, space: ClassSpace,
+                 config: RefineConfig, found_of: Callable[[int], np.ndarray | None], seeds: dict[int, np.ndarray],
+                 report: Progress, check: Callable[[], bool]):
+        self.n, self.codes_of, self.centroids, self.config = n, codes_of, centroids, config
+        self.found_of, self.seeds, self.report, self.check = found_of, seeds, report, check
+        self.c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
+        self.counts = np.zeros((n, 3), np.int64)     # per item: labelled, seed and found tokens
+        self.reads = 0
+        self.finished_at: float | None = None      # when the last read of the second pass ended
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.check():
             raise Cancelled(f"refinement cancelled while labelling item {i}")
-        probs = cluster_probabilities(codes_of(i), centroids, config.pseudo_alpha)
-        lab, wt = pseudo_labels(probs, c2c[:k], min_confidence=config.min_confidence)
-        fnd = found_of(i)
+        c2c, k = self.c2c, self.centroids.shape[0]
+        probs = cluster_probabilities(self.codes_of(i), self.centroids, self.config.pseudo_alpha)
+        lab, wt = pseudo_labels(probs, c2c[:k], min_confidence=self.config.min_confidence)
+        found = seeded = 0
+        fnd = self.found_of(i)
         if fnd is not None:
             hit = fnd >= 0
-            lab, wt, taken = with_found(lab, wt, np.where(hit, c2c[np.clip(fnd, 0, len(c2c) - 1)], -1), hit)
-            stats["found_tokens"] += taken
-        if i in seeds:
-            seed = np.asarray(seeds[i]).ravel()
+            lab, wt, found = with_found(lab, wt, np.where(hit, c2c[np.clip(fnd, 0, len(c2c) - 1)], -1), hit)
+        if i in self.seeds:
+            seed = np.asarray(self.seeds[i]).ravel()
             cls = np.where(seed >= 0, c2c[np.clip(seed, 0, len(c2c) - 1)], -1)
             has = cls >= 0
             lab = np.where(has, cls, lab)
-            wt = np.where(has, config.seed_weight, wt).astype(np.float32)
-            stats["seed_tokens"] += int(has.sum())
-        stats["pseudo_tokens"] += int((lab >= 0).sum())
-        labels.append(lab)
-        weights.append(wt)
-        report("pseudo-labels", (i + 1) / n, {"items": i + 1, "total": n})
-    return labels, weights, stats
+            wt = np.where(has, self.config.seed_weight, wt).astype(np.float32)
+            seeded = int(has.sum())
+        self.counts[i] = (int((lab >= 0).sum()), seeded, found)
+        self.reads += 1
+        self.report("pseudo-labels", self.reads / (2 * self.n), {"items": min(self.reads, 2 * self.n),
+                                                                  "total": 2 * self.n})
+        if self.reads >= 2 * self.n:
+            self.finished_at = time.perf_counter()
+        return lab, wt
+
+    @property
+    def stats(self) -> dict:
+        total = self.counts.sum(axis=0)
+        return {"pseudo_tokens": int(total[0]), "seed_tokens": int(total[1]), "found_tokens": int(total[2])}
 
 
 def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray,
@@ -223,18 +237,18 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
         report("training", 1.0, {"skipped": True})
     else:
         t0 = time.perf_counter()
-        labels, weights, stats = _training_labels(features, codes_of, np.asarray(centroids), space, config,
-                                                  found_of or (lambda i: None), seeds or {}, report, check)
-        timings["pseudo-labels"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
+        source = _LabelSource(n, codes_of, np.asarray(centroids), space, config, found_of or (lambda i: None),
+                              seeds or {}, report, check)
 
         def on_step(step: int, steps: int, loss: float) -> None:
             report("training", step / max(steps, 1), {"step": step, "steps": steps, "loss": loss})
 
-        prop = config.propagator(space.n_classes).fit(features, labels, weights, progress=on_step, cancel=check)
-        del labels, weights
+        prop = config.propagator(space.n_classes).fit(features, source, progress=on_step, cancel=check)
+        t1 = source.finished_at or t0
+        timings["pseudo-labels"] = round(t1 - t0, 3)
+        timings["training"] = round(time.perf_counter() - t1, 3)
+        stats = source.stats
         prop.save(model_path)
-        timings["training"] = round(time.perf_counter() - t0, 3)
     lut = np.asarray(space.class_to_cluster, dtype=np.int64)
     todo = [i for i in range(n) if not (out_dir / f"{i:06d}.png").is_file()]
     flip = bool(getattr(features, "has_flip", False))

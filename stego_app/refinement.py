@@ -347,8 +347,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = RefineConfig.from_dict({**params, "crf": bool(params.get("crf", RefineConfig.crf)),
-                                       "crf_resolution": pipe.config.crf_short_side,
+    settings = RefineConfig.from_dict({**params, "crf_resolution": pipe.config.crf_short_side,
                                        "n_jobs": max(1, int(getattr(config, "pipeline_jobs", 1) or 1)),
                                        "device": device})
     partial_root = rd.refined_partial_root

@@ -101,6 +101,32 @@ def test_keep_fraction_keeps_the_most_confident_tokens():
     assert np.abs(prop.class_counts_ - np.round(full * 0.5)).max() <= 1
 
 
+def test_labels_stream_from_a_callable_read_twice_and_the_token_cap_holds():
+    """A corpus too big for its labels to sit in memory: labels come from a callable (read once to
+    plan, once to pick), the result is the lists' result, and max_tokens bounds the training set
+    while keeping the class proportions and the most confident tokens."""
+    feats, truth, _ = _corpus(n_items=20)
+    w = [np.linspace(0.5, 1.0, 48).astype(np.float32)[np.random.default_rng(i).permutation(48)] for i in range(20)]
+    reads = []
+
+    def labels_of(i):
+        reads.append(i)
+        return truth[i], w[i]
+
+    kw = dict(keep_fraction=0.5, steps=5, batch_size=8, seed=3)
+    streamed = Propagator(3, **kw).fit(feats, labels_of)
+    listed = Propagator(3, **kw).fit(feats, truth, w)
+    assert sorted(reads) == sorted(list(range(20)) * 2)
+    assert streamed.class_counts_.tolist() == listed.class_counts_.tolist()
+    assert np.allclose(streamed.mean_, listed.mean_)
+    full = np.bincount(np.concatenate(truth), minlength=3)
+    capped = Propagator(3, max_tokens=150, steps=1, batch_size=8, keep_fraction=1.0).fit(feats, labels_of)
+    assert capped.n_train_tokens_ == 150
+    assert np.abs(capped.class_counts_ / 150 - full / full.sum()).max() < 0.08
+    with pytest.raises(ValueError, match="do not pass weights"):
+        Propagator(3).fit(feats, labels_of, w)
+
+
 def test_class_map_upsamples_and_refines_with_crf(tmp_path):
     from PIL import Image
 

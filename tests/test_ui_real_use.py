@@ -468,6 +468,7 @@ def test_one_image_project_and_removing_images(browser, app, db, prepared, shots
         pg.screenshot(path=str(shots / "one_image.png"), full_page=True)
 
         thumb.click()
+        expect(pg.locator("#remove-select")).to_contain_text("solo.png")   # picked before Remove is pressed
         pg.locator("#btn-remove").click()                     # asked first; "Keep them" keeps them
         expect(pg.locator("#remove-question")).to_contain_text("Remove 1 image from the project?")
         pg.locator("#btn-remove-no").click()
