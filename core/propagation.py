@@ -45,7 +45,7 @@ DEFAULT_MIN_CONFIDENCE = 0.5
 # The Propagator's training defaults: the one home of these values (the app's refinement stage and
 # evaluate take them from here). Chosen on CamVid train, docs/evaluation.md.
 PROPAGATOR_DEFAULTS = {"hidden": 256, "keep_fraction": 0.7, "class_balance": 0.5, "steps": 1000,
-                       "batch_size": 1024, "lr": 1e-3}
+                       "batch_size": 1024, "lr": 1e-3, "rounds": 1}
 
 Progress = Callable[[int, int, float], None]   # (step, steps, loss)
 LabelSource = Callable[[int], tuple[np.ndarray, "np.ndarray | None"]]   # item -> (labels, weights)
@@ -133,6 +133,8 @@ class Propagator:
       weight for seeds only).
     - ``max_tokens``: cap on training tokens held in memory (a uniform subsample beyond it), so
       memory is flat in the number of images.
+    - ``rounds``: 1 = train once; more = self-training, each round a new classifier trained on the
+      previous one's predictions (seeds and found regions keep their labels).
     - ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``dropout``, ``label_smoothing``: training.
     """
 
@@ -142,7 +144,8 @@ class Propagator:
                  max_tokens: int = 300_000, steps: int = PROPAGATOR_DEFAULTS["steps"],
                  batch_size: int = PROPAGATOR_DEFAULTS["batch_size"], lr: float = PROPAGATOR_DEFAULTS["lr"],
                  weight_decay: float = 1e-4,
-                 dropout: float = 0.2, label_smoothing: float = 0.1, seed: int = 0, device: str = "cpu"):
+                 dropout: float = 0.2, label_smoothing: float = 0.1, rounds: int = PROPAGATOR_DEFAULTS["rounds"],
+                 seed: int = 0, device: str = "cpu"):
         self.n_classes = n_classes
         self.hidden = hidden
         self.keep_fraction = keep_fraction
@@ -155,6 +158,7 @@ class Propagator:
         self.weight_decay = weight_decay
         self.dropout = dropout
         self.label_smoothing = label_smoothing
+        self.rounds = rounds
         self.seed = seed
         self.device = device
 
@@ -162,7 +166,7 @@ class Propagator:
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("n_classes", "hidden", "keep_fraction", "class_balance", "weighted",
                                                "max_tokens", "steps", "batch_size", "lr", "weight_decay",
-                                               "dropout", "label_smoothing", "seed", "device")}
+                                               "dropout", "label_smoothing", "rounds", "seed", "device")}
 
     def _validate(self) -> None:
         if int(self.n_classes) < 2:
@@ -173,7 +177,7 @@ class Propagator:
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.class_balance < 0:
             raise ValueError(f"class_balance must be >= 0, got {self.class_balance}")
-        for name in ("max_tokens", "steps", "batch_size"):
+        for name in ("max_tokens", "steps", "batch_size", "rounds"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -301,16 +305,39 @@ class Propagator:
         ``labels[i]`` (h*w,) int class per token of item i (-1 = no label); ``weights[i]`` (h*w,)
         confidence per token (0 = unlabelled; pseudo-labels in (0, 1], seeds > 1, e.g. 3). Or
         ``labels`` is a callable ``i -> (labels, weights)`` (weights may be None), called twice
-        per item, so that nothing of the size of the corpus is held in memory.
-        ``progress(step, steps, loss)`` is called every 50 steps; ``cancel()`` is polled as often
-        and raises core.errors.Cancelled.
+        per item and round, so that nothing of the size of the corpus is held in memory.
+        With ``rounds`` > 1 each later round trains a new classifier on the previous one's
+        predictions (self-training), tokens of weight >= 1 (seeds, found regions) keeping theirs.
+        ``progress(step, steps, loss)`` is called every 50 steps (counted over all rounds);
+        ``cancel()`` is polled as often and raises core.errors.Cancelled.
         """
-        import torch
-
         self._validate()
         rng = np.random.default_rng(self.seed)
-        X, y, w = self._select(features, self._source(features, labels, weights), rng)
-        C = int(features.embed_dim)
+        source = self._source(features, labels, weights)
+        self.history_: list[float] = []
+        for r in range(int(self.rounds)):
+            X, y, w = self._select(features, source if r == 0 else self._predicted(features, source), rng)
+            self._train_round(X, y, w, r, progress, cancel)
+            del X, y, w
+        return self
+
+    def _predicted(self, features: TokenFeatures, source: LabelSource) -> LabelSource:
+        """Labels of the next self-training round: this classifier's most probable class and its
+        probability, except where the given weight is >= 1 (seeds and found regions)."""
+        def labels_of(i: int) -> tuple[np.ndarray, np.ndarray]:
+            lab, wt = source(i)
+            lab = np.asarray(lab).astype(np.int64).ravel()
+            wt = np.ones(lab.shape, np.float32) if wt is None else np.asarray(wt, np.float32).ravel()
+            lp = self.predict_log_proba(np.asarray(features.tokens(i)))
+            keep = wt >= 1.0
+            return np.where(keep, lab, lp.argmax(axis=1)), np.where(keep, wt, np.exp(lp.max(axis=1))).astype(np.float32)
+        return labels_of
+
+    def _train_round(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, r: int, progress: Progress | None,
+                     cancel: Callable[[], bool] | None) -> None:
+        import torch
+
+        C = int(X.shape[1])
         mean = X.mean(axis=0, dtype=np.float64)
         var = np.zeros(C)
         for s in range(0, X.shape[0], 65536):
@@ -331,14 +358,13 @@ class Propagator:
         net = self._build(C).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=int(self.steps), pct_start=0.1)
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed + r)
         mean_t, scale_t = torch.from_numpy(self.mean_).to(device), torch.from_numpy(self.scale_).to(device)
         cw_t = torch.from_numpy(cw.astype(np.float32)).to(device)
         yt, wt = torch.from_numpy(y), torch.from_numpy(sample_w)
         n = y.shape[0]
         bs = min(int(self.batch_size), n)
         net.train()
-        self.history_: list[float] = []
         running = 0.0
         for step in range(1, int(self.steps) + 1):
             idx = torch.randint(0, n, (bs,), generator=gen).sort().values  # sorted: faster gather
@@ -357,13 +383,12 @@ class Propagator:
                 self.history_.append(running / k)
                 running = 0.0
                 if progress is not None:
-                    progress(step, int(self.steps), self.history_[-1])
+                    progress(r * int(self.steps) + step, int(self.rounds) * int(self.steps), self.history_[-1])
                 if cancel is not None and cancel():
-                    raise Cancelled(f"propagation training cancelled at step {step}")
+                    raise Cancelled(f"propagation training cancelled at step {step} of round {r + 1}")
         net.eval()
         self.net_ = net.cpu()
         self.n_features_in_ = C
-        return self
 
     # -------------------------------------------------------------- inference
     def _check_fitted(self) -> None:
