@@ -42,7 +42,7 @@ from PIL import Image
 from core.atomic import atomic_write_json, atomic_write_text
 from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
 from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
-from core.crf import ClusterMapJob, cluster_map, ordered_map
+from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
 from core.hierarchy import ClusterHierarchy
 from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, majority_names, named_scores,
@@ -87,6 +87,7 @@ class EvalSettings:
     find_missing: bool = False               # click-to-find stand-in rows (one find per class left unnamed)
     find_threshold: float = DEFAULT_THRESHOLD
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
+    propagation_crf: dict = field(default_factory=dict)   # core.crf.CRFParams keyword arguments, propagated rows
     n_jobs: int = 2
     seed: int = 0
 
@@ -115,6 +116,10 @@ class EvalSettings:
         if self.propagate_k is not None and not set(self.propagate_k) <= set(self.sweep):
             raise ValueError(f"propagate_k {self.propagate_k} must be among the sweep's K {self.sweep}")
         Propagator(self.n_classes, **self.propagation)._validate()
+        try:
+            CRFParams(**self.propagation_crf)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"propagation_crf: {exc}") from None
 
     @property
     def sweep(self) -> tuple[int, ...]:
@@ -566,7 +571,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         if key in props:
                             lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
                             tags2.append((i, row))
-                            yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side)
+                            yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side,
+                                              params=CRFParams(**settings.propagation_crf))
 
         for res in ordered_map(class_map, jobs2(), settings.n_jobs):
             i, name = tags2.popleft()
@@ -613,6 +619,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                          "min_confidence": settings.min_confidence,
                          **Propagator(C, **settings.propagation).get_params()} if settings.propagate else {}),
         "predict_resolution": settings.predict_resolution,
+        "propagation_crf": dict(settings.propagation_crf),
         "click_to_find": ({"threshold": settings.find_threshold, "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--propagate-k", default=None, help="comma-separated K values to propagate (default: all)")
     e.add_argument("--propagate-from", default="stego", choices=("stego", "raw"))
     e.add_argument("--propagation", default="{}", help="JSON of core.propagation.Propagator keyword arguments")
+    e.add_argument("--propagation-crf", default="{}",
+                   help="JSON of core.crf.CRFParams keyword arguments for the propagated rows' CRF")
     e.add_argument("--find-missing", action="store_true",
                    help="also propagate after a click-to-find stand-in: one find per class no cluster was named "
                         "after, clicked on the scored token that class fills most")
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> Report:
         propagate=not args.no_propagation, kmeans_samples=args.kmeans_samples, kmeans_n_init=args.kmeans_n_init,
         probes=not args.no_probes,
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
-        propagate_from=args.propagate_from, propagation=json.loads(args.propagation), n_jobs=args.jobs,
+        propagate_from=args.propagate_from, propagation=json.loads(args.propagation),
+        propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
         find_missing=args.find_missing, find_threshold=args.find_threshold, predict_resolution=args.predict_resolution,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)

@@ -123,6 +123,10 @@ def test_propagated_rows_can_predict_on_features_at_another_resolution(tmp_path)
     assert "predict on features at short side 64" in report.to_markdown()
     with pytest.raises(ValueError, match="needs propagate=True"):
         EvalSettings(n_classes=3, propagate=False, predict_resolution=64).validate()
+    with pytest.raises(ValueError, match="propagation_crf: .*bilateral_srgb must be > 0"):
+        EvalSettings(n_classes=3, propagation_crf={"bilateral_srgb": 0}).validate()
+    with pytest.raises(ValueError, match="propagation_crf: .*unexpected keyword argument 'srgb'"):
+        EvalSettings(n_classes=3, propagation_crf={"srgb": 5}).validate()
 
 
 def pipe_grid(pipe) -> int:

@@ -154,6 +154,12 @@ def test_04_accept_a_merge_suggestion(page, db, shots):
 
 def test_05_refine_with_names_in_the_background(page, db, app):
     close_toasts(page)
+    tab(page, "Explore")                        # an image shown before the refined maps exist
+    page.locator("#explore-gallery .thumbnail-item").nth(2).click()
+    expect(field(page, "explore-image")).to_have_value("street_10.png")
+    expect(page.locator("#explore-maps")).to_have_attribute("data-maps", re.compile("raw clusters|CRF-refined"),
+                                                            timeout=30_000)
+    tab(page, "Clusters")
     field(page, "refine-steps").fill("150")     # the default (1000) is for real corpora
     page.locator("#btn-refine").click()
     box = page.locator("#refine-status-box")
@@ -169,11 +175,13 @@ def test_05_refine_with_names_in_the_background(page, db, app):
 
 def test_06_click_to_find_makes_a_new_cluster(page, db, shots):
     close_toasts(page)
-    tab(page, "Explore")
+    tab(page, "Explore")                         # opening the tab shows the maps refined meanwhile
+    expect(page.locator("#explore-maps")).to_have_attribute("data-maps", "refined with names", timeout=30_000)
     page.locator("#explore-gallery .thumbnail-item").nth(0).click()
     page.locator("#explore-gallery .thumbnail-item").nth(1).click()       # open an image again: refined maps
     expect(field(page, "explore-image")).to_have_value("street_1.png")    # the last click wins
     expect(page.locator("#explore-maps")).to_have_attribute("data-maps", "refined with names", timeout=30_000)
+    settle(page)                                                          # street_1 drawn before clicking it
     img = page.locator("#explore-original img")
     expect(img).to_be_visible()
     bbox = img.bounding_box()

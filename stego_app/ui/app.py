@@ -178,8 +178,8 @@ class App:
                 self.discover = DiscoverTab(self, discover_tab)
             with gr.Tab("3 · Clusters", id="clusters", elem_id="tab-clusters"):
                 self.clusters = ClustersTab(self)
-            with gr.Tab("4 · Explore", id="explore", elem_id="tab-explore"):
-                self.explore = ExploreTab(self)
+            with gr.Tab("4 · Explore", id="explore", elem_id="tab-explore") as explore_tab:
+                self.explore = ExploreTab(self, explore_tab)
             with gr.Tab("5 · Export", id="export", elem_id="tab-export"):
                 self.export = ExportTab(self)
         ex = self.explore

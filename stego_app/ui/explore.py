@@ -16,8 +16,8 @@ from stego_app.ui.naming import FindPanel
 class ExploreTab:
     """The Explore tab's components (built in the current gr.Tab) and handlers."""
 
-    def __init__(self, app):
-        self.app, self.ctx = app, app.ctx
+    def __init__(self, app, tab):
+        self.app, self.ctx, self.tab = app, app.ctx, tab
         self.gallery = gr.Gallery(label="Click an image", columns=10, height=200,
                                   allow_preview=False, elem_id="explore-gallery",
                                   object_fit="cover", show_download_button=False)
@@ -29,7 +29,7 @@ class ExploreTab:
             self.opacity = gr.Slider(label="Overlay opacity", minimum=0, maximum=1, step=0.05,
                                      value=0.5, elem_id="opacity", scale=2)
             self.crf = gr.Checkbox(label="Refined (CRF, names)", value=True, elem_id="explore-crf", scale=1,
-                                   info="off: the raw clusters")
+                                   info="refined with names when ready, else the CRF maps; unticked: the raw clusters")
             self.confirm_cb = gr.Checkbox(label="Checked: use as seed annotation", value=False,
                                           elem_id="explore-confirm", scale=1)
         self.shown = gr.CheckboxGroup(label="Show clusters", choices=[], elem_id="explore-visible")
@@ -131,5 +131,7 @@ class ExploreTab:
         # previous one is still on its way, leaving the gallery and the image shown out of step)
         self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd], trigger_mode="always_last")
         self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], None)
+        # opening the tab draws the image again: maps refined since it was drawn show up at once
+        self.tab.select(self.on_render, [run_dd] + self.inputs, self.render_outputs, show_progress="hidden")
         self.finder.wire(guard, run_dd, self.image_dd, [self.original_img, self.overlay_img], self.inputs,
                          self.app.label_outputs, self.app.label_views, DISPLAY_MAX_SIDE)

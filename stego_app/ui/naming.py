@@ -417,8 +417,8 @@ class RefinePanel:
                 if sig is not None and list(sig) == new:
                     return {self.sig: gr.skip()}
                 if sig is not None and sig[0] != new[0] and new[0] is not None:
-                    gr.Info("Refined maps are ready: overlays and exports use them now (open an image again "
-                            "to see them).")
+                    gr.Info("Refined maps are ready: overlays and exports use them now (Explore shows them "
+                            "when you open it).")
                 return out
             except Exception:  # noqa: BLE001 - polled every second; logged, shown on the next change
                 log.exception("polling the refinement of run %s failed", run_id)
