@@ -78,7 +78,8 @@ def child(n: int, tmp: Path) -> dict:
     t0 = time.perf_counter()
     metrics = refine(store, codes_of, centroids, space, paths, sizes, tmp / f"out{n}",
                      RefineConfig(crf=False, n_jobs=1), progress=progress)
-    return {"n": n, "tokens": int(store.meta["total_tokens"]), "tokens_gb": (store_dir / "tokens.f16").stat().st_size / 1e9,
+    tokens_gb = (store_dir / "tokens.f16").stat().st_size / 1e9
+    return {"n": n, "tokens": int(store.meta["total_tokens"]), "tokens_gb": tokens_gb,
             "store_build_s": round(build_s, 1), "refine_s": round(time.perf_counter() - t0, 1),
             "rss_start_mb": round(rss_start, 1), "peak_rss_mb": round(_status_mb("VmHWM"), 1),
             "rss_by_stage_mb": {k: round(v, 1) for k, v in rss.items()},

@@ -39,7 +39,8 @@ class ExportTab:
             self.min_area = gr.Number(label="Smallest object kept (px, thing labels)",
                                       value=d.min_area, precision=0, minimum=0, elem_id="export-min-area")
         with gr.Row():
-            self.crf = gr.Checkbox(label="Use CRF-refined segments (when the run made them)", value=d.crf, elem_id="export-crf")
+            self.crf = gr.Checkbox(label="Use CRF-refined segments (when the run made them)", value=d.crf,
+                                   elem_id="export-crf")
             self.confirmed = gr.Checkbox(label="Only images checked in Explore", value=d.confirmed_only,
                                          elem_id="export-confirmed")
             self.unnamed = gr.Checkbox(label="Include unnamed clusters",
