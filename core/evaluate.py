@@ -555,6 +555,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         t = time.perf_counter()
         cms2: dict[str, ConfusionMatrix] = {}
         tags2: deque[tuple[int, str]] = deque()
+        prop_crf = CRFParams(**settings.propagation_crf)
 
         def jobs2() -> Iterator[ClassMapJob]:
             for i in range(len(store)):
@@ -572,7 +573,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                             lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
                             tags2.append((i, row))
                             yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side,
-                                              params=CRFParams(**settings.propagation_crf))
+                                              params=prop_crf)
 
         for res in ordered_map(class_map, jobs2(), settings.n_jobs):
             i, name = tags2.popleft()

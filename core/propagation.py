@@ -34,6 +34,7 @@ from core.tokens import TokenFeatures
 log = logging.getLogger(__name__)
 
 __all__ = ["Propagator", "pseudo_labels", "with_found", "cluster_probabilities", "ClassMapJob", "ClassMap", "class_map",
+           "LABEL_PASSES",
            "DEFAULT_PSEUDO_ALPHA", "DEFAULT_MIN_CONFIDENCE", "PROPAGATOR_DEFAULTS"]
 
 # Temperature for cluster probabilities used to rank pseudo-labels (confidence = sigmoid(alpha *
@@ -49,6 +50,7 @@ PROPAGATOR_DEFAULTS = {"hidden": 256, "keep_fraction": 0.7, "class_balance": 0.5
 
 Progress = Callable[[int, int, float], None]   # (step, steps, loss)
 LabelSource = Callable[[int], tuple[np.ndarray, "np.ndarray | None"]]   # item -> (labels, weights)
+LABEL_PASSES = 2           # Propagator.fit reads a LabelSource this many times per item and round
 WEIGHT_STEPS = 1024        # weights are ranked for keep_fraction in steps of 1/1024
 MAX_WEIGHT_KEY = 64 * WEIGHT_STEPS   # weights above 64 rank as equal
 
@@ -242,9 +244,9 @@ class Propagator:
             on = lab >= 0
             if not on.any():
                 continue
-            keys = _weight_keys(wt[on])
-            for c in np.unique(lab[on]):
-                counts = np.bincount(keys[lab[on] == c])
+            keys, labelled = _weight_keys(wt[on]), lab[on]
+            for c in np.unique(labelled):
+                counts = np.bincount(keys[labelled == c])
                 if counts.size > hist[c].size:
                     hist[c] = np.pad(hist[c], (0, counts.size - hist[c].size))
                 hist[c][:counts.size] += counts
@@ -325,9 +327,7 @@ class Propagator:
         """Labels of the next self-training round: this classifier's most probable class and its
         probability, except where the given weight is >= 1 (seeds and found regions)."""
         def labels_of(i: int) -> tuple[np.ndarray, np.ndarray]:
-            lab, wt = source(i)
-            lab = np.asarray(lab).astype(np.int64).ravel()
-            wt = np.ones(lab.shape, np.float32) if wt is None else np.asarray(wt, np.float32).ravel()
+            lab, wt = self._item(features, source, i)
             lp = self.predict_log_proba(np.asarray(features.tokens(i)))
             keep = wt >= 1.0
             return np.where(keep, lab, lp.argmax(axis=1)), np.where(keep, wt, np.exp(lp.max(axis=1))).astype(np.float32)

@@ -30,6 +30,7 @@ from core.errors import Cancelled
 from core.propagation import (
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_PSEUDO_ALPHA,
+    LABEL_PASSES,
     PROPAGATOR_DEFAULTS,
     ClassMapJob,
     Propagator,
@@ -150,8 +151,8 @@ class ClassSpace:
 
 class _LabelSource:
     """Item i -> (labels, weights) of its tokens: pseudo-labels of the named clusters, found regions
-    and seeds on top. Propagator.fit reads every item twice (so nothing corpus-sized is kept);
-    progress runs over both passes and the counts are those of the latest read of each item."""
+    and seeds on top. Propagator.fit reads every item LABEL_PASSES times (so nothing corpus-sized is
+    kept); progress runs over all passes and the counts are those of the latest read of each item."""
 
     def __init__(self, n: int, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray, space: ClassSpace,
                  config: RefineConfig, found_of: Callable[[int], np.ndarray | None], seeds: dict[int, np.ndarray],
@@ -183,9 +184,9 @@ class _LabelSource:
             seeded = int(has.sum())
         self.counts[i] = (int((lab >= 0).sum()), seeded, found)
         self.reads += 1
-        self.report("pseudo-labels", self.reads / (2 * self.n), {"items": min(self.reads, 2 * self.n),
-                                                                  "total": 2 * self.n})
-        if self.reads >= 2 * self.n:
+        total = LABEL_PASSES * self.n
+        self.report("pseudo-labels", self.reads / total, {"items": min(self.reads, total), "total": total})
+        if self.reads >= total:
             self.finished_at = time.perf_counter()
         return lab, wt
 

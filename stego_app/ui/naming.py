@@ -471,8 +471,7 @@ class FindPanel:
                 f"grid · about **{res.corpus_share:.1%}** of all pixels reach {res.threshold:.2f}")
         return {self.info: text, self.heat: res.overlay, self.state: state,
                 self.matches: [(m.thumbnail, f"{m.name} · best {m.similarity:.2f} · "
-                                             f"{'<1%' if 0 < m.coverage < 0.005 else format(m.coverage, '.0%')} above threshold")
-                               for m in res.matches]}
+                                             f"{H.format_share(m.coverage)} above threshold") for m in res.matches]}
 
     def wire(self, guard, run_dd, image_dd, click_images: list, explore_inputs: list, label_outputs: list,
              label_views: Callable[..., dict], display_max_side: int) -> None:
