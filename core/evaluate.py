@@ -42,6 +42,8 @@ from PIL import Image
 from core.atomic import atomic_write_json, atomic_write_text
 from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
 from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
+from core.dense import DENSITY, dense_tokens
+from core.images import load_image
 from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
 from core.hierarchy import ClusterHierarchy
@@ -87,6 +89,7 @@ class EvalSettings:
     find_missing: bool = False               # click-to-find stand-in rows (one find per class left unnamed)
     find_threshold: float = DEFAULT_THRESHOLD
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
+    predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
     propagation_crf: dict = field(default_factory=dict)   # core.crf.CRFParams keyword arguments, propagated rows
     n_jobs: int = 2
     seed: int = 0
@@ -108,6 +111,11 @@ class EvalSettings:
             raise ValueError("find_missing adds propagation rows: it needs propagate=True")
         if self.predict_resolution is not None and not self.propagate:
             raise ValueError("predict_resolution changes the propagated rows: it needs propagate=True")
+        if self.predict_dense and not self.propagate:
+            raise ValueError("predict_dense changes the propagated rows: it needs propagate=True")
+        if self.predict_dense and self.predict_resolution is not None:
+            raise ValueError("predict_dense and predict_resolution are two ways to predict on finer tokens: "
+                             "give one of them")
         if self.predict_resolution is not None:
             try:
                 check("resolution", self.predict_resolution)      # the run setting's limits
@@ -196,7 +204,9 @@ class Report:
                       "their pixels count as errors. Propagation: "
                       f"{m.get('propagation', {})}"
                       + (f"; the propagated rows predict on features at short side {m['predict_resolution']}"
-                         if m.get("predict_resolution") else "") + ".", "",
+                         if m.get("predict_resolution") else "")
+                      + ("; the propagated rows predict on a token grid twice as dense (four views shifted by a "
+                         "quarter patch, core.dense)" if m.get("predict_dense") else "") + ".", "",
                       "Naming actions: one per named cluster; with groups: the same names given with the "
                       "Clusters tab's groups (K / 4 groups; name a group, then rename the members that "
                       "differ, or name members one by one, whichever is fewer).", "",
@@ -556,13 +566,18 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         cms2: dict[str, ConfusionMatrix] = {}
         tags2: deque[tuple[int, str]] = deque()
         prop_crf = CRFParams(**settings.propagation_crf)
+        dense_precision = fit_store.meta.get("precision", "float32")
 
         def jobs2() -> Iterator[ClassMapJob]:
             for i in range(len(store)):
                 size = (int(sizes[i][0]), int(sizes[i][1]))
                 codes = item_codes(pipeline.head, store, i) if settings.crf else None
-                raw = np.asarray(predict_store.tokens(i))
-                h, w = predict_store.grid(i)
+                if settings.predict_dense and props:
+                    h, w = (DENSITY * v for v in store.grid(i))
+                    raw = dense_tokens(pipeline.backbone(), load_image(images[i]), store.grid(i), dense_precision)
+                else:
+                    raw = np.asarray(predict_store.tokens(i))
+                    h, w = predict_store.grid(i)
                 for K in settings.sweep:
                     if settings.crf:
                         lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
@@ -620,6 +635,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                          "min_confidence": settings.min_confidence,
                          **Propagator(C, **settings.propagation).get_params()} if settings.propagate else {}),
         "predict_resolution": settings.predict_resolution,
+        "predict_dense": settings.predict_dense,
         "propagation_crf": dict(settings.propagation_crf),
         "click_to_find": ({"threshold": settings.find_threshold, "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),

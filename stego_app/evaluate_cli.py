@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--predict-resolution", type=int, default=None,
                    help="short side of the features the propagated rows predict on (default: the run's "
                         "resolution; more finds thinner things, extracts the scored images' features again)")
+    e.add_argument("--predict-dense", action="store_true",
+                   help="the propagated rows predict on a token grid twice as dense: each scored image seen "
+                        "four times, shifted by a quarter patch (same token scale; four backbone passes per image)")
     o = parser.add_argument_group("output")
     o.add_argument("--cache-dir", type=Path, default=None,
                    help="where weights, features and fitted runs are cached (default: $STEGO_CACHE_DIR)")
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> Report:
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation),
         propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
         find_missing=args.find_missing, find_threshold=args.find_threshold, predict_resolution=args.predict_resolution,
+        predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
     report.write(Path(args.out))

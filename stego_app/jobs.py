@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from stego_app.db import as_utc
 from stego_app.errors import UserError
-from stego_app.models import (RUN_ACTIVE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
+from stego_app.models import (RUN_ACTIVE, RUN_CANCELLABLE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
                               RUN_RUNNING, utcnow)
 
 __all__ = ["cancel", "requeue", "wait", "mark_interrupted"]
@@ -25,12 +25,12 @@ def cancel(row: Any, what: str, plural: str) -> None:
 
     ``what`` names the row ("run 3"), ``plural`` the kind in the refusal ("runs", "ones").
     """
-    if row.status in (RUN_QUEUED, RUN_INTERRUPTED):
-        row.status, row.finished_at = RUN_CANCELLED, utcnow()
-    elif row.status == RUN_RUNNING:
+    if row.status not in RUN_CANCELLABLE:
+        raise UserError(f"{what} is {row.status}; only queued or running {plural} can be cancelled")
+    if row.status == RUN_RUNNING:
         row.cancel_requested = True
     else:
-        raise UserError(f"{what} is {row.status}; only queued or running {plural} can be cancelled")
+        row.status, row.finished_at = RUN_CANCELLED, utcnow()
 
 
 def check_resumable(row: Any, what: str, plural: str) -> None:

@@ -38,6 +38,7 @@ from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping
 from stego_app.models import (
     RUN_ACTIVE,
+    RUN_CANCELLABLE,
     RUN_CANCELLED,
     RUN_DONE,
     RUN_FAILED,
@@ -82,6 +83,10 @@ class RefinementInfo:
     @property
     def is_resumable(self) -> bool:
         return self.status in RUN_RESUMABLE
+
+    @property
+    def is_cancellable(self) -> bool:
+        return self.status in RUN_CANCELLABLE
 
 
 @dataclass(frozen=True)

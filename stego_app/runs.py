@@ -18,8 +18,8 @@ from core.settings import RunSettings, SettingsError, auto_steps
 from stego_app import jobs
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_DONE, RUN_QUEUED, RUN_RESUMABLE, Image,
-                              Project, Run, RunImage, utcnow)
+from stego_app.models import (IMAGE_ERROR, IMAGE_OK, RUN_ACTIVE, RUN_CANCELLABLE, RUN_DONE, RUN_QUEUED,
+                              RUN_RESUMABLE, Image, Project, Run, RunImage, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ class RunInfo:
     @property
     def is_resumable(self) -> bool:
         return self.status in RUN_RESUMABLE
+
+    @property
+    def is_cancellable(self) -> bool:
+        return self.status in RUN_CANCELLABLE
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,22 @@ def test_propagated_rows_can_predict_on_features_at_another_resolution(tmp_path)
         EvalSettings(n_classes=3, propagation_crf={"srgb": 5}).validate()
 
 
+def test_propagated_rows_can_predict_on_a_grid_twice_as_dense(tmp_path):
+    pipe, images, masks = _fitted(tmp_path)
+    before = set((tmp_path / "cache" / "features").iterdir())
+    settings = EvalSettings(n_classes=3, ignore_index=9, k_multiples=(2,), crf=False, n_jobs=1,
+                            propagation={"steps": 20, "batch_size": 64, "hidden": 16}, predict_dense=True)
+    report = evaluate(pipe, images, masks, settings)
+    assert set((tmp_path / "cache" / "features").iterdir()) == before   # nothing stored: views are on the fly
+    assert report.meta["predict_dense"] is True
+    assert 0.0 <= report.results["propagated_k6"].miou <= 1.0
+    assert "twice as dense" in report.to_markdown()
+    with pytest.raises(ValueError, match="give one of them"):
+        EvalSettings(n_classes=3, predict_dense=True, predict_resolution=64).validate()
+    with pytest.raises(ValueError, match="needs propagate=True"):
+        EvalSettings(n_classes=3, propagate=False, predict_dense=True).validate()
+
+
 def pipe_grid(pipe) -> int:
     from core.evaluate import pipeline_features
 

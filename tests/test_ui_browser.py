@@ -557,10 +557,13 @@ def test_08_cancel_resume_and_restart_keep_the_job(page, app, db):
     expect(field(page, "run-select")).to_have_value(re.compile(r"Run 2"))
     expect(page.locator("#run-status-box tr.stego-stage-active[data-stage='training']")).to_be_visible(
         timeout=120_000)
+    expect(page.locator("#btn-resume")).to_be_disabled()      # only what the run's state allows
     page.locator("#btn-cancel").click()
     wait_status(page, {"cancelled"}, timeout=60)
     assert db("SELECT status FROM runs WHERE id = 2")[0][0] == "cancelled"
     expect(page.locator("#run-status-box")).to_contain_text("Resume")
+    expect(page.locator("#btn-cancel")).to_be_disabled()
+    expect(page.locator("#btn-resume")).to_be_enabled()
 
     close_toasts(page)
     page.locator("#btn-resume").click()
@@ -591,6 +594,8 @@ def test_08_cancel_resume_and_restart_keep_the_job(page, app, db):
     tab(page, "Discover")
     expect(page.locator("#run-status-box")).to_have_attribute("data-status", "cancelled")
     choose(page, "run-select", "Run 1")
+    expect(page.locator("#btn-resume")).to_be_disabled()      # a finished run: nothing to cancel or resume
+    expect(page.locator("#btn-cancel")).to_be_disabled()
     tab(page, "Clusters")
     expect(_card(page, 0)).to_have_attribute("data-label", "sky")
     assert _cluster_db(db)[1][0] == "ground"

@@ -160,12 +160,16 @@ def test_05_refine_with_names_in_the_background(page, db, app):
     expect(page.locator("#explore-maps")).to_have_attribute("data-maps", re.compile("raw clusters|CRF-refined"),
                                                             timeout=30_000)
     tab(page, "Clusters")
+    expect(page.locator("#btn-refine-cancel")).to_be_disabled()     # no refinement yet: nothing to cancel
+    expect(page.locator("#btn-refine-resume")).to_be_disabled()
     field(page, "refine-steps").fill("150")     # the default (1000) is for real corpora
     page.locator("#btn-refine").click()
     box = page.locator("#refine-status-box")
     expect(box).to_have_attribute("data-status", re.compile("queued|running|done"), timeout=30_000)
     expect(box).to_have_attribute("data-status", "done", timeout=300_000)
     expect(box).to_contain_text("up to date with the names")
+    expect(page.locator("#btn-refine-cancel")).to_be_disabled()     # finished: nothing to cancel or resume
+    expect(page.locator("#btn-refine-resume")).to_be_disabled()
     (status, version), = db("SELECT status, mapping_version FROM refinements WHERE run_id = 1")
     assert status == "done"
     rd = RunDir(db("SELECT run_dir FROM runs WHERE id = 1")[0][0])

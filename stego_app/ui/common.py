@@ -7,13 +7,14 @@ from typing import Callable
 
 import gradio as gr
 
+from stego_app import thumbnails
 from stego_app.errors import UserError
 from stego_app.ui import formatting as H
 
 log = logging.getLogger(__name__)
 
-GALLERY_PAGE = 100          # thumbnails per gallery page (the Explore dropdown lists every image)
-THUMB_SIZE = 256            # long side of gallery thumbnails (cached files, stego_app.thumbnails)
+GALLERY_PAGE = thumbnails.PER_PAGE      # thumbnails per gallery page (the Explore dropdown lists every image)
+THUMB_SIZE = thumbnails.DEFAULT_SIZE    # long side of gallery thumbnails (cached files)
 
 
 ERROR_TOAST_S = 15          # seconds an error toast stays

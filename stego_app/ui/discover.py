@@ -78,8 +78,8 @@ class DiscoverTab:
         self.form = f
         with gr.Row():
             self.start_btn = gr.Button("Start discovery", variant="primary", elem_id="btn-start")
-            self.cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="btn-cancel")
-            self.resume_btn = gr.Button("Resume run", elem_id="btn-resume")
+            self.cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="btn-cancel", interactive=False)
+            self.resume_btn = gr.Button("Resume run", elem_id="btn-resume", interactive=False)
         self.status_html = gr.HTML(H.run_status_html(None), elem_id="run-status")
         self.loss_plot = gr.LinePlot(value=None, visible=False, x="step", y="value", color="term",
                                      title="Training loss", x_title="step", y_title="loss",
@@ -88,7 +88,7 @@ class DiscoverTab:
 
     @property
     def status_outputs(self) -> list:
-        return [self.status_html, self.loss_plot, self.sig_state]
+        return [self.status_html, self.loss_plot, self.sig_state, self.cancel_btn, self.resume_btn]
 
     # ---------------------------------------------------------------- views
     @staticmethod
@@ -107,7 +107,10 @@ class DiscoverTab:
                                      removal.stale_note(removal.removed_in_run(self.ctx, info.id)))
         return {self.status_html: html,
                 self.loss_plot: gr.update(value=frame, visible=frame is not None),
-                self.sig_state: self.status_signature(info)}
+                self.sig_state: self.status_signature(info),
+                # only what the selected run's state allows can be pressed
+                self.cancel_btn: gr.update(interactive=info is not None and info.is_cancellable),
+                self.resume_btn: gr.update(interactive=info is not None and info.is_resumable)}
 
     def form_views(self, params) -> dict:
         """The form shows the settings of the selected run."""

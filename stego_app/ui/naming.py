@@ -356,23 +356,29 @@ class RefinePanel:
         status = gr.HTML(refine_html(None, None), elem_id="refine-status")
         with gr.Row():
             start_btn = gr.Button("Refine with names", variant="primary", elem_id="btn-refine")
-            cancel_btn = gr.Button("Cancel refinement", variant="stop", elem_id="btn-refine-cancel")
-            resume_btn = gr.Button("Resume refinement", elem_id="btn-refine-resume")
+            cancel_btn = gr.Button("Cancel refinement", variant="stop", elem_id="btn-refine-cancel",
+                                   interactive=False)
+            resume_btn = gr.Button("Resume refinement", elem_id="btn-refine-resume", interactive=False)
             steps = gr.Number(label="Classifier training steps", value=defaults.steps, precision=0, minimum=1,
                               elem_id="refine-steps", scale=0, min_width=180)
         return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps)
 
     @property
     def outputs(self) -> list:
-        return [self.status, self.sig]
+        return [self.status, self.sig, self.cancel_btn, self.resume_btn]
+
+    def _buttons(self, job) -> dict:
+        """Only what the latest refinement's state allows can be pressed."""
+        return {self.cancel_btn: gr.update(interactive=job is not None and job.is_cancellable),
+                self.resume_btn: gr.update(interactive=job is not None and job.is_resumable)}
 
     def empty(self) -> dict:
-        return {self.status: refine_html(None, None), self.sig: None}
+        return {self.status: refine_html(None, None), self.sig: None, **self._buttons(None)}
 
     def views(self, run_id: int) -> dict:
         state = refinement.refined_state(self.ctx, run_id)
         job = refinement.latest_refinement(self.ctx, run_id)
-        return {self.status: refine_html(state, job), self.sig: self._sig(state, job)}
+        return {self.status: refine_html(state, job), self.sig: self._sig(state, job), **self._buttons(job)}
 
     @staticmethod
     def _sig(state, job) -> list:
