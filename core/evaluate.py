@@ -573,8 +573,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 size = (int(sizes[i][0]), int(sizes[i][1]))
                 codes = item_codes(pipeline.head, store, i) if settings.crf else None
                 if settings.predict_dense and props:
-                    h, w = (DENSITY * v for v in store.grid(i))
-                    raw = dense_tokens(pipeline.backbone(), load_image(images[i]), store.grid(i), dense_precision)
+                    grid = store.grid(i)
+                    h, w = (DENSITY * v for v in grid)
+                    raw = dense_tokens(pipeline.backbone(), load_image(images[i]), grid, dense_precision)
                 else:
                     raw = np.asarray(predict_store.tokens(i))
                     h, w = predict_store.grid(i)

@@ -114,3 +114,10 @@ def page_views(gallery, slider, page) -> dict:
     return {gallery: [(str(path), info.name) for info, path in page.items],
             slider: gr.update(maximum=page.n_pages, value=page.page, visible=page.n_pages > 1,
                               info=H.page_caption(page.start, page.stop, page.total))}
+
+
+def job_buttons(cancel_btn, resume_btn, job) -> dict:
+    """Cancel / resume buttons pressable only when ``job`` (a run or refinement info, or None)
+    is in a state that allows them."""
+    return {cancel_btn: gr.update(interactive=job is not None and job.is_cancellable),
+            resume_btn: gr.update(interactive=job is not None and job.is_resumable)}

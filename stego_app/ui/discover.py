@@ -11,7 +11,7 @@ from stego_app.errors import UserError
 from stego_app.models import RunStatus
 from core.settings import GROUPS, Spec, spec, specs
 from stego_app.ui import formatting as H
-from stego_app.ui.common import guard
+from stego_app.ui.common import guard, job_buttons
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ class DiscoverTab:
         return {self.status_html: html,
                 self.loss_plot: gr.update(value=frame, visible=frame is not None),
                 self.sig_state: self.status_signature(info),
-                # only what the selected run's state allows can be pressed
-                self.cancel_btn: gr.update(interactive=info is not None and info.is_cancellable),
-                self.resume_btn: gr.update(interactive=info is not None and info.is_resumable)}
+                **job_buttons(self.cancel_btn, self.resume_btn, info)}
 
     def form_views(self, params) -> dict:
         """The form shows the settings of the selected run."""

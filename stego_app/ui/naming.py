@@ -23,7 +23,7 @@ from stego_app import edit_versions, found, groups, refinement, runs
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.errors import UserError
-from stego_app.ui.common import ERROR_TOAST_S
+from stego_app.ui.common import ERROR_TOAST_S, job_buttons
 
 log = logging.getLogger(__name__)
 
@@ -367,18 +367,13 @@ class RefinePanel:
     def outputs(self) -> list:
         return [self.status, self.sig, self.cancel_btn, self.resume_btn]
 
-    def _buttons(self, job) -> dict:
-        """Only what the latest refinement's state allows can be pressed."""
-        return {self.cancel_btn: gr.update(interactive=job is not None and job.is_cancellable),
-                self.resume_btn: gr.update(interactive=job is not None and job.is_resumable)}
-
     def empty(self) -> dict:
-        return {self.status: refine_html(None, None), self.sig: None, **self._buttons(None)}
+        return {self.status: refine_html(None, None), self.sig: None, **job_buttons(self.cancel_btn, self.resume_btn, None)}
 
     def views(self, run_id: int) -> dict:
         state = refinement.refined_state(self.ctx, run_id)
         job = refinement.latest_refinement(self.ctx, run_id)
-        return {self.status: refine_html(state, job), self.sig: self._sig(state, job), **self._buttons(job)}
+        return {self.status: refine_html(state, job), self.sig: self._sig(state, job), **job_buttons(self.cancel_btn, self.resume_btn, job)}
 
     @staticmethod
     def _sig(state, job) -> list:
