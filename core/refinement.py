@@ -20,12 +20,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
 from core.atomic import atomic_write_json
 from core.crf import ordered_map
+from core.dense import DENSITY, dense_tokens
 from core.errors import Cancelled
 from core.propagation import (
     DEFAULT_MIN_CONFIDENCE,
@@ -39,8 +40,12 @@ from core.propagation import (
     pseudo_labels,
     with_found,
 )
+from core.images import load_image
 from core.rundir import write_label_png
 from core.tokens import TokenFeatures
+
+if TYPE_CHECKING:
+    from core.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class RefineConfig:
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
     crf: bool = True
     crf_resolution: int | None = None  # short side the CRF runs at (None = full image size)
+    dense: bool = False               # predict on a token grid twice as dense (core.dense; 4 backbone passes per image)
     seed: int = 0
     n_jobs: int = 2
     device: str = "cpu"
@@ -200,16 +206,20 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
            space: ClassSpace, image_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], out_dir: Path,
            config: RefineConfig | None = None, found_of: Callable[[int], np.ndarray | None] | None = None,
            seeds: dict[int, np.ndarray] | None = None, progress: Progress | None = None,
-           cancel: Callable[[], bool] | None = None) -> dict:
+           cancel: Callable[[], bool] | None = None, backbone: Backbone | None = None) -> dict:
     """Train, predict and write ``out_dir/{i:06d}.png`` for every item; returns the metrics.
 
     ``features`` are the backbone tokens (one whole-image item per image, item i = image i),
     ``codes_of(i)`` the (T, D) codes the clusters were made from, ``found_of(i)`` (T,) found
     cluster index per token (-1 = none), ``seeds`` item -> (T,) cluster index per token of a
     person-checked image (-1 = none). Progress: (stage, fraction of the whole job, info).
+    With ``config.dense`` the maps are predicted on tokens twice as dense, which ``backbone`` (the
+    one ``features`` were made with) computes from each image (flip averaging is then left out).
     """
     config = config or RefineConfig()
     config.validate()
+    if config.dense and backbone is None:
+        raise ValueError("dense refinement computes new tokens from the images: pass the run's backbone")
     if space.n_classes < 2:
         raise ValueError("refinement needs at least two classes (name clusters of two kinds, or leave some unnamed)")
     n = len(features)
@@ -252,7 +262,8 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
         prop.save(model_path)
     lut = np.asarray(space.class_to_cluster, dtype=np.int64)
     todo = [i for i in range(n) if not (out_dir / f"{i:06d}.png").is_file()]
-    flip = bool(getattr(features, "has_flip", False))
+    flip = bool(getattr(features, "has_flip", False)) and not config.dense
+    precision = str((getattr(features, "meta", None) or {}).get("precision", "float32"))
     t0 = time.perf_counter()
 
     def jobs() -> Iterator[ClassMapJob]:
@@ -260,7 +271,12 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
             if check():
                 return
             h, w = features.grid(i)
-            lp = prop.predict_log_proba(np.asarray(features.tokens(i)))
+            if config.dense:
+                tokens = dense_tokens(backbone, load_image(image_paths[i]), (h, w), precision)
+                h, w = DENSITY * h, DENSITY * w
+            else:
+                tokens = np.asarray(features.tokens(i))
+            lp = prop.predict_log_proba(tokens)
             if flip:
                 lp = np.logaddexp(lp, prop.predict_log_proba(np.asarray(features.tokens(i, flipped=True)))) - np.log(2.0)
             yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
@@ -275,7 +291,7 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     if check() and done < n:
         raise Cancelled(f"refinement cancelled after {done} of {n} images")
     timings["maps"] = round(time.perf_counter() - t0, 3)
-    return {"n_images": n, "n_classes": space.n_classes, "crf": bool(config.crf),
+    return {"n_images": n, "n_classes": space.n_classes, "crf": bool(config.crf), "dense": bool(config.dense),
             "train_tokens": int(getattr(prop, "n_train_tokens_", 0) or 0),
             "final_loss": float(prop.history_[-1]) if getattr(prop, "history_", None) else None,
             "timings": timings, **stats}

@@ -26,7 +26,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from core.constants import FIND_THRESHOLD
+from core.constants import FIND_THRESHOLD, REFINE_OPTIONS
 from stego_app import cli_images
 from stego_app.config import AppConfig, parse_auth
 from stego_app.errors import UserError
@@ -175,7 +175,8 @@ def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
     a = acts.add_parser("refine", parents=[common],
                         help="refine with names: propagate the names to every pixel (waits)")
     a.add_argument("--resume", type=int, metavar="REFINEMENT_ID", help="resume a stopped refinement")
-    a.add_argument("--steps", type=int, default=None, help="classifier training steps")
+    a.add_argument("--steps", type=int, default=None, help=REFINE_OPTIONS["steps"][1])
+    a.add_argument("--dense", action="store_true", help=REFINE_OPTIONS["dense"][1])
     a.add_argument("--quiet", action="store_true")
 
 
@@ -233,7 +234,8 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
     if args.resume is not None:
         info = refinement.resume_refinement(ctx, args.resume)
     else:
-        info = refinement.start_refinement(ctx, rid, {"steps": args.steps} if args.steps else None)
+        params = {k: v for k, v in (("steps", args.steps), ("dense", args.dense)) if v}
+        info = refinement.start_refinement(ctx, rid, params or None)
     last = None
     try:
         while info.is_active:

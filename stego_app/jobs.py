@@ -26,7 +26,8 @@ def cancel(row: Any, what: str, plural: str) -> None:
     ``what`` names the row ("run 3"), ``plural`` the kind in the refusal ("runs", "ones").
     """
     if row.status not in RUN_CANCELLABLE:
-        raise UserError(f"{what} is {row.status}; only queued or running {plural} can be cancelled")
+        raise UserError(f"{what} is {row.status}; only {', '.join(RUN_CANCELLABLE[:-1])} or {RUN_CANCELLABLE[-1]} "
+                        f"{plural} can be cancelled")
     if row.status == RUN_RUNNING:
         row.cancel_requested = True
     else:

@@ -96,6 +96,7 @@ class RefinedState:
     mapping_version: int | None    # naming the maps were made with
     current_version: int           # the run's naming now
     n_classes: int | None
+    dense: bool = False            # predicted on the finer token grid
 
     @property
     def stale(self) -> bool:
@@ -105,7 +106,8 @@ class RefinedState:
     def text(self) -> str:
         if not self.available:
             return "No refined maps yet: name clusters, then refine with names."
-        base = f"Refined maps of job {self.refinement_id} ({self.n_classes} classes)"
+        base = (f"Refined maps of job {self.refinement_id} ({self.n_classes} classes"
+                + (", finer maps" if self.dense else "") + ")")
         if self.stale:
             return base + ": the names changed since; refine again to propagate the new names."
         return base + ": up to date with the names."
@@ -230,7 +232,8 @@ def refined_state(ctx, run_id: int) -> RefinedState:
     meta = segmaps.refined_meta(run_dir)
     if meta is None:
         return RefinedState(False, None, None, version, None)
-    return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"))
+    return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"),
+                        bool((meta.get("settings") or {}).get("dense", False)))
 
 
 def mark_interrupted(db, is_alive) -> list[int]:
@@ -395,7 +398,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
 
     metrics = refine(store, codes_of, pipe.centroids, space, [p for _, _, p, _ in items],
                      [hw for _, _, _, hw in items], out_dir, settings, found_of=found_of, seeds=seeds,
-                     progress=report, cancel=cancelled)
+                     progress=report, cancel=cancelled, backbone=pipe.backbone() if settings.dense else None)
     meta = {"refinement_id": ref_id, "mapping_version": meta_version, "n_classes": space.n_classes,
             "classes": [{"name": n, "cluster": c} for n, c in zip(space.names, space.class_to_cluster)],
             "seed_images": len(seeds), "found_clusters": len(found_sims), "settings": settings.to_dict(),

@@ -206,8 +206,8 @@ def test_groups_suggestions_find_and_refine_from_the_command_line(tmp_path, caps
                            *data)
     assert code == 0 and "cluster 8 created" in out and "named 'ball'" in out, err
 
-    code, out, err = _main(capsys, "label", "1", "refine", "--steps", "40", "--quiet", *data)
-    assert code == 0 and "refinement 1: done" in out and "up to date" in out, err
+    code, out, err = _main(capsys, "label", "1", "refine", "--steps", "40", "--dense", "--quiet", *data)
+    assert code == 0 and "refinement 1: done" in out and "up to date" in out and "finer maps" in out, err
     code, out, err = _main(capsys, "export", "1", *data)
     assert code == 0 and "refined maps" in out, err
     code, out, err = _main(capsys, "export", "1", "--no-refined", *data)

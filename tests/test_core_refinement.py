@@ -70,3 +70,6 @@ def test_seeds_and_found_tokens_override_pseudo_labels_and_cancel(tmp_path):
                tmp_path / "c", RefineConfig(**CFG), cancel=lambda: True)
     with pytest.raises(ValueError, match="seed_weight"):
         RefineConfig(seed_weight=1.0).validate()
+    with pytest.raises(ValueError, match="pass the run's backbone"):
+        refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, space, paths, sizes,
+               tmp_path / "d", RefineConfig(**CFG, dense=True))

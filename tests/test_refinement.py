@@ -79,6 +79,18 @@ def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them
     assert state.refinement_id == again.id and not state.stale and state.n_classes == 5
     assert [r.id for r in refinement.list_refinements(ctx, run.id)] == [again.id, job.id]
 
+    # finer maps: predicted on tokens twice as dense, computed from the images by the run's backbone
+    fine = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, dict(QUICK, dense=True)).id,
+                                          timeout=300)
+    assert fine.status == "done", fine.error
+    assert fine.metrics["dense"] is True
+    state = refinement.refined_state(ctx, run.id)
+    assert state.refinement_id == fine.id and state.dense and "finer maps" in state.text
+    for it in items:
+        seg = views.read_segments(run.run_dir, it.position, crf=True, refined=True)
+        assert seg.shape == (it.height, it.width)
+    assert export.export_run(ctx, run.id, export.ExportOptions()).refined_used
+
 
 def test_cancel_and_resume_reuse_the_work_done(lab):
     ctx, run = lab
@@ -93,7 +105,7 @@ def test_cancel_and_resume_reuse_the_work_done(lab):
     stopped = refinement.wait_for_refinement(ctx, job.id, timeout=120)
     assert stopped.status == "cancelled"
     assert refinement.refined_state(ctx, run.id).refinement_id != job.id   # earlier maps kept
-    with pytest.raises(UserError, match="only queued or running"):
+    with pytest.raises(UserError, match="only queued, running or interrupted"):
         refinement.cancel_refinement(ctx, job.id)
     # a cancelled job resumes (here: with its stored settings; training starts again as no model was saved)
     resumed = refinement.resume_refinement(ctx, job.id)

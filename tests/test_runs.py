@@ -90,7 +90,7 @@ def test_progress_is_visible_elsewhere_and_cancel_resume(lab):
         assert runs.cancel_run(other, run.id).cancel_requested        # via the database flag
         stopped = runs.wait_for_run(ctx, run.id, timeout=120)
         assert stopped.status == "cancelled" and stopped.is_resumable
-        with pytest.raises(UserError, match="only queued or running"):
+        with pytest.raises(UserError, match="only queued, running or interrupted"):
             runs.cancel_run(ctx, run.id)
         resumed = runs.resume_run(ctx, run.id)
         assert resumed.status == "queued"

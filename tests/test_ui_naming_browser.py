@@ -163,11 +163,13 @@ def test_05_refine_with_names_in_the_background(page, db, app):
     expect(page.locator("#btn-refine-cancel")).to_be_disabled()     # no refinement yet: nothing to cancel
     expect(page.locator("#btn-refine-resume")).to_be_disabled()
     field(page, "refine-steps").fill("150")     # the default (1000) is for real corpora
+    page.locator("#refine-dense input[type=checkbox]").check()     # finer maps: tokens twice as dense
     page.locator("#btn-refine").click()
     box = page.locator("#refine-status-box")
     expect(box).to_have_attribute("data-status", re.compile("queued|running|done"), timeout=30_000)
     expect(box).to_have_attribute("data-status", "done", timeout=300_000)
     expect(box).to_contain_text("up to date with the names")
+    expect(box).to_contain_text("finer maps")
     expect(page.locator("#btn-refine-cancel")).to_be_disabled()     # finished: nothing to cancel or resume
     expect(page.locator("#btn-refine-resume")).to_be_disabled()
     (status, version), = db("SELECT status, mapping_version FROM refinements WHERE run_id = 1")
@@ -175,6 +177,7 @@ def test_05_refine_with_names_in_the_background(page, db, app):
     rd = RunDir(db("SELECT run_dir FROM runs WHERE id = 1")[0][0])
     meta = json.loads(rd.refined_meta_json.read_text())
     assert meta["mapping_version"] == version and len(list(rd.segments_dir("refined").glob("*.png"))) == 12
+    assert meta["settings"]["dense"] is True
 
 
 def test_06_click_to_find_makes_a_new_cluster(page, db, shots):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from core.constants import REFINE_OPTIONS
 from stego_app import edit_versions, found, groups, refinement, runs
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
@@ -344,6 +345,7 @@ class RefinePanel:
     resume_btn: Any
     sig: Any
     steps: Any = None
+    dense: Any = None
 
     @classmethod
     def build(cls, ctx) -> "RefinePanel":
@@ -359,9 +361,13 @@ class RefinePanel:
             cancel_btn = gr.Button("Cancel refinement", variant="stop", elem_id="btn-refine-cancel",
                                    interactive=False)
             resume_btn = gr.Button("Resume refinement", elem_id="btn-refine-resume", interactive=False)
-            steps = gr.Number(label="Classifier training steps", value=defaults.steps, precision=0, minimum=1,
+            label, info = REFINE_OPTIONS["steps"]
+            steps = gr.Number(label=label, info=info, value=defaults.steps, precision=0, minimum=1,
                               elem_id="refine-steps", scale=0, min_width=180)
-        return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps)
+            label, info = REFINE_OPTIONS["dense"]
+            dense = gr.Checkbox(label=label, info=info, value=defaults.dense, elem_id="refine-dense",
+                                scale=1, min_width=240)
+        return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps, dense)
 
     @property
     def outputs(self) -> list:
@@ -385,11 +391,12 @@ class RefinePanel:
         ctx = self.ctx
 
         @guard
-        def on_start(run_id, steps):
+        def on_start(run_id, steps, dense):
             run_id = H.as_id(run_id, "run")
             if run_id is None:
                 raise UserError("no run selected")
-            job = refinement.start_refinement(ctx, run_id, {"steps": int(steps)} if steps else None)
+            params = {k: v for k, v in (("steps", int(steps) if steps else None), ("dense", bool(dense))) if v}
+            job = refinement.start_refinement(ctx, run_id, params or None)
             gr.Info(f"Refinement {job.id} started.")
             return self.views(run_id)
 
@@ -425,7 +432,7 @@ class RefinePanel:
                 log.exception("polling the refinement of run %s failed", run_id)
                 return {self.sig: gr.skip()}
 
-        self.start_btn.click(on_start, [run_dd, self.steps], self.outputs)
+        self.start_btn.click(on_start, [run_dd, self.steps, self.dense], self.outputs)
         self.cancel_btn.click(on_cancel, [run_dd], self.outputs)
         self.resume_btn.click(on_resume, [run_dd], self.outputs)
         timer.tick(on_tick, [run_state, self.sig], self.outputs, show_progress="hidden")   # not run_dd: see App
