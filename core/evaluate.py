@@ -16,9 +16,10 @@ pipeline's own corpus):
   trained on the named clusters' confident tokens (backbone features), predicting every
   scored image, without and with the CRF; with ``find_missing``, also the same after the
   stand-in person's **click-to-find**: for each class present in the scored images that no
-  cluster was named after, one click on the scored token that class fills most, whose
-  correspondence region (``core.correspondence``, similarity >= ``find_threshold``) is named
-  that class and labels the propagator's tokens, as a found cluster does in the app.
+  cluster was named after, one click (``find_clicks``: that many, in different images) on the
+  scored token that class fills most, whose correspondence region (``core.correspondence``,
+  similarity >= ``find_threshold``) is named that class and labels the propagator's tokens, as
+  a found cluster does in the app.
 
 Every score comes from confusion matrices accumulated image by image, so memory does not grow
 with the number of images. Named scores never drop pixels of extra or unnamed clusters (unnamed
@@ -86,7 +87,8 @@ class EvalSettings:
     propagation: dict = field(default_factory=dict)   # core.propagation.Propagator keyword arguments
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
-    find_missing: bool = False               # click-to-find stand-in rows (one find per class left unnamed)
+    find_missing: bool = False               # click-to-find stand-in rows (finds for each class left unnamed)
+    find_clicks: int = 1                     # clicks per class left unnamed, each in another scored image
     find_threshold: float = DEFAULT_THRESHOLD
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
@@ -109,6 +111,8 @@ class EvalSettings:
             raise ValueError(f"find_threshold must be in [-1, 1], got {self.find_threshold}")
         if self.find_missing and not self.propagate:
             raise ValueError("find_missing adds propagation rows: it needs propagate=True")
+        if self.find_clicks < 1:
+            raise ValueError(f"find_clicks must be >= 1 (clicks per class left unnamed), got {self.find_clicks}")
         if self.predict_resolution is not None and not self.propagate:
             raise ValueError("predict_resolution changes the propagated rows: it needs propagate=True")
         if self.predict_dense and not self.propagate:
@@ -207,6 +211,9 @@ class Report:
                          if m.get("predict_resolution") else "")
                       + ("; the propagated rows predict on a token grid twice as dense (four views shifted by a "
                          "quarter patch, core.dense)" if m.get("predict_dense") else "") + ".", "",
+                      *([f"Click-to-find stand-in: {find['clicks_per_class']} click(s) per class left unnamed, "
+                         f"similarity >= {find['threshold']}; each click is one more naming action.", ""]
+                        if (find := m.get("click_to_find")) and "clicks_per_class" in find else []),
                       "Naming actions: one per named cluster; with groups: the same names given with the "
                       "Clusters tab's groups (K / 4 groups; name a group, then rename the members that "
                       "differ, or name members one by one, whichever is fewer).", "",
@@ -486,7 +493,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                                     crf=settings.crf, crf_resolution=crf_side)
 
     mask_cache: dict[int, np.ndarray] = {}
-    clicks: dict[int, tuple[float, int, int, int]] = {}   # class -> (share, image, y, x) of its fullest token
+    clicks: dict[int, list[tuple[float, int, int, int]]] = {}   # class -> (share, image, y, x), fullest first
     for res in ordered_map(cluster_map, jobs1(), settings.n_jobs):
         i, name = tags.popleft()  # a job is always submitted before its result arrives
         if i not in mask_cache:
@@ -499,7 +506,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         if name == "kmeans_raw":  # once per image: the sweep counts and the probes
             _count_sweep(store, i, mask, pipeline.head, centroids, counts, settings)
             if settings.find_missing:
-                _best_clicks(clicks, i, with_void(mask, C, ignore), store.grid(i), C)
+                _best_clicks(clicks, i, with_void(mask, C, ignore), store.grid(i), C, settings.find_clicks)
             for pname, probe in probes.items():
                 tok = np.asarray(store.tokens(i), dtype=np.float32)
                 x = enc[""](tok) if pname == "codes" else tok
@@ -638,7 +645,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "predict_resolution": settings.predict_resolution,
         "predict_dense": settings.predict_dense,
         "propagation_crf": dict(settings.propagation_crf),
-        "click_to_find": ({"threshold": settings.find_threshold, "finds": {str(k): v for k, v in finds.items()}}
+        "click_to_find": ({"threshold": settings.find_threshold, "clicks_per_class": settings.find_clicks,
+                           "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
                    [("", pipeline)] + [(f"_{n}", q) for n, q in (compare or {}).items()]},
@@ -686,9 +694,11 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
     return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels_of)
 
 
-def _best_clicks(clicks: dict, i: int, target: np.ndarray, grid: tuple[int, int], n_classes: int) -> None:
-    """Keep, per class, the token of scored image ``i`` that the class fills most (its pixel share of
-    the token's cell, void included in the cell): where a person would click to find that thing."""
+def _best_clicks(clicks: dict, i: int, target: np.ndarray, grid: tuple[int, int], n_classes: int,
+                 n_clicks: int = 1) -> None:
+    """Keep, per class, the ``n_clicks`` fullest tokens of different scored images, fullest first: the
+    token of image ``i`` that the class fills most (its pixel share of the token's cell, void included
+    in the cell) competes with those kept so far. Where a person would click to find that thing."""
     h, w = grid
     H, W = target.shape
     cell = (np.arange(H)[:, None] * h // H) * w + (np.arange(W)[None, :] * w // W)
@@ -697,16 +707,19 @@ def _best_clicks(clicks: dict, i: int, target: np.ndarray, grid: tuple[int, int]
     share = hist[:, :n_classes] / np.maximum(hist.sum(axis=1, keepdims=True), 1)
     for c in np.flatnonzero(share.max(axis=0) > 0):
         t = int(share[:, c].argmax())
-        if share[t, c] > clicks.get(int(c), (0.0,))[0]:
-            clicks[int(c)] = (float(share[t, c]), i, t // w, t % w)
+        kept = clicks.setdefault(int(c), [])
+        kept.append((float(share[t, c]), i, t // w, t % w))
+        kept.sort(key=lambda k: -k[0])           # stable: the earlier image wins a tie
+        del kept[n_clicks:]
 
 
 def _found_regions(index: CorrespondenceIndex, counts: np.ndarray, names: np.ndarray, clicks: dict,
                    corpus_item: Callable[[int], int], threshold: float):
-    """One find per class with pixels in the scored images that no cluster is named after.
+    """The kept clicks of each class with pixels in the scored images that no cluster is named after;
+    a class's region is the union of its clicks' (a location's similarity: its best click's).
 
     Returns ``found_of(i)`` -> (T,) class per token of corpus item i (-1 = none; where two found
-    regions overlap, the more similar one wins) and what was found, for the report.
+    regions overlap, the more similar one wins) and one entry per click, for the report.
     """
     present = np.flatnonzero(np.asarray(counts)[:, :-1].sum(axis=0) > 0)
     named = set(int(n) for n in names if n >= 0)
@@ -714,11 +727,13 @@ def _found_regions(index: CorrespondenceIndex, counts: np.ndarray, names: np.nda
     sims = []
     finds = []
     for c in missing:
-        share, i, y, x = clicks[c]
-        sim = index.similarities(index.vector(corpus_item(i), y, x))
-        sims.append(sim)
-        finds.append({"class": c, "image": int(i), "cell": [int(y), int(x)], "cell_share": round(share, 3),
-                      "token_share_found": round(float((sim >= threshold).mean()), 5)})
+        best = None
+        for share, i, y, x in clicks[c]:
+            sim = index.similarities(index.vector(corpus_item(i), y, x))
+            best = sim if best is None else np.maximum(best, sim)
+            finds.append({"class": c, "image": int(i), "cell": [int(y), int(x)], "cell_share": round(share, 3),
+                          "token_share_found": round(float((sim >= threshold).mean()), 5)})
+        sims.append(best)
     if not finds:
         return None, finds
     stack = np.stack(sims)                       # (finds, total tokens)

@@ -66,8 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--propagation-crf", default="{}",
                    help="JSON of core.crf.CRFParams keyword arguments for the propagated rows' CRF")
     e.add_argument("--find-missing", action="store_true",
-                   help="also propagate after a click-to-find stand-in: one find per class no cluster was named "
-                        "after, clicked on the scored token that class fills most")
+                   help="also propagate after a click-to-find stand-in: finds for each class no cluster was "
+                        "named after, clicked on the scored tokens that class fills most")
+    e.add_argument("--find-clicks", type=int, default=1,
+                   help="clicks per class left unnamed with --find-missing, each in another scored image "
+                        "(each counts as a naming action; default 1)")
     e.add_argument("--find-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"similarity threshold of those finds (default {DEFAULT_THRESHOLD}, the app's)")
     e.add_argument("--predict-resolution", type=int, default=None,
@@ -132,8 +135,8 @@ def run(args: argparse.Namespace) -> Report:
         propagate_k=tuple(int(v) for v in args.propagate_k.split(",")) if args.propagate_k else None,
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation),
         propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
-        find_missing=args.find_missing, find_threshold=args.find_threshold, predict_resolution=args.predict_resolution,
-        predict_dense=args.predict_dense,
+        find_missing=args.find_missing, find_clicks=args.find_clicks, find_threshold=args.find_threshold,
+        predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
     report.write(Path(args.out))

@@ -170,10 +170,10 @@ def test_the_click_to_find_stand_in_clicks_where_a_class_fills_its_cell_and_find
     target[:4, 6:] = 3
     clicks = {}
     _best_clicks(clicks, 0, target, (2, 2), 3)
-    assert clicks[1] == (1.0, 0, 1, 0)
-    assert clicks[0][0] == 1.0 and 2 not in clicks              # class 2 is nowhere: no click
+    assert clicks[1] == [(1.0, 0, 1, 0)]
+    assert clicks[0][0][0] == 1.0 and 2 not in clicks              # class 2 is nowhere: no click
     _best_clicks(clicks, 1, np.full((8, 8), 1), (2, 2), 3)        # as full elsewhere: the first click stays
-    assert clicks[1] == (1.0, 0, 1, 0)
+    assert clicks[1] == [(1.0, 0, 1, 0)]
 
     # features: class 2 tokens share a direction, the rest are noise; class 2 is never a cluster's name
     rng = np.random.default_rng(0)
@@ -185,10 +185,30 @@ def test_the_click_to_find_stand_in_clicks_where_a_class_fills_its_cell_and_find
     index = CorrespondenceIndex.build(ArrayFeatures(maps), tmp_path / "index")
     counts = np.array([[50, 0, 0, 1], [0, 40, 3, 0], [5, 0, 2, 0]])     # clusters x (classes + void)
     names = np.array([0, 1, 0])
-    found_of, finds = _found_regions(index, counts, names, {0: (1.0, 0, 0, 0), 2: (0.9, 1, 2, 3)},
+    found_of, finds = _found_regions(index, counts, names, {0: [(1.0, 0, 0, 0)], 2: [(0.9, 1, 2, 3)]},
                                      lambda i: i, threshold=0.9)
     assert [f["class"] for f in finds] == [2]                   # classes 0 and 1 are named: no find for them
     for i, c in enumerate(cls):
         assert np.array_equal(found_of(i) == 2, (c == 2).ravel()), i
         assert set(found_of(i).tolist()) <= {-1, 2}
-    assert _found_regions(index, counts, np.array([0, 1, 2]), {2: (0.9, 1, 2, 3)}, lambda i: i, 0.6) == (None, [])
+    assert _found_regions(index, counts, np.array([0, 1, 2]), {2: [(0.9, 1, 2, 3)]}, lambda i: i, 0.6) == (None, [])
+    # two clicks on the class, in two images: one entry (one naming action) each, their regions' union
+    both, finds = _found_regions(index, counts, names, {2: [(0.9, 1, 2, 3), (0.8, 2, 3, 4)]}, lambda i: i, 0.9)
+    assert [(f["class"], f["image"]) for f in finds] == [(2, 1), (2, 2)]
+    for i, c in enumerate(cls):
+        assert np.array_equal(both(i) == 2, (c == 2).ravel()), i
+
+
+def test_click_to_find_stand_in_keeps_the_fullest_token_of_several_images_per_class():
+    from core.evaluate import _best_clicks
+
+    clicks: dict = {}
+    for i, pole_width in enumerate((2, 6, 4)):       # image 1 shows the widest pole, then image 2
+        target = np.zeros((8, 8), dtype=np.int64)    # 2 x 2 tokens of 4 x 4 pixels; class 0 everywhere
+        target[:, 4:4 + pole_width // 2] = 1         # a pole of class 1 in the right-hand tokens
+        _best_clicks(clicks, i, target, (2, 2), 2, n_clicks=2)
+    assert [(c[1], c[0]) for c in clicks[1]] == [(1, 0.75), (2, 0.5)]   # (image, share), fullest first
+    assert clicks[1][0][2:] == (0, 1)                                    # the top-right token
+    assert len(clicks[0]) == 2 and {c[1] for c in clicks[0]} <= {0, 1, 2}
+    with pytest.raises(ValueError, match="find_clicks must be >= 1"):
+        EvalSettings(n_classes=3, find_clicks=0).validate()
