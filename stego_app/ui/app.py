@@ -73,8 +73,10 @@ body.stego-offline #run-status, body.stego-offline #tabs { opacity: .45; pointer
   grid-template-columns: repeat(auto-fill, minmax(96px, 140px)) !important;
   grid-template-rows: none !important; grid-auto-rows: auto !important; }
 /* the theme's checkbox outline is too faint to find on a light background */
-.gradio-container input[type="checkbox"] { border: 1.5px solid var(--neutral-500) !important; }
-.gradio-container input[type="checkbox"]:checked { border-color: var(--color-accent) !important; }
+.gradio-container input[type="checkbox"], .gradio-container input[type="radio"] {
+  border: 1.5px solid var(--neutral-500) !important; }
+.gradio-container input[type="checkbox"]:checked, .gradio-container input[type="radio"]:checked {
+  border-color: var(--color-accent) !important; }
 """
 
 # A tab whose server went away says so at once (a red bar; the page greyed out, so a stale

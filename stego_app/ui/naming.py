@@ -357,16 +357,16 @@ class RefinePanel:
                     "exports use the refined maps once they are ready; run it again after more naming.")
         status = gr.HTML(refine_html(None, None), elem_id="refine-status")
         with gr.Row():
+            label, info = REFINE_OPTIONS["steps"]
+            steps = gr.Number(label=label, info=info, value=defaults.steps, precision=0, minimum=1,
+                              elem_id="refine-steps", scale=1)
+            label, info = REFINE_OPTIONS["dense"]
+            dense = gr.Checkbox(label=label, info=info, value=defaults.dense, elem_id="refine-dense", scale=2)
+        with gr.Row():
             start_btn = gr.Button("Refine with names", variant="primary", elem_id="btn-refine")
             cancel_btn = gr.Button("Cancel refinement", variant="stop", elem_id="btn-refine-cancel",
                                    interactive=False)
             resume_btn = gr.Button("Resume refinement", elem_id="btn-refine-resume", interactive=False)
-            label, info = REFINE_OPTIONS["steps"]
-            steps = gr.Number(label=label, info=info, value=defaults.steps, precision=0, minimum=1,
-                              elem_id="refine-steps", scale=0, min_width=180)
-            label, info = REFINE_OPTIONS["dense"]
-            dense = gr.Checkbox(label=label, info=info, value=defaults.dense, elem_id="refine-dense",
-                                scale=1, min_width=240)
         return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps, dense)
 
     @property
