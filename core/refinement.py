@@ -28,6 +28,7 @@ from core.atomic import atomic_write_json
 from core.crf import ordered_map
 from core.dense import DENSITY, dense_tokens
 from core.errors import Cancelled
+from core.images import load_image
 from core.propagation import (
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_PSEUDO_ALPHA,
@@ -40,7 +41,6 @@ from core.propagation import (
     pseudo_labels,
     with_found,
 )
-from core.images import load_image
 from core.rundir import write_label_png
 from core.tokens import TokenFeatures
 

@@ -176,7 +176,8 @@ def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
                         help="refine with names: propagate the names to every pixel (waits)")
     a.add_argument("--resume", type=int, metavar="REFINEMENT_ID", help="resume a stopped refinement")
     a.add_argument("--steps", type=int, default=None, help=REFINE_OPTIONS["steps"][1])
-    a.add_argument("--dense", action="store_true", help=REFINE_OPTIONS["dense"][1])
+    a.add_argument("--dense", action=argparse.BooleanOptionalAction, default=None,
+                   help=REFINE_OPTIONS["dense"][1] + " (default: on with a GPU, off on a CPU)")
     a.add_argument("--quiet", action="store_true")
 
 
@@ -234,7 +235,7 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
     if args.resume is not None:
         info = refinement.resume_refinement(ctx, args.resume)
     else:
-        params = {k: v for k, v in (("steps", args.steps), ("dense", args.dense)) if v}
+        params = {k: v for k, v in (("steps", args.steps), ("dense", args.dense)) if v is not None}
         info = refinement.start_refinement(ctx, rid, params or None)
     last = None
     try:

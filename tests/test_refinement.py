@@ -45,6 +45,7 @@ def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them
     assert not refinement.refined_state(ctx, run.id).available
 
     job = refinement.start_refinement(ctx, run.id, QUICK)
+    assert job.params["dense"] is False          # finer maps are opt-in on a CPU (on by default with a GPU)
     with pytest.raises(UserError, match="wait for it"):
         refinement.start_refinement(ctx, run.id, QUICK)
     done = refinement.wait_for_refinement(ctx, job.id, timeout=300)
@@ -90,6 +91,13 @@ def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them
         seg = views.read_segments(run.run_dir, it.position, crf=True, refined=True)
         assert seg.shape == (it.height, it.width)
     assert export.export_run(ctx, run.id, export.ExportOptions()).refined_used
+
+
+def test_finer_maps_are_on_by_default_only_where_a_gpu_makes_them_cheap():
+    from types import SimpleNamespace
+
+    assert refinement.dense_by_default(SimpleNamespace(device="cuda:0"))
+    assert not refinement.dense_by_default(SimpleNamespace(device="cpu"))
 
 
 def test_cancel_and_resume_reuse_the_work_done(lab):

@@ -361,7 +361,8 @@ class RefinePanel:
             steps = gr.Number(label=label, info=info, value=defaults.steps, precision=0, minimum=1,
                               elem_id="refine-steps", scale=1)
             label, info = REFINE_OPTIONS["dense"]
-            dense = gr.Checkbox(label=label, info=info, value=defaults.dense, elem_id="refine-dense", scale=2)
+            dense = gr.Checkbox(label=label, info=info, value=refinement.dense_by_default(ctx.config),
+                                elem_id="refine-dense", scale=2)
         with gr.Row():
             start_btn = gr.Button("Refine with names", variant="primary", elem_id="btn-refine")
             cancel_btn = gr.Button("Cancel refinement", variant="stop", elem_id="btn-refine-cancel",
@@ -395,8 +396,8 @@ class RefinePanel:
             run_id = H.as_id(run_id, "run")
             if run_id is None:
                 raise UserError("no run selected")
-            params = {k: v for k, v in (("steps", int(steps) if steps else None), ("dense", bool(dense))) if v}
-            job = refinement.start_refinement(ctx, run_id, params or None)
+            params = {"dense": bool(dense), **({"steps": int(steps)} if steps else {})}
+            job = refinement.start_refinement(ctx, run_id, params)
             gr.Info(f"Refinement {job.id} started.")
             return self.views(run_id)
 
