@@ -93,6 +93,10 @@ def test_ingest_summary_of_a_clean_report_has_no_problem_hint():
 def test_run_choice_label_names_status_backbone_and_size():
     assert H.run_choice_label(make_run(status="done")) == \
         "Run 3 · Finished · test_tiny · 5 clusters · 7 images"
+    # a run the worker picks up between drawing the list and the status box must not read 'Queued'
+    # in the list while its status box says it is running: both active states read the same
+    assert H.run_choice_label(make_run(status="queued")) == H.run_choice_label(make_run(status="running")) == \
+        "Run 3 · In progress · test_tiny · 5 clusters · 7 images"
     assert H.run_choices([make_run(id=4), make_run(id=2)]) == [
         (H.run_choice_label(make_run(id=4)), 4), (H.run_choice_label(make_run(id=2)), 2)]
 

@@ -154,10 +154,12 @@ def page_caption(start: int, stop: int, total: int) -> str:
 # ---------------------------------------------------------------- runs
 
 def run_choice_label(run: Any) -> str:
-    """'Run 3 · Finished · dinov2_vits14 · 8 clusters · 40 images'."""
+    """'Run 3 · Finished · dinov2_vits14 · 8 clusters · 40 images'. Queued and running read the same
+    ('In progress'): the list is redrawn when a run stops, not when the worker picks it up, which can
+    happen between drawing the list and the status box (the status box tells the two apart)."""
     params = run.params
     backbone = run.backbone or params.backbone or "automatic backbone"
-    status = STATUS_WORDS.get(run.status, run.status)
+    status = "In progress" if run.status in RUN_ACTIVE else STATUS_WORDS.get(run.status, run.status)
     return (f"Run {run.id} · {status} · {backbone} · {params.n_clusters} clusters · "
             f"{count(run.n_images, 'image')}")
 
