@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from core.features import backbone_forward
+from core.images import load_image
 
 if TYPE_CHECKING:
     from core.backbones import Backbone
@@ -68,3 +69,11 @@ def dense_tokens(backbone: Backbone, rgb: np.ndarray, grid: tuple[int, int], pre
     f, _ = backbone_forward(backbone, x, False, precision)       # (4, h, w, C)
     dense = interleave(f.cpu().numpy())
     return dense.reshape(-1, dense.shape[-1])
+
+
+def dense_item(backbone: Backbone, image_path, grid: tuple[int, int], precision: str = "float32"
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The dense tokens of the image at ``image_path``, whose stored token grid is ``grid``, and the
+    dense grid they lie on, (2h, 2w)."""
+    h, w = (int(v) for v in grid)
+    return dense_tokens(backbone, load_image(image_path), (h, w), precision), (DENSITY * h, DENSITY * w)

@@ -43,8 +43,7 @@ from PIL import Image
 from core.atomic import atomic_write_json, atomic_write_text
 from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
 from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
-from core.dense import DENSITY, dense_tokens
-from core.images import load_image
+from core.dense import dense_item
 from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
 from core.hierarchy import ClusterHierarchy
@@ -580,9 +579,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 size = (int(sizes[i][0]), int(sizes[i][1]))
                 codes = item_codes(pipeline.head, store, i) if settings.crf else None
                 if settings.predict_dense and props:
-                    grid = store.grid(i)
-                    h, w = (DENSITY * v for v in grid)
-                    raw = dense_tokens(pipeline.backbone(), load_image(images[i]), grid, dense_precision)
+                    raw, (h, w) = dense_item(pipeline.backbone(), images[i], store.grid(i), dense_precision)
                 else:
                     raw = np.asarray(predict_store.tokens(i))
                     h, w = predict_store.grid(i)

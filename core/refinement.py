@@ -26,9 +26,8 @@ import numpy as np
 
 from core.atomic import atomic_write_json
 from core.crf import ordered_map
-from core.dense import DENSITY, dense_tokens
+from core.dense import dense_item
 from core.errors import Cancelled
-from core.images import load_image
 from core.propagation import (
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_PSEUDO_ALPHA,
@@ -272,8 +271,7 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
                 return
             h, w = features.grid(i)
             if config.dense:
-                tokens = dense_tokens(backbone, load_image(image_paths[i]), (h, w), precision)
-                h, w = DENSITY * h, DENSITY * w
+                tokens, (h, w) = dense_item(backbone, image_paths[i], (h, w), precision)
             else:
                 tokens = np.asarray(features.tokens(i))
             lp = prop.predict_log_proba(tokens)

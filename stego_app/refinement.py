@@ -136,9 +136,9 @@ def _device(config) -> str:
     """The device refinement jobs of this app run on (config.device, "auto" resolved)."""
     device = str(getattr(config, "device", "cpu") or "cpu")
     if device == "auto":
-        import torch
+        from core.precision import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device("auto"))
     return device
 
 
