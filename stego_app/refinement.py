@@ -144,8 +144,8 @@ def _device(config) -> str:
 
 def dense_by_default(config) -> bool:
     """Finer maps unless asked otherwise where they are cheap: on a GPU the four extra backbone passes
-    per image take milliseconds; on a CPU they add about 2.4 s per image (2 cores), so they stay
-    opt-in there. Chosen on CamVid train, confirmed on val (docs/evaluation.md)."""
+    per image take milliseconds; on a CPU they add about 2.2 s per image (2 cores, CamVid at 322),
+    so they stay opt-in there. Chosen on CamVid train, confirmed on val (docs/evaluation.md)."""
     return _device(config).startswith("cuda")
 
 
