@@ -238,6 +238,23 @@ def tab(page, name: str) -> None:
     page.get_by_role("tab", name=re.compile(name)).click()
 
 
+def open_accordion(page, elem_id: str) -> None:
+    """Open a gr.Accordion (a no-op when it is open already). Under CI load a click that lands
+    while the tab's content is still being laid out can be lost, so it is tried again."""
+    header = page.locator(f"#{elem_id} button.label-wrap").first
+    is_open = re.compile(r"(^|\s)open(\s|$)")
+    for _ in range(3):
+        if is_open.search(header.get_attribute("class") or ""):
+            return
+        header.click()
+        try:
+            expect(header).to_have_class(is_open, timeout=5_000)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"the accordion #{elem_id} did not open after three clicks")
+
+
 def field(page, elem_id: str):
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
 
@@ -364,7 +381,7 @@ def test_02_server_folder_allowed_and_refused(page, db, corpus):
 def test_03_discovery_run_shows_progress_and_finishes(page, db, shots):
     tab(page, "Discover")
     expect(field(page, "backbone")).to_have_value(re.compile("Automatic"))
-    page.locator("#advanced").click()
+    open_accordion(page, "advanced")
     field(page, "steps").fill(str(RUN_STEPS))
     field(page, "batch-size").fill("4")
     field(page, "resolution").fill(str(RUN_RESOLUTION))
@@ -551,7 +568,7 @@ def test_07_reload_shows_the_same_state(page, app):
 
 def test_08_cancel_resume_and_restart_keep_the_job(page, app, db):
     tab(page, "Discover")
-    page.locator("#advanced").click()
+    open_accordion(page, "advanced")
     field(page, "steps").fill("200000")       # long enough to be cancelled mid-training
     page.locator("#btn-start").click()
     expect(field(page, "run-select")).to_have_value(re.compile(r"Run 2"))
@@ -619,7 +636,7 @@ def test_09_errors_are_toasts_not_tracebacks(page, db):
     close_toasts(page)
 
     tab(page, "Discover")
-    page.locator("#advanced").click()
+    open_accordion(page, "advanced")
     field(page, "shift-self").fill("abc")
     page.locator("#btn-start").click()
     error_toast(page, "not a number")

@@ -18,7 +18,7 @@ import pytest
 
 from stego_app import cli
 from tests.test_ui_browser import (BACKBONE, CHROMIUM, CHROMIUM_ARGS, MISSING, AppServer, choose, close_toasts,
-                                   expect, field, playwright_api, scene, shots, tab)
+                                   expect, field, open_accordion, playwright_api, scene, shots, tab)
 
 pytestmark = [pytest.mark.timeout(900)]
 if expect is not None:          # a busy CI machine renders slowly; assertions wait up to 30 s
@@ -340,7 +340,7 @@ def test_discover_form_shows_the_run_settings_and_limits_are_said(browser, app, 
         expect(field(pg, "n-clusters")).to_have_value("4")
         expect(field(pg, "resolution")).to_have_value("64")
         expect(pg.locator("#crf input")).not_to_be_checked()
-        pg.locator("#advanced").click()
+        open_accordion(pg, "advanced")
         expect(field(pg, "steps")).to_have_value("20")
         expect(field(pg, "code-dim")).to_have_value("8")
         field(pg, "n-clusters").fill("500")
@@ -370,7 +370,7 @@ def test_status_panel_times_and_no_dimming_on_polls(browser, app, db, shots):
         assert low == 1.0, f"the status panel dimmed to opacity {low}"
 
         # a long run: elapsed and remaining time per stage and for the run
-        pg.locator("#advanced").click()
+        open_accordion(pg, "advanced")
         field(pg, "steps").fill("100000")
         pg.locator("#btn-start").click()
         expect(field(pg, "run-select")).to_have_value(re.compile(r"Run 2"))
@@ -392,10 +392,11 @@ def test_a_busy_server_is_not_taken_for_a_dead_one(browser, app):
     that closed the open form and dropped what was typed (seen under CI load)."""
     context, pg = _open(browser, app)
     try:
-        tab(pg, "Discover")
-        pg.locator("#advanced").click()
-        field(pg, "steps").fill("1234")
         pg.evaluate("() => { window.__stego_same_page = true; }")
+        tab(pg, "Discover")
+        open_accordion(pg, "advanced")
+        assert pg.evaluate("() => window.__stego_same_page === true"), "the page reloaded itself on opening"
+        field(pg, "steps").fill("1234")
         banner = pg.locator("#stego-connection-lost")
         app.proc.send_signal(signal.SIGSTOP)           # no answers, but the connection stays open
         try:
