@@ -15,9 +15,28 @@ from sqlalchemy import select, update
 from stego_app.db import as_utc
 from stego_app.errors import UserError
 from stego_app.models import (RUN_ACTIVE, RUN_CANCELLABLE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
-                              RUN_RUNNING, utcnow)
+                              RUN_RUNNING, Image, RunImage, utcnow)
 
-__all__ = ["cancel", "requeue", "wait", "mark_interrupted"]
+__all__ = ["cancel", "requeue", "wait", "mark_interrupted", "failure_text"]
+
+
+def failure_text(db, run_id: int, exc: BaseException) -> str:
+    """The error a failed job stores. An image that cannot be read is named as the user knows it
+    (its file name and id in the project), not by the stored copy's path."""
+    text = f"{type(exc).__name__}: {exc}"
+    path, reason = getattr(exc, "path", None), getattr(exc, "reason", None)
+    if path is None or reason is None:
+        return text
+    try:
+        with db.read() as s:
+            row = s.execute(select(Image.id, Image.name).join(RunImage, RunImage.image_id == Image.id).where(
+                RunImage.run_id == run_id, Image.path == str(path))).first()
+    except Exception:   # the plain text is still right; the name is a courtesy
+        return text
+    if row is None:
+        return text
+    return (f"image '{row.name}' (id {row.id}) cannot be read: {reason}. Replace or remove it in the "
+            f"Project tab ({type(exc).__name__})")
 
 
 def cancel(row: Any, what: str, plural: str) -> None:

@@ -309,6 +309,7 @@ def execute(db, config, ref_id: int, cancel_event: threading.Event, stopping: th
             row.status, row.finished_at = RUN_CANCELLED, utcnow()
             return
         row.status, row.started_at, row.error = RUN_RUNNING, row.started_at or utcnow(), None
+        run_id = row.run_id
     last_poll = [0.0]
 
     def cancelled() -> bool:
@@ -339,7 +340,7 @@ def execute(db, config, ref_id: int, cancel_event: threading.Event, stopping: th
             status = RUN_INTERRUPTED if stopping.is_set() else RUN_CANCELLED
             error = "the app stopped during this refinement; resume it to continue" if stopping.is_set() else None
         else:
-            status, error = RUN_FAILED, f"{type(exc).__name__}: {exc}"
+            status, error = RUN_FAILED, jobs.failure_text(db, run_id, exc)
             log.error("refinement %s failed: %s", ref_id, error, exc_info=exc)
         try:
             with db.write() as s:

@@ -26,6 +26,7 @@ from sqlalchemy import delete, select, update
 from core.errors import Cancelled, ImageLoadError
 from core.rundir import RunDir
 from core.settings import RunSettings
+from stego_app import jobs
 from stego_app.config import AppConfig
 from stego_app.db import Database
 from stego_app.eta import LIVE_KEY, live_clock
@@ -339,7 +340,7 @@ class RunWorker:
                          if status == RUN_INTERRUPTED else None)
                 log.info("run %s %s", run_id, status)
             else:
-                status, error = RUN_FAILED, f"{type(exc).__name__}: {exc}"
+                status, error = RUN_FAILED, jobs.failure_text(self.db, run_id, exc)
                 log.error("run %s failed: %s", run_id, error, exc_info=exc)
                 if isinstance(exc, ImageLoadError):
                     self._mark_bad_image(run_id, exc)

@@ -1,12 +1,14 @@
 """Refine with names: propagation jobs on a real run (test backbone) through the services."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from core.refinement import ClassSpace
 from core.rundir import RunDir
-from stego_app import export, refinement, runs
+from stego_app import export, ingest, refinement, runs
 from stego_app.errors import UserError
 from stego_app.labels import annotations, mapping, views
 from tests.conftest import make_finished_run
@@ -120,3 +122,20 @@ def test_cancel_and_resume_reuse_the_work_done(lab):
     assert resumed.status == "queued"
     refinement.cancel_refinement(ctx, job.id)
     assert refinement.wait_for_refinement(ctx, job.id, timeout=120).status == "cancelled"
+
+
+def test_an_image_gone_bad_fails_the_job_naming_the_users_file(tmp_path):
+    ctx, run = make_finished_run(tmp_path, n_images=3)
+    try:
+        mapping.name_cluster(ctx, run.id, 0, "ground")
+        image = ingest.get_image(ctx, runs.run_images(ctx, run.id)[1].image_id)
+        image.path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))     # the stored copy goes bad
+        job = refinement.start_refinement(ctx, run.id, QUICK)
+        failed = refinement.wait_for_refinement(ctx, job.id, timeout=300)
+        assert failed.status == "failed"
+        assert f"image '{image.name}' (id {image.id}) cannot be read" in failed.error
+        assert str(image.path) not in failed.error
+        assert not refinement.refined_state(ctx, run.id).available       # no half-written maps offered
+        assert mapping.list_clusters(ctx, run.id)[0].label_name == "ground"  # the naming is kept
+    finally:
+        ctx.close()

@@ -117,7 +117,9 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     run = runs.start_run(ctx, project.id, RunSettings(steps=5, crf=False, **FAST))
     failed = runs.wait_for_run(ctx, run.id, timeout=300)
     assert failed.status == "failed"
-    assert "ImageLoadError" in failed.error and extra.path.name in failed.error
+    # named as the user knows it (file name and id), not by the stored copy's path
+    assert f"image '{extra.name}' (id {extra.id}) cannot be read" in failed.error
+    assert "ImageLoadError" in failed.error and str(extra.path) not in failed.error
     assert failed.is_resumable
     assert runs.get_run(ctx, first.id).status == "done"
     assert mapping.list_clusters(ctx, first.id) == before
