@@ -12,31 +12,37 @@ from typing import Any, Callable
 
 from sqlalchemy import select, update
 
+from core.errors import ImageLoadError
 from stego_app.db import as_utc
 from stego_app.errors import UserError
 from stego_app.models import (RUN_ACTIVE, RUN_CANCELLABLE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
                               RUN_RUNNING, Image, RunImage, utcnow)
 
-__all__ = ["cancel", "requeue", "wait", "mark_interrupted", "failure_text"]
+__all__ = ["cancel", "requeue", "wait", "mark_interrupted", "failure_text", "image_at"]
+
+
+def image_at(s, run_id: int, path) -> Image | None:
+    """The image of run ``run_id`` whose stored file is ``path`` (an ImageLoadError's path)."""
+    return s.scalars(select(Image).join(RunImage, RunImage.image_id == Image.id).where(
+        RunImage.run_id == run_id, Image.path == str(path))).first()
 
 
 def failure_text(db, run_id: int, exc: BaseException) -> str:
     """The error a failed job stores. An image that cannot be read is named as the user knows it
     (its file name and id in the project), not by the stored copy's path."""
     text = f"{type(exc).__name__}: {exc}"
-    path, reason = getattr(exc, "path", None), getattr(exc, "reason", None)
-    if path is None or reason is None:
+    if not isinstance(exc, ImageLoadError):
         return text
     try:
         with db.read() as s:
-            row = s.execute(select(Image.id, Image.name).join(RunImage, RunImage.image_id == Image.id).where(
-                RunImage.run_id == run_id, Image.path == str(path))).first()
+            image = image_at(s, run_id, exc.path)
+            named = None if image is None else (image.name, image.id)
     except Exception:   # the plain text is still right; the name is a courtesy
         return text
-    if row is None:
+    if named is None:
         return text
-    return (f"image '{row.name}' (id {row.id}) cannot be read: {reason}. Replace or remove it in the "
-            f"Project tab ({type(exc).__name__})")
+    return (f"image '{named[0]}' (id {named[1]}) cannot be read: {exc.reason}. Remove it, or add a good copy, "
+            f"in the Project tab ({type(exc).__name__})")
 
 
 def cancel(row: Any, what: str, plural: str) -> None:

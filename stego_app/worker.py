@@ -362,11 +362,10 @@ class RunWorker:
         """The image named in a load error gets status 'error', so later runs leave it out."""
         try:
             with self.db.write() as s:
-                run = s.get(Run, run_id)
-                for ri in run.images if run is not None else []:
-                    if str(ri.image.path) == str(exc.path):
-                        ri.image.status, ri.image.error = IMAGE_ERROR, exc.reason
-                        log.warning("image %s marked unreadable: %s", ri.image.id, ri.image.error)
+                image = jobs.image_at(s, run_id, exc.path)
+                if image is not None:
+                    image.status, image.error = IMAGE_ERROR, exc.reason
+                    log.warning("image %s marked unreadable: %s", image.id, image.error)
         except Exception:
             log.exception("could not mark the unreadable image of run %s", run_id)
 
