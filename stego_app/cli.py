@@ -373,6 +373,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 _out(f"duplicate  {prob.name}: {prob.reason}")
             for prob in r.rejected:
                 _out(f"rejected   {prob.name}: {prob.reason}")
+        for r in reports:
+            for name in r.repaired:
+                _out(f"repaired   {name}: a good copy replaced its unreadable one; resume the job that failed on it")
         n_dup = sum(len(r.duplicates) for r in reports)
         n_rej = sum(len(r.rejected) for r in reports)
         total = projects.get_project(ctx, project.id).n_images

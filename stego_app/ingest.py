@@ -1,7 +1,9 @@
 """Corpus ingestion: uploaded files, zip archives and server folders.
 
 Each file is checked on its own (size, full decode, pixel count, content hash) and
-reported as added, duplicate or rejected; one bad file never stops the others.
+reported as added, duplicate or rejected; one bad file never stops the others. A file
+whose content is that of an image already in the project but unreadable there (its copy
+damaged or gone) replaces that copy: the image keeps its id, its runs and its labels.
 Uploads and zip entries are copied to <data_dir>/images/<project_id>/<sha256>.<ext>;
 server-folder images (only under config.allowed_roots) are referenced by path.
 Rows are committed in chunks, each chunk one transaction.
@@ -32,7 +34,7 @@ from core.images import bomb_pixels, load_image, pixel_limit_error
 from stego_app.config import ENV_PREFIX
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.models import IMAGE_OK, IMAGE_REMOVED, Image, Project
+from stego_app.models import IMAGE_ERROR, IMAGE_OK, IMAGE_REMOVED, Image, Project
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,13 @@ class IngestReport:
     added: list[ImageInfo] = field(default_factory=list)
     duplicates: list[FileProblem] = field(default_factory=list)
     rejected: list[FileProblem] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)   # names among `added` that replaced an unreadable copy
 
     def summary(self) -> str:
         def n(k: int, word: str) -> str:
             return f"{k} {word}" + ("" if k == 1 else "s")
-        return (f"{len(self.added)} added, {n(len(self.duplicates), 'duplicate')}, "
+        fixed = f" ({len(self.repaired)} replacing an unreadable copy)" if self.repaired else ""
+        return (f"{len(self.added)} added{fixed}, {n(len(self.duplicates), 'duplicate')}, "
                 f"{len(self.rejected)} rejected")
 
     @classmethod
@@ -87,7 +91,8 @@ class IngestReport:
         """Several reports (uploads + zips) as one, in order."""
         return cls(added=[a for r in reports for a in r.added],
                    duplicates=[d for r in reports for d in r.duplicates],
-                   rejected=[p for r in reports for p in r.rejected])
+                   rejected=[p for r in reports for p in r.rejected],
+                   repaired=[n for r in reports for n in r.repaired])
 
 
 def refusal_message(added: int, duplicates: int, rejected: int) -> str | None:
@@ -179,6 +184,27 @@ class _Pending:
     meta: ImageMeta
     size: int
     created_file: bool
+    repairs: int | None = None   # id of the unreadable image this file is a good copy of
+
+
+@dataclass(frozen=True)
+class _Known:
+    id: int
+    name: str
+    path: str
+    status: str
+
+
+def _unreadable(known: _Known) -> bool:
+    """Whether an image already in the project can no longer be read where it is stored:
+    marked so by a run or a refinement that failed on it, or its file gone."""
+    if known.status == IMAGE_ERROR:
+        return True
+    path = Path(known.path)
+    try:
+        return not path.is_file()
+    except OSError:
+        return True
 
 
 class _Ingest:
@@ -192,14 +218,15 @@ class _Ingest:
         self.added: list[ImageInfo] = []
         self.duplicates: list[FileProblem] = []
         self.rejected: list[FileProblem] = []
+        self.repaired: list[str] = []
         self.pending: list[_Pending] = []
         self.seen: dict[str, str] = {}
         with ctx.db.read() as s:
             if s.get(Project, project_id) is None:
                 raise NotFound(f"project {project_id} does not exist")
-            self.known = {sha: name for sha, name in
-                          s.execute(select(Image.sha256, Image.name).where(Image.project_id == project_id,
-                                                                           Image.status != IMAGE_REMOVED))}
+            self.known = {row.sha256: _Known(row.id, row.name, row.path, row.status) for row in
+                          s.execute(select(Image.sha256, Image.id, Image.name, Image.path, Image.status)
+                                    .where(Image.project_id == project_id, Image.status != IMAGE_REMOVED))}
         self.store_dir = self.cfg.images_dir / str(project_id)
 
     def run(self, candidates: Iterable[_Candidate], total: int) -> IngestReport:
@@ -221,7 +248,7 @@ class _Ingest:
         self._flush()
         log.info("ingest into project %s: %d added, %d duplicates, %d rejected", self.project_id,
                  len(self.added), len(self.duplicates), len(self.rejected))
-        return IngestReport(self.added, self.duplicates, self.rejected)
+        return IngestReport(self.added, self.duplicates, self.rejected, self.repaired)
 
     def _one(self, cand: _Candidate) -> None:
         if cand.problem is not None:
@@ -245,8 +272,9 @@ class _Ingest:
         if sha in self.seen:
             self.duplicates.append(FileProblem(cand.name, f"same image as {self.seen[sha]} in this batch"))
             return
-        if sha in self.known:
-            self.duplicates.append(FileProblem(cand.name, f"already in the project as {self.known[sha]}"))
+        known = self.known.get(sha)
+        if known is not None and not _unreadable(known):
+            self.duplicates.append(FileProblem(cand.name, f"already in the project as {known.name}"))
             return
         self.seen[sha] = cand.name
         if cand.reference:
@@ -254,10 +282,11 @@ class _Ingest:
         else:
             dest = self.store_dir / f"{sha}.{_EXT.get(meta.format, meta.format.lower())}"
             created = not dest.exists()
-            if created:
+            if created or known is not None:   # a damaged copy is written over
                 with atomic_path(dest) as tmp:
                     shutil.copyfile(cand.path, tmp)
-        self.pending.append(_Pending(cand.name, sha, dest, not cand.reference, meta, size, created))
+        self.pending.append(_Pending(cand.name, sha, dest, not cand.reference, meta, size, created,
+                                     None if known is None else known.id))
 
     def _flush(self) -> None:
         if not self.pending:
@@ -272,6 +301,13 @@ class _Ingest:
                 rows = []
                 for p in batch:
                     old = present.get(p.sha256)
+                    if old is not None and old.id == p.repairs:   # a good copy of an unreadable image
+                        old.path, old.stored = str(p.path), p.stored
+                        old.status, old.error = IMAGE_OK, None
+                        rows.append(old)
+                        self.repaired.append(old.name)
+                        log.info("image %s (%s) repaired from %s", old.id, old.name, p.name)
+                        continue
                     if old is not None and old.status == IMAGE_REMOVED:   # removed before: it comes back
                         old.name, old.path, old.stored = p.name[:1000], str(p.path), p.stored
                         old.status, old.error = IMAGE_OK, None
@@ -295,7 +331,7 @@ class _Ingest:
             raise
         self.added.extend(infos)
         for info in infos:
-            self.known[info.sha256] = info.name
+            self.known[info.sha256] = _Known(info.id, info.name, str(info.path), info.status)
 
 
 # ---------------------------------------------------------------- public services

@@ -7,6 +7,7 @@ write transaction) and the words that name it in messages.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
@@ -15,10 +16,12 @@ from sqlalchemy import select, update
 from core.errors import ImageLoadError
 from stego_app.db import as_utc
 from stego_app.errors import UserError
-from stego_app.models import (RUN_ACTIVE, RUN_CANCELLABLE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
+from stego_app.models import (IMAGE_ERROR, RUN_ACTIVE, RUN_CANCELLABLE, RUN_CANCELLED, RUN_INTERRUPTED, RUN_QUEUED, RUN_RESUMABLE,
                               RUN_RUNNING, Image, RunImage, utcnow)
 
-__all__ = ["cancel", "requeue", "wait", "mark_interrupted", "failure_text", "image_at"]
+log = logging.getLogger(__name__)
+
+__all__ = ["cancel", "requeue", "wait", "mark_interrupted", "failure_text", "image_at", "mark_unreadable"]
 
 
 def image_at(s, run_id: int, path) -> Image | None:
@@ -41,8 +44,23 @@ def failure_text(db, run_id: int, exc: BaseException) -> str:
         return text
     if named is None:
         return text
-    return (f"image '{named[0]}' (id {named[1]}) cannot be read: {exc.reason}. Remove it, or add a good copy, "
-            f"in the Project tab ({type(exc).__name__})")
+    return (f"image '{named[0]}' (id {named[1]}) cannot be read: {exc.reason}. Add a good copy of it in the "
+            f"Project tab and resume, or start a new run, which leaves it out ({type(exc).__name__})")
+
+
+def mark_unreadable(db, run_id: int, exc: BaseException) -> None:
+    """The image named in a load error gets status 'error': later runs leave it out, and adding
+    a good copy of it in the Project tab replaces the stored one (so the failed job can resume)."""
+    if not isinstance(exc, ImageLoadError):
+        return
+    try:
+        with db.write() as s:
+            image = image_at(s, run_id, exc.path)
+            if image is not None:
+                image.status, image.error = IMAGE_ERROR, exc.reason
+                log.warning("image %s marked unreadable: %s", image.id, image.error)
+    except Exception:
+        log.exception("could not mark the unreadable image of run %s", run_id)
 
 
 def cancel(row: Any, what: str, plural: str) -> None:

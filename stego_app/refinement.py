@@ -342,6 +342,7 @@ def execute(db, config, ref_id: int, cancel_event: threading.Event, stopping: th
         else:
             status, error = RUN_FAILED, jobs.failure_text(db, run_id, exc)
             log.error("refinement %s failed: %s", ref_id, error, exc_info=exc)
+            jobs.mark_unreadable(db, run_id, exc)
         try:
             with db.write() as s:
                 s.execute(update(Refinement).where(Refinement.id == ref_id).values(

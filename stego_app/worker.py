@@ -23,14 +23,14 @@ from typing import Any, Callable, Sequence
 
 from sqlalchemy import delete, select, update
 
-from core.errors import Cancelled, ImageLoadError
+from core.errors import Cancelled
 from core.rundir import RunDir
 from core.settings import RunSettings
 from stego_app import jobs
 from stego_app.config import AppConfig
 from stego_app.db import Database
 from stego_app.eta import LIVE_KEY, live_clock
-from stego_app.models import (IMAGE_ERROR, RUN_ACTIVE, RUN_CANCELLED, RUN_DONE, RUN_FAILED, RUN_INTERRUPTED, RUN_QUEUED,
+from stego_app.models import (RUN_ACTIVE, RUN_CANCELLED, RUN_DONE, RUN_FAILED, RUN_INTERRUPTED, RUN_QUEUED,
                               RUN_RUNNING, Cluster, Label, Run, utcnow)
 from stego_app.processes import hostname, owner_tag, pid_alive, split_owner
 from stego_app.render import palette_colour
@@ -342,8 +342,7 @@ class RunWorker:
             else:
                 status, error = RUN_FAILED, jobs.failure_text(self.db, run_id, exc)
                 log.error("run %s failed: %s", run_id, error, exc_info=exc)
-                if isinstance(exc, ImageLoadError):
-                    self._mark_bad_image(run_id, exc)
+                jobs.mark_unreadable(self.db, run_id, exc)
             try:
                 with self.db.write() as s:
                     s.execute(update(Run).where(Run.id == run_id).values(
@@ -357,17 +356,6 @@ class RunWorker:
             self._current = None
             with self._lock:
                 self._cancel.pop(run_id, None)
-
-    def _mark_bad_image(self, run_id: int, exc: ImageLoadError) -> None:
-        """The image named in a load error gets status 'error', so later runs leave it out."""
-        try:
-            with self.db.write() as s:
-                image = jobs.image_at(s, run_id, exc.path)
-                if image is not None:
-                    image.status, image.error = IMAGE_ERROR, exc.reason
-                    log.warning("image %s marked unreadable: %s", image.id, image.error)
-        except Exception:
-            log.exception("could not mark the unreadable image of run %s", run_id)
 
     def _pipeline_config(self, params: RunSettings, run_dir: Path):
         """A resumed run keeps the exact configuration it started with (run_dir/config.json)."""

@@ -129,6 +129,8 @@ def test_an_image_gone_bad_fails_the_job_naming_the_users_file(tmp_path):
     try:
         mapping.name_cluster(ctx, run.id, 0, "ground")
         image = ingest.get_image(ctx, runs.run_images(ctx, run.id)[1].image_id)
+        original = tmp_path / "original.png"
+        original.write_bytes(image.path.read_bytes())
         image.path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))     # the stored copy goes bad
         job = refinement.start_refinement(ctx, run.id, QUICK)
         failed = refinement.wait_for_refinement(ctx, job.id, timeout=300)
@@ -137,5 +139,12 @@ def test_an_image_gone_bad_fails_the_job_naming_the_users_file(tmp_path):
         assert str(image.path) not in failed.error
         assert not refinement.refined_state(ctx, run.id).available       # no half-written maps offered
         assert mapping.list_clusters(ctx, run.id)[0].label_name == "ground"  # the naming is kept
+        # the image is marked unreadable, a good copy replaces it, and the refinement resumes
+        assert ingest.get_image(ctx, image.id).status == "error"
+        report = ingest.ingest_files(ctx, image.project_id, [original])
+        assert [i.id for i in report.added] == [image.id] and report.repaired
+        refinement.resume_refinement(ctx, job.id)
+        assert refinement.wait_for_refinement(ctx, job.id, timeout=300).status == "done"
+        assert refinement.refined_state(ctx, run.id).available
     finally:
         ctx.close()

@@ -112,7 +112,8 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     ctx, project, first = lab
     mapping.name_cluster(ctx, first.id, 0, "sky")
     before = mapping.list_clusters(ctx, first.id)
-    extra = ingest.ingest_files(ctx, project.id, write_scene_images(tmp_path, n=1, seed=7)).added[0]
+    original = write_scene_images(tmp_path, n=1, seed=7)[0]
+    extra = ingest.ingest_files(ctx, project.id, [original]).added[0]
     extra.path.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))     # the disk copy goes bad later
     run = runs.start_run(ctx, project.id, RunSettings(steps=5, crf=False, **FAST))
     failed = runs.wait_for_run(ctx, run.id, timeout=300)
@@ -131,6 +132,15 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_work(lab, tmp_path):
     nxt = runs.start_run(ctx, project.id, RunSettings(steps=2, crf=False, **FAST))
     assert nxt.n_images == 4 and extra.id not in {i.image_id for i in runs.run_images(ctx, nxt.id)}
     assert runs.wait_for_run(ctx, nxt.id, timeout=300).status == "done"   # the worker survived the crash
+    # what the message says to do works: a good copy replaces the stored one (same image, same id),
+    # and the failed run resumes over it
+    report = ingest.ingest_files(ctx, project.id, [original], ["good copy.png"])
+    assert [i.id for i in report.added] == [extra.id] and report.repaired == [extra.name]
+    assert not report.duplicates and "1 replacing an unreadable copy" in report.summary()
+    assert ingest.get_image(ctx, extra.id).status == "ok"
+    assert ingest.ingest_files(ctx, project.id, [original]).duplicates      # once good, a duplicate again
+    runs.resume_run(ctx, run.id)
+    assert runs.wait_for_run(ctx, run.id, timeout=300).status == "done"
 
 
 def test_start_run_refuses_bad_requests(lab, app_ctx):

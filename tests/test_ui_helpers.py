@@ -88,6 +88,12 @@ def test_ingest_summary_of_a_clean_report_has_no_problem_hint():
     assert H.ingest_problem_rows(IngestReport(added=["x"])) == []
 
 
+def test_ingest_summary_says_a_repaired_image_can_be_used_again():
+    text = H.ingest_summary(IngestReport(added=["x", "y"], repaired=["x.png"]))
+    assert text.startswith("**2** images added (1 a good copy of an unreadable image")
+    assert "resume the job that failed on it" in text
+
+
 # ---------------------------------------------------------------- runs
 
 def test_run_choice_label_names_status_backbone_and_size():

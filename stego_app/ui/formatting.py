@@ -113,10 +113,12 @@ def project_choices(projects: Iterable[Any]) -> list[tuple[str, int]]:
 
 
 def ingest_summary(report: Any) -> str:
-    """Markdown summary of an IngestReport (or a merge_reports dict)."""
-    get = (lambda k: report[k]) if isinstance(report, Mapping) else (lambda k: getattr(report, k))
-    added, dups, rej = get("added"), get("duplicates"), get("rejected")
+    """Markdown summary of an IngestReport."""
+    added, dups, rej = report.added, report.duplicates, report.rejected
     parts = [f"**{len(added)}** image{'s' if len(added) != 1 else ''} added"]
+    if report.repaired:
+        parts[0] += (f" ({len(report.repaired)} a good copy of an unreadable image, which can be used "
+                     f"again: resume the job that failed on it)")
     if dups:
         parts.append(f"**{len(dups)}** duplicate{'s' if len(dups) != 1 else ''} skipped")
     if rej:
@@ -129,9 +131,8 @@ def ingest_summary(report: Any) -> str:
 
 def ingest_problem_rows(report: Any) -> list[list[str]]:
     """Table rows [file, problem kind, reason] of the duplicates and rejected files."""
-    get = (lambda k: report[k]) if isinstance(report, Mapping) else (lambda k: getattr(report, k))
-    rows = [[p.name, "rejected", p.reason] for p in get("rejected")]
-    rows += [[p.name, "duplicate", p.reason] for p in get("duplicates")]
+    rows = [[p.name, "rejected", p.reason] for p in report.rejected]
+    rows += [[p.name, "duplicate", p.reason] for p in report.duplicates]
     return rows
 
 
