@@ -97,7 +97,8 @@ class ProjectTab:
         merged = IngestReport.merge(reports)
         n = len(merged.added)
         if n:
-            gr.Info(f"{n} image{'s' if n != 1 else ''} added.")
+            fixed = f" ({len(merged.repaired)} replacing an unreadable copy)" if merged.repaired else ""
+            gr.Info(f"{n} image{'s' if n != 1 else ''} added{fixed}.")
         elif merged.rejected or merged.duplicates:
             gr.Warning("No image was added; see the list of problems.")
         out = {self.app.project_dd: self.app.project_choices_update(pid),
