@@ -1,7 +1,9 @@
 """Does the propagator gain from its tokens' neighbourhood? A token-level check on the fitting split.
 
 Each token's backbone feature is concatenated with the mean of its (2r+1) x (2r+1) neighbours
-(``c1``: r = 1; ``c12``: r = 1 and 3; ``none``: the app's propagator as it is), the Propagator
+(``c1``: r = 1; ``c12``: r = 1 and 3; ``none``: the app's propagator as it is), or with an
+intermediate block's output (``--block N``, mode ``bN``: the backbone is run again on each image,
+that block's tokens passed through the final LayerNorm, as in ``bench_layers.py``). The Propagator
 (app defaults) is trained on the pseudo-labels of the K named STEGO clusters (majority naming)
 and scored per token, as in ``bench_naming.py``. Writes ``--out``.md / .json.
 
@@ -42,6 +44,44 @@ def box_mean(f: np.ndarray, r: int) -> np.ndarray:
     return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
 
 
+class WithBlock:
+    """A TokenFeatures whose tokens carry an intermediate block's token after the stored feature."""
+
+    def __init__(self, base, extra: list[np.ndarray]):
+        self.base, self.extra = base, extra
+        self.embed_dim = base.embed_dim + extra[0].shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def grid(self, i: int) -> tuple[int, int]:
+        return self.base.grid(i)
+
+    def image_index(self, i: int) -> int:
+        return self.base.image_index(i)
+
+    def tokens(self, i: int, flipped: bool = False) -> np.ndarray:
+        x = np.asarray(self.base.tokens(i), np.float32)
+        return np.concatenate([x, self.extra[i].reshape(len(x), -1)], 1)
+
+
+def block_tokens(pipe, store, paths, block: int, cache_dir: Path | None) -> list[np.ndarray]:
+    """Block ``block``'s normed tokens of every image, on the stored tokens' grid."""
+    from bench_layers import layer_features
+    from core.backbones import create_backbone
+    from core.images import load_image
+
+    fc = pipe.config.features
+    backbone = create_backbone(fc.backbone, device="cpu", cache_dir=cache_dir)
+    out = []
+    for i, p in enumerate(paths):
+        f = layer_features(backbone, load_image(p), fc.resolution, [block], fc.max_long_side)[block]
+        if f.shape[:2] != tuple(store.grid(i)):
+            raise SystemExit(f"{p}: block grid {f.shape[:2]} is not the stored grid {store.grid(i)}")
+        out.append(f.astype(np.float16))
+    return out
+
+
 class WithContext:
     """A TokenFeatures whose tokens carry their neighbourhood means after the feature itself."""
 
@@ -74,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=11)
     ap.add_argument("--ignore", type=int, default=11)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block", type=int, help="also try the stored features + this block's (mode bN)")
+    ap.add_argument("--cache-dir", type=Path, help="weights cache for --block")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     C, K = a.classes, a.k
@@ -94,10 +136,12 @@ def main(argv=None) -> int:
         return pseudo_labels(cluster_probabilities(codes[i], cen, DEFAULT_PSEUDO_ALPHA), names,
                              min_confidence=DEFAULT_MIN_CONFIDENCE)
 
+    modes = a.modes.split(",") + ([f"b{a.block}"] if a.block else [])
+    extra = block_tokens(pipe, store, paths, a.block, a.cache_dir) if a.block else None
     rows = []
-    for mode in a.modes.split(","):
+    for mode in modes:
         t = time.perf_counter()
-        feats = WithContext(store, RADII[mode])
+        feats = WithBlock(store, extra) if mode.startswith("b") else WithContext(store, RADII[mode])
         prop = Propagator(C, seed=a.seed).fit(feats, labels_of)
         s = class_scores([prop.predict(feats.tokens(i)) for i in range(len(feats))], targets, C)
         rows.append({"mode": mode, "mIoU": s["miou"], "accuracy": s["accuracy"],

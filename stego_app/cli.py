@@ -362,7 +362,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             if path.is_dir():
                 reports.append(ingest.ingest_folder(ctx, project.id, str(path.resolve())))
             elif path.is_file() and zipfile.is_zipfile(path):
-                reports.append(ingest.ingest_zip(ctx, project.id, path))
+                reports.append(ingest.ingest_zip(ctx, project.id, path).within(path.name))
             else:
                 files.append(path)
         if files:

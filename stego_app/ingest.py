@@ -86,6 +86,12 @@ class IngestReport:
         return (f"{len(self.added)} added{fixed}, {n(len(self.duplicates), 'duplicate')}, "
                 f"{len(self.rejected)} rejected")
 
+    def within(self, archive: str) -> "IngestReport":
+        """The same report with each refused entry named inside its archive ('photos.zip: a.png')."""
+        def named(ps: list[FileProblem]) -> list[FileProblem]:
+            return [FileProblem(f"{archive}: {p.name}", p.reason) for p in ps]
+        return IngestReport(self.added, named(self.duplicates), named(self.rejected), self.repaired)
+
     @classmethod
     def merge(cls, reports: Sequence["IngestReport"]) -> "IngestReport":
         """Several reports (uploads + zips) as one, in order."""

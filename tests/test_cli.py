@@ -59,7 +59,7 @@ def test_ingest_status_and_user_errors(tmp_path, capsys):
                            str(folder), str(archive), str(single))
     assert code == 0, err
     assert "created project" in out
-    assert "rejected   junk.txt" in out and "rejected   ../escape.png" in out
+    assert "rejected   junk.txt" in out and "rejected   more.zip: ../escape.png" in out   # named inside its archive
     assert "5 added, 0 duplicates, 2 rejected; 5 images in total" in out
     assert "warning: 2 of 7 files were not added (2 rejected, 0 duplicates)" in err
 

@@ -183,6 +183,11 @@ def test_zip_nested_slip_symlink_and_junk(app_ctx, project, tmp_path):
     assert "symbolic link" in reasons["photos/link.png"]
     assert not (tmp_path / "evil.png").exists() and not Path("/abs/evil2.png").exists()
     assert not any(app_ctx.config.tmp_dir.iterdir())        # temporary extractions cleaned up
+    # the Project tab and the CLI list refused entries inside their archive
+    shown = report.within("batch.zip")
+    assert _names(shown.duplicates) == ["batch.zip: photos/again_a.png"]
+    assert "batch.zip: readme.txt" in {p.name for p in shown.rejected}
+    assert [i.name for i in shown.added] == [i.name for i in report.added]
 
 
 def test_zip_size_limit_and_wrong_archive(app_ctx, project, tmp_path):

@@ -239,7 +239,7 @@ def test_two_tabs_stale_edit_refused_and_changes_picked_up(browser, app, db):
         _select(a, 1)
         field(a, "label-name").fill("road")
         a.locator("#btn-name").click()
-        _toast(a, "Cluster 1 is now 'road'")
+        _toast(a, "Cluster #1 is now 'road'")
         expect(_card(a, 1)).to_have_attribute("data-label", "road")
 
         _select(b, 1)                                    # B still shows cluster 1 unnamed
@@ -258,7 +258,7 @@ def test_two_tabs_stale_edit_refused_and_changes_picked_up(browser, app, db):
         _select(a, 1)
         field(a, "label-name").fill("asphalt")
         a.locator("#btn-name").click()
-        _toast(a, "Cluster 1 is now 'asphalt'")
+        _toast(a, "Cluster #1 is now 'asphalt'")
         focus = b.locator("#quick-focus-inner").get_attribute("data-cluster")
         box = field(b, "quick-name")
         box.fill("hedge")
@@ -273,7 +273,7 @@ def test_two_tabs_stale_edit_refused_and_changes_picked_up(browser, app, db):
         _select(a, 3)
         field(a, "label-name").fill("tree")
         a.locator("#btn-name").click()
-        _toast(a, "Cluster 3 is now 'tree'")
+        _toast(a, "Cluster #3 is now 'tree'")
         expect(_card(b, 3)).to_have_attribute("data-label", "tree", timeout=8_000)
     finally:
         ctx_a.close()
@@ -287,11 +287,11 @@ def test_feedback_toasts_and_confirmation_before_deleting_a_name(browser, app, d
         expect(_card(pg, 0)).to_have_attribute("data-label", "sky")
         _select(pg, 2)
         pg.locator("#btn-ignore").click()
-        _toast(pg, "Cluster 2 ignored")
+        _toast(pg, "Cluster #2 ignored")
         expect(_card(pg, 2)).to_have_attribute("data-ignored", "1")
         _select(pg, 2)
         pg.locator("#btn-unignore").click()
-        _toast(pg, "Cluster 2 no longer ignored")
+        _toast(pg, "Cluster #2 no longer ignored")
         expect(_card(pg, 2)).to_have_attribute("data-ignored", "0")
 
         choose(pg, "colour-label", "sky")
@@ -325,7 +325,7 @@ def test_feedback_toasts_and_confirmation_before_deleting_a_name(browser, app, d
         expect(_card(pg, 0)).to_have_attribute("data-label", "sky")
         pg.locator("#btn-unmerge").click()                      # cluster 0 is still selected
         pg.locator("#btn-unname-yes").click()
-        _toast(pg, "Cluster 0 is unnamed again")
+        _toast(pg, "Cluster #0 is unnamed again")
         expect(_card(pg, 0)).to_have_attribute("data-label", "")
         expect(pg.locator("#unname-confirm")).to_be_hidden()
         assert db("SELECT COUNT(*) FROM labels WHERE run_id = 1 AND name = 'sky'")[0][0] == 0

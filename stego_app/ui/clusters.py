@@ -135,9 +135,9 @@ class ClustersTab:
         def action() -> str:
             if len(idx) == 1:
                 mapping.name_cluster(self.ctx, run_id, idx[0], name)
-                return f"Cluster {idx[0]} is now '{clean}'."
+                return f"Cluster #{idx[0]} is now '{clean}'."
             mapping.merge_clusters(self.ctx, run_id, idx, name)
-            return f"Clusters {', '.join(map(str, idx))} merged into '{clean}'."
+            return f"Clusters {', '.join(f'#{i}' for i in idx)} merged into '{clean}'."
         out = self.edit(run_id, version, image_id, op, use_crf, visible, action)
         out[self.label_name] = ""
         return out
@@ -146,7 +146,7 @@ class ClustersTab:
         def action() -> str:
             for i in idx:
                 mapping.unmerge_cluster(self.ctx, run_id, i)
-            return (f"Cluster{'s' if len(idx) != 1 else ''} {', '.join(map(str, idx))} "
+            return (f"Cluster{'s' if len(idx) != 1 else ''} {', '.join(f'#{i}' for i in idx)} "
                     f"{'are' if len(idx) != 1 else 'is'} unnamed again.")
         return self.edit(run_id, version, image_id, op, use_crf, visible, action)
 
@@ -188,7 +188,7 @@ class ClustersTab:
         def action() -> str:
             for i in idx:
                 mapping.ignore_cluster(self.ctx, run_id, i, flag)
-            which = f"Cluster{'s' if len(idx) != 1 else ''} {', '.join(map(str, idx))}"
+            which = f"Cluster{'s' if len(idx) != 1 else ''} {', '.join(f'#{i}' for i in idx)}"
             return f"{which} ignored: left out of exports." if flag else f"{which} no longer ignored (unnamed)."
         return self.edit(run_id, version, image_id, op, use_crf, visible, action)
 

@@ -302,7 +302,9 @@ class NamingPanel:
 
             def action():
                 groups.accept_suggestion(ctx, run_id, int(u), int(v), label or None, name)
-                gr.Info(f"Cluster #{u} is now '{label}'." if label else f"Clusters #{u} and #{v} merged.")
+                merged = " ".join((name or "").split())
+                gr.Info(f"Cluster #{u} is now '{label}'." if label else
+                        f"Clusters #{u} and #{v} merged" + (f" into '{merged}'." if merged else "."))
 
             return edited(run_id, version, image_id, op, use_crf, visible, action, clear=self.suggestion_name)
 

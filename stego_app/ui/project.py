@@ -132,7 +132,7 @@ class ProjectTab:
             reports.append(ingest.ingest_files(self.ctx, pid, plain, [p.name for p in plain], progress=cb))
         for z in archives:
             try:
-                reports.append(ingest.ingest_zip(self.ctx, pid, z, progress=cb))
+                reports.append(ingest.ingest_zip(self.ctx, pid, z, progress=cb).within(z.name))
             except UserError as exc:   # one bad archive does not hide the other files' reports
                 reports.append(IngestReport(rejected=[FileProblem(name=z.name, reason=str(exc))]))
         return self.ingest_result(pid, reports, {self.upload: None})
