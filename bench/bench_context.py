@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({"run": a.run.name, "K": K, "seed": a.seed, "named": named,
                                                       "rows": rows}, indent=1))
-    lines = [f"Propagator inputs with neighbourhood means (`bench/bench_context.py`), run {a.run.name}, K = {K} "
+    lines = [f"Propagator inputs with neighbourhood means or an intermediate block (`bench/bench_context.py`), run {a.run.name}, K = {K} "
              f"STEGO codes named by majority (token level, named {100 * named:.1f} mIoU), scored on the fitting "
              f"images, seed {a.seed}.", "",
              "| input | propagated mIoU | accuracy | seconds |", "| --- | --- | --- | --- |"]
