@@ -4,9 +4,11 @@ The worker records the seconds of every finished stage in ``Run.timings`` and, w
 stage runs, its start time (wall clock, epoch seconds) in ``Run.metrics["live"]``. From
 those and the stage fractions this module estimates:
 
-- a running stage's remaining time from its own rate (elapsed * (1 - f) / f), once it has
-  run long enough to say (``MIN_FRACTION`` done and ``MIN_SECONDS`` elapsed, or any progress
-  after ``LONG_SECONDS``);
+- a running stage's remaining time from its own rate since its first progress report, so a
+  stage's fixed start (loading weights, the first batch) does not count as pace: (t - t0) *
+  (1 - f) / (f - f0), once ``MIN_SECONDS`` have passed since that report (t0, f0); where no
+  first report is recorded, from the stage's start (elapsed * (1 - f) / f, once
+  ``MIN_FRACTION`` is done and ``MIN_SECONDS`` elapsed, or any progress after ``LONG_SECONDS``);
 - the stages still waiting from the stage weights of the worker (``STAGE_WEIGHTS``) scaled
   by how long the stages so far took compared with their weights.
 
@@ -41,18 +43,28 @@ class RunTimes:
         return next((s for s in self.stages if s.stage == name), None)
 
 
-def live_clock(stage: str | None, stage_elapsed: float, now: float | None = None) -> dict[str, Any]:
-    """What the worker stores under Run.metrics[LIVE_KEY] while `stage` runs."""
+def live_clock(stage: str | None, stage_elapsed: float, now: float | None = None,
+               first: tuple[float, float] | None = None) -> dict[str, Any]:
+    """What the worker stores under Run.metrics[LIVE_KEY] while `stage` runs.
+
+    `first`: (fraction, stage seconds) of the stage's first report with progress, if any.
+    """
     now = time.time() if now is None else now
-    return {"stage": stage, "stage_started": now - stage_elapsed}
+    live: dict[str, Any] = {"stage": stage, "stage_started": now - stage_elapsed}
+    if first is not None:
+        live["first_fraction"], live["first_elapsed"] = float(first[0]), float(first[1])
+    return live
 
 
 def estimate(order: Sequence[str], weights: Mapping[str, float], stage: str | None, fraction: float,
-             timings: Mapping[str, float], stage_elapsed: float | None) -> RunTimes:
+             timings: Mapping[str, float], stage_elapsed: float | None,
+             first: tuple[float, float] | None = None) -> RunTimes:
     """Times of a run whose current `stage` is `fraction` done after `stage_elapsed` seconds.
 
     `timings`: seconds of the stages already finished (those before `stage` in `order`).
     `stage` None: the run is not running (finished, stopped): only elapsed times.
+    `first`: (fraction, stage seconds) at the stage's first progress report; the pace is
+    measured from there.
     """
     rows: list[StageTime] = []
     cur = order.index(stage) if stage in order else None
@@ -71,6 +83,10 @@ def estimate(order: Sequence[str], weights: Mapping[str, float], stage: str | No
             f = max(0.0, min(1.0, float(fraction)))
             if f >= 1.0:
                 remaining_cur = 0.0
+            elif first is not None:
+                f0, t0 = float(first[0]), float(first[1])
+                if f > f0 and el - t0 >= MIN_SECONDS:
+                    remaining_cur = (el - t0) * (1.0 - f) / (f - f0)
             elif f > 0 and el >= MIN_SECONDS and (f >= MIN_FRACTION or el >= LONG_SECONDS):
                 remaining_cur = el * (1.0 - f) / f
             rows.append(StageTime(s, el, remaining_cur))
@@ -103,11 +119,13 @@ def run_times(info: Any, now: float | None = None) -> RunTimes:
     live = (info.metrics or {}).get(LIVE_KEY) if isinstance(info.metrics, dict) else None
     if info.status != "running" or not info.stage or info.stage not in order:
         return estimate(order, weights, None, 0.0, timings, None)
-    elapsed = None
+    elapsed, first = None, None
     if isinstance(live, dict) and live.get("stage") == info.stage and live.get("stage_started"):
         elapsed = max(0.0, (time.time() if now is None else now) - float(live["stage_started"]))
+        if isinstance(live.get("first_fraction"), (int, float)) and isinstance(live.get("first_elapsed"), (int, float)):
+            first = (float(live["first_fraction"]), float(live["first_elapsed"]))
     before = {s: t for s, t in timings.items() if s in order and order.index(s) < order.index(info.stage)}
-    return estimate(order, weights, info.stage, info.stage_progress, before, elapsed)
+    return estimate(order, weights, info.stage, info.stage_progress, before, elapsed, first)
 
 
 def clock(seconds: float | None) -> str:

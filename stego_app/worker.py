@@ -117,6 +117,7 @@ class _Progress:
         self.stage: str | None = None
         self.fraction = 0.0
         self.stage_started = time.monotonic()
+        self.first: tuple[float, float] | None = None   # (fraction, stage seconds) of the stage's first progress
         self.timings: dict[str, float] = {}
         self.history: list[dict] = []
         self.last_write = 0.0
@@ -136,8 +137,10 @@ class _Progress:
             if force:
                 if self.stage is not None:
                     self.timings[self.stage] = self.timings.get(self.stage, 0.0) + now - self.stage_started
-                self.stage, self.stage_started = stage, now
+                self.stage, self.stage_started, self.first = stage, now, None
             self.fraction = float(min(1.0, max(0.0, fraction)))
+            if self.first is None and 0.0 < self.fraction < 1.0:
+                self.first = (self.fraction, self._stage_elapsed(now))
             if stage == "training" and info and "step" in info:
                 point = {k: float(v) for k, v in info.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -149,11 +152,15 @@ class _Progress:
                 self.last_write = now
                 self._write()
 
+    def _stage_elapsed(self, now: float) -> float:
+        """Seconds in the current stage, earlier attempts of a resumed run included."""
+        return now - self.stage_started + self.base.get(self.stage or '', 0.0)
+
     def _write(self) -> None:
         now = time.monotonic()
         values = dict(stage=self.stage, stage_progress=self.fraction, progress=self.overall(),
                       history=list(self.history), heartbeat_at=utcnow(), timings=self.all_timings(),
-                      metrics={LIVE_KEY: live_clock(self.stage, now - self.stage_started + self.base.get(self.stage or '', 0.0))})
+                      metrics={LIVE_KEY: live_clock(self.stage, self._stage_elapsed(now), first=self.first)})
         try:
             with self.db.write() as s:
                 s.execute(update(Run).where(Run.id == self.run_id).values(**values))

@@ -37,6 +37,20 @@ def test_running_stage_and_run_remaining_time():
     assert eta.times_line(t, "b") == "b 0:10, about 0:30 left · run 1:50, about 1:17 left"
 
 
+def test_a_stage_start_cost_is_not_taken_for_its_pace():
+    """10 s of loading before the first report, then 1 % a second: the estimate is the steady rate."""
+    steady = eta.estimate(ORDER, WEIGHTS, "a", 0.11, {}, 20.0, first=(0.01, 10.0))
+    assert steady.stage("a").remaining == pytest.approx(89.0)
+    from_start = eta.estimate(ORDER, WEIGHTS, "a", 0.11, {}, 20.0)
+    assert from_start.stage("a").remaining > 160       # what the start-based rate said
+    # right after the first report, or no progress since: not known yet
+    assert eta.estimate(ORDER, WEIGHTS, "a", 0.02, {}, 11.0, first=(0.01, 10.0)).remaining is None
+    assert eta.estimate(ORDER, WEIGHTS, "a", 0.01, {}, 60.0, first=(0.01, 10.0)).remaining is None
+    # the worker records the first report; run_times reads it back from the live clock
+    live = eta.live_clock("a", 20.0, now=1000.0, first=(0.01, 10.0))
+    assert live == {"stage": "a", "stage_started": 980.0, "first_fraction": 0.01, "first_elapsed": 10.0}
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("eta")
@@ -80,6 +94,9 @@ def test_live_times_of_a_running_run_and_resume_keeps_the_bar(lab):
     again = runs.get_run(ctx, run.id)
     assert again.progress >= stopped.progress - 1e-9          # never back (forward once past it)
     assert again.timings["training"] == pytest.approx(stopped.timings["training"], abs=0.5)
+    live = again.metrics[eta.LIVE_KEY]                         # the pace is measured from here
+    assert live["first_fraction"] == pytest.approx(0.01)
+    assert live["first_elapsed"] == pytest.approx(stopped.timings["training"], abs=0.5)
     prog.close()
 
 
