@@ -274,11 +274,13 @@ def choose(page, elem_id: str, option_text: str) -> None:
 
 
 def error_toast(page, text: str) -> str:
-    """Wait for an error toast containing `text`; return its whole text."""
+    """Wait for the toast of a refused action containing `text`; return its whole text."""
+    from stego_app.ui.common import REFUSED_TITLE
+
     toast = page.locator(".toast-body").filter(has_text=text).first
     expect(toast).to_be_visible(timeout=20_000)
     body = toast.inner_text()
-    assert "Error" in body, body
+    assert REFUSED_TITLE in body and "Error" not in body, body
     assert "Traceback" not in body and 'File "' not in body, body
     return body
 

@@ -146,6 +146,18 @@ def test_loss_rows_are_long_format_and_skip_non_numbers():
     assert H.loss_rows([]) == []
 
 
+def test_the_loss_plot_spans_the_runs_training_steps():
+    """Whole-step axis from 0 to the run's steps, so a run's first points are not drawn on
+    fractional ticks and the line shows how far training is."""
+    from types import SimpleNamespace
+
+    from stego_app.ui.discover import loss_x_range
+
+    assert loss_x_range(SimpleNamespace(params=SimpleNamespace(steps=400))) == [0, 400]
+    assert loss_x_range(SimpleNamespace(params=SimpleNamespace(steps=None))) is None
+    assert loss_x_range(None) is None
+
+
 def test_status_signature_changes_with_progress_but_not_with_nothing():
     a, b = make_run(), make_run()
     assert H.status_signature(a) == H.status_signature(b)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from stego_app import cli
+from stego_app.ui.common import REFUSED_TITLE
 from tests.test_ui_browser import (BACKBONE, CHROMIUM, CHROMIUM_ARGS, MISSING, AppServer, choose, close_toasts,
                                    expect, field, open_accordion, playwright_api, scene, shots, tab)
 
@@ -189,7 +190,7 @@ def test_errors_leave_every_component_as_it_was(browser, app, db):
                                 (lambda: (field(pg, "server-folder").fill("/etc"),
                                           pg.locator("#btn-ingest-folder").click()), "disabled")):
             action()
-            _toast(pg, message, "Error")
+            _toast(pg, message, REFUSED_TITLE)
             pg.wait_for_timeout(500)
             assert _error_badges(pg) == 0
             expect(field(pg, "project-select")).to_have_value(project)
@@ -345,7 +346,7 @@ def test_discover_form_shows_the_run_settings_and_limits_are_said(browser, app, 
         expect(field(pg, "code-dim")).to_have_value("8")
         field(pg, "n-clusters").fill("500")
         pg.locator("#btn-start").click()
-        _toast(pg, "Number of clusters 500 must be between 2 and 256", "Error")
+        _toast(pg, "Number of clusters 500 must be between 2 and 256", REFUSED_TITLE)
         assert db("SELECT COUNT(*) FROM runs")[0][0] == 1
         expect(field(pg, "n-clusters")).to_have_value("500")       # not clamped behind the user's back
         assert _error_badges(pg) == 0

@@ -18,6 +18,7 @@ THUMB_SIZE = thumbnails.DEFAULT_SIZE    # long side of gallery thumbnails (cache
 
 
 ERROR_TOAST_S = 15          # seconds an error toast stays
+REFUSED_TITLE = "Not done"  # the toast of an action refused for the user's input (not a failure of the app)
 
 
 def session_id() -> str | None:
@@ -70,7 +71,8 @@ class ShownVersions:
 
 
 def guard(fn: Callable) -> Callable:
-    """Show UserError messages as a toast titled "Error"; log anything else, show a short toast.
+    """Show a refused action (UserError) as a toast titled "Not done", saying what to do; log
+    anything else (a bug) and show a short toast titled "Error".
 
     The handler's outputs are all skipped: a refused action leaves every component as it was
     (raising gr.Error would put a red "Error" badge over every output until the next success).
@@ -82,7 +84,7 @@ def guard(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as exc:
             log.info("UI action %s refused: %s", fn.__name__, exc)
-            gr.Warning(str(exc), duration=ERROR_TOAST_S, title="Error")
+            gr.Warning(str(exc), duration=ERROR_TOAST_S, title=REFUSED_TITLE)
         except Exception as exc:  # a bug: the trace goes to the server log, not the page
             log.exception("UI action %s failed", fn.__name__)
             gr.Warning(f"Something went wrong ({type(exc).__name__}: {exc}). "

@@ -55,6 +55,13 @@ def loss_frame(history) -> pd.DataFrame | None:
     return frame.astype({"step": "int64", "value": "float64", "term": "str"})
 
 
+def loss_x_range(info) -> list[float] | None:
+    """The loss plot's x axis spans the run's training steps (whole-step ticks; the line grows
+    toward the end as the run trains)."""
+    steps = getattr(getattr(info, "params", None), "steps", None)
+    return [0, int(steps)] if isinstance(steps, int) and steps > 0 else None
+
+
 class DiscoverTab:
     """The Discover tab's components (built in the current gr.Tab) and handlers."""
 
@@ -106,7 +113,7 @@ class DiscoverTab:
             html = H.run_status_html(info, eta.run_times(info),
                                      removal.stale_note(removal.removed_in_run(self.ctx, info.id)))
         return {self.status_html: html,
-                self.loss_plot: gr.update(value=frame, visible=frame is not None),
+                self.loss_plot: gr.update(value=frame, visible=frame is not None, x_lim=loss_x_range(info)),
                 self.sig_state: self.status_signature(info),
                 **job_buttons(self.cancel_btn, self.resume_btn, info)}
 
