@@ -19,7 +19,10 @@ pipeline's own corpus):
   cluster was named after, one click (``find_clicks``: that many, in different images) on the
   scored token that class fills most, whose correspondence region (``core.correspondence``,
   similarity >= ``find_threshold``) is named that class and labels the propagator's tokens, as
-  a found cluster does in the app.
+  a found cluster does in the app; with ``checked`` (numbers N), also the same after the stand-in
+  person **checked N images**: N scored images spread evenly over the scored list (chosen without
+  looking at labels) take their true labels as seeds at the app's seed weight, as images marked
+  checked in Explore do; those rows are scored on the other images only.
 
 Every score comes from confusion matrices accumulated image by image, so memory does not grow
 with the number of images. Named scores never drop pixels of extra or unnamed clusters (unnamed
@@ -52,6 +55,7 @@ from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, major
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
                               cluster_probabilities, pseudo_labels, with_found)
+from core.refinement import RefineConfig
 from core.settings import SettingsError, check
 from core.training import encode_tokens
 
@@ -64,6 +68,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 FEATURE_KINDS = ("raw", "stego")
 
 Progress = Callable[[str, float], None]
+SEED_WEIGHT = RefineConfig.seed_weight        # the app's weight of a checked image's tokens
 
 
 @dataclass
@@ -89,6 +94,7 @@ class EvalSettings:
     find_missing: bool = False               # click-to-find stand-in rows (finds for each class left unnamed)
     find_clicks: int = 1                     # clicks per class left unnamed, each in another scored image
     find_threshold: float = DEFAULT_THRESHOLD
+    checked: tuple[int, ...] = ()            # checked-image rows: N scored images with true labels as seeds
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
     propagation_crf: dict = field(default_factory=dict)   # core.crf.CRFParams keyword arguments, propagated rows
@@ -112,6 +118,10 @@ class EvalSettings:
             raise ValueError("find_missing adds propagation rows: it needs propagate=True")
         if self.find_clicks < 1:
             raise ValueError(f"find_clicks must be >= 1 (clicks per class left unnamed), got {self.find_clicks}")
+        if self.checked and not self.propagate:
+            raise ValueError("checked adds propagation rows: it needs propagate=True")
+        if any(n < 1 for n in self.checked):
+            raise ValueError(f"checked must be positive numbers of images, got {self.checked}")
         if self.predict_resolution is not None and not self.propagate:
             raise ValueError("predict_resolution changes the propagated rows: it needs propagate=True")
         if self.predict_dense and not self.propagate:
@@ -156,6 +166,7 @@ class MethodResult:
     naming_actions: int | None = None          # one action per named cluster
     group_actions: int | None = None           # the same names given with the hierarchy's groups
     unnamed_clusters: int | None = None
+    checked_images: int | None = None          # checked-image rows: images with true labels (not scored)
 
 
 @dataclass
@@ -210,6 +221,9 @@ class Report:
                          if m.get("predict_resolution") else "")
                       + ("; the propagated rows predict on a token grid twice as dense (four views shifted by a "
                          "quarter patch, core.dense)" if m.get("predict_dense") else "") + ".", "",
+                      *([f"Checked images: {', '.join(map(str, chk['counts']))} scored images spread evenly over "
+                         f"the list take their true labels as seeds (weight {chk['seed_weight']}); those rows are "
+                         "scored on the other images.", ""] if (chk := m.get("checked")) else []),
                       *([f"Click-to-find stand-in: {find['clicks_per_class']} click(s) per class left unnamed, "
                          f"similarity >= {find['threshold']}; each click is one more naming action.", ""]
                         if (find := m.get("click_to_find")) and "clicks_per_class" in find else []),
@@ -368,6 +382,26 @@ LABELS = {
 }
 
 
+def _label(base: str) -> str:
+    """The report label of a row name without its ``_k{K}``."""
+    if not base.startswith("propagated_checked"):
+        return LABELS[base]
+    crf = base.endswith("_crf")
+    n, found = base[len("propagated_checked"):].removesuffix("_crf"), "_found" in base
+    n = n.removesuffix("_found")
+    return (f"propagated with {'click-to-find and ' if found else ''}{n} checked images"
+            + (" + CRF" if crf else " (no CRF)"))
+
+
+def checked_items(n_items: int, n_checked: int) -> list[int]:
+    """``n_checked`` items spread evenly over ``n_items`` (the centres of equal bins): the images a
+    person checks without knowing their labels."""
+    if not 1 <= n_checked < n_items:
+        raise ValueError(f"can check 1 to {n_items - 1} of the {n_items} scored images "
+                         f"(some must stay to be scored), got {n_checked}")
+    return [(2 * j + 1) * n_items // (2 * n_checked) for j in range(n_checked)]
+
+
 def _train_probe(store, masks: Sequence[Path], settings: EvalSettings, encode=None, dim: int | None = None
                  ) -> LinearProbe:
     """Linear probe on every token of the pipeline's corpus, labels = majority of the mask under each token."""
@@ -405,6 +439,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     images, masks = [Path(p) for p in images], [Path(p) for p in masks]
     if len(images) != len(masks) or not images:
         raise ValueError(f"need one mask per image, got {len(images)} images and {len(masks)} masks")
+    for n in settings.checked:
+        checked_items(len(images), n)            # fails now, not after the features and clusters
     def report(stage: str, frac: float) -> None:
         log.info("%s %.0f %%", stage, 100 * frac)
         if progress is not None:
@@ -546,9 +582,10 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             report("propagation", len(props) / len(prop_k))
         timings["propagation_training"] = time.perf_counter() - t
     finds: dict[int, list[dict]] = {}
+    found_fns: dict[int, Callable | None] = {}
+    at = (lambda i: store.items[i]) if isinstance(store, _Subset) else (lambda i: i)   # scored -> corpus item
     if settings.find_missing:
         t = time.perf_counter()
-        at = (lambda i: store.items[i]) if isinstance(store, _Subset) else (lambda i: i)   # scored -> corpus
         with tempfile.TemporaryDirectory(prefix="stego_eval_find_") as tmp:
             index = CorrespondenceIndex.build(corpus, Path(tmp) / "index", seed=seed)
             for K in prop_k:
@@ -557,7 +594,22 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                                                     at, settings.find_threshold)
                 props[("found", K)] = _fit_propagator(corpus, pipeline.head, centroids[(kind, K)], names[(kind, K)],
                                                       settings, found_of=found_of)
+                if settings.checked:                 # the index's maps are needed after it is removed
+                    found_fns[K] = None if found_of is None else _materialised(found_of, len(corpus))
         timings["click_to_find"] = time.perf_counter() - t
+    checked = {n: checked_items(len(store), n) for n in settings.checked}
+    if checked:
+        t = time.perf_counter()
+        for n, chosen in checked.items():
+            seeds = {at(i): downsample_labels(load_mask(masks[i]), store.grid(i), C, ignore).ravel() for i in chosen}
+            for K in prop_k:
+                kind = settings.propagate_from
+                props[("checked", n, K)] = _fit_propagator(corpus, pipeline.head, centroids[(kind, K)],
+                                                           names[(kind, K)], settings, found_of=found_fns.get(K),
+                                                           seeds=seeds)
+        timings["checked_images"] = time.perf_counter() - t
+    checked_sets = {n: set(v) for n, v in checked.items()}
+    found_tag = "_found" if settings.find_missing else ""
     predict_store = store        # the features the propagators predict on
     if props and settings.predict_resolution not in (None, cfg.features.resolution):
         t = time.perf_counter()
@@ -588,7 +640,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
                         tags2.append((i, f"named_stego_crf_k{K}"))
                         yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
-                    for key, row in ((K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")):
+                    rows = [(K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")] + [
+                        (("checked", n, K), f"propagated_checked{n}{found_tag}_k{K}") for n in checked]
+                    for key, row in rows:
                         if key in props:
                             lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
                             tags2.append((i, row))
@@ -597,6 +651,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
 
         for res in ordered_map(class_map, jobs2(), settings.n_jobs):
             i, name = tags2.popleft()
+            if name.startswith("propagated_checked") and i in checked_sets[int(
+                    name[len("propagated_checked"):].split("_")[0])]:
+                continue                                # a checked image is not scored
             if i not in mask_cache:
                 mask_cache.clear()
                 mask_cache[i] = load_mask(masks[i])
@@ -615,11 +672,14 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             base = name.rsplit("_k", 1)[0]
             s = named_scores(cm.matrix, ident)
             kind = settings.propagate_from if base.startswith("propagated") else "stego"
-            extra = len(finds.get(K, ())) if base.startswith("propagated_found") else 0   # one action per find
-            results[name] = _row(LABELS[base], "named", K, s, names_cls, names=names[(kind, K)].tolist(),
+            n_chk = int(base[len("propagated_checked"):].split("_")[0]) if base.startswith("propagated_checked") \
+                else None
+            with_finds = base.startswith("propagated_found") or (n_chk is not None and "_found" in base)
+            extra = len(finds.get(K, ())) if with_finds else 0   # one action per find
+            results[name] = _row(_label(base), "named", K, s, names_cls, names=names[(kind, K)].tolist(),
                                  naming_actions=int((names[(kind, K)] >= 0).sum()) + extra,
                                  group_actions=group_actions[(kind, K)] + extra,
-                                 unnamed_clusters=int((names[(kind, K)] < 0).sum()))
+                                 unnamed_clusters=int((names[(kind, K)] < 0).sum()), checked_images=n_chk)
         timings["refining"] = time.perf_counter() - t
 
     order = {n: j for j, n in enumerate(["kmeans_raw", "stego", "stego_crf"])}
@@ -645,6 +705,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "click_to_find": ({"threshold": settings.find_threshold, "clicks_per_class": settings.find_clicks,
                            "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
+        "checked": ({"counts": sorted(checked), "seed_weight": SEED_WEIGHT,
+                     "images": {str(n): [str(images[i].name) for i in v] for n, v in checked.items()}}
+                    if checked else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
                    [("", pipeline)] + [(f"_{n}", q) for n, q in (compare or {}).items()]},
         "pipeline_config": cfg.to_dict(), "peak_rss_mb": peak_rss_mb(),
@@ -669,12 +732,21 @@ def _count_sweep(store, i: int, mask: np.ndarray, head, centroids: dict, counts:
             counts[(kind, K)].update(upsample_bilinear(dots, mask.shape).argmax(-1), target)
 
 
+def _materialised(found_of: Callable[[int], np.ndarray], n_items: int) -> Callable[[int], np.ndarray]:
+    """``found_of`` read once per item and kept (token classes: small), so it outlives its index."""
+    maps = [np.asarray(found_of(i)).copy() for i in range(n_items)]
+    return lambda i: maps[i]
+
+
 def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, settings: EvalSettings,
-                    found_of: Callable[[int], np.ndarray | None] | None = None) -> Propagator:
+                    found_of: Callable[[int], np.ndarray | None] | None = None,
+                    seeds: Mapping[int, np.ndarray] | None = None) -> Propagator:
     """Pseudo-labels of every token of ``corpus`` from the named clusters, then a Propagator on its raw features.
 
     ``found_of(i)``: (T,) class of each token of item i inside a found region (-1 = none); those
     tokens take that class at full weight, as the app's refinement does with found clusters.
+    ``seeds``: item -> (T,) true class per token (-1 = none) of a checked image; those tokens take
+    it at the app's seed weight, as the refinement does with images marked checked.
     """
     kind = settings.propagate_from
 
@@ -686,6 +758,10 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
         found = found_of(i) if found_of is not None else None
         if found is not None:
             lab, wt, _ = with_found(lab, wt, found)
+        if seeds is not None and i in seeds:
+            has = seeds[i] >= 0
+            lab = np.where(has, seeds[i], lab).astype(np.int64)
+            wt = np.where(has, SEED_WEIGHT, wt).astype(np.float32)
         return lab, wt
 
     return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels_of)

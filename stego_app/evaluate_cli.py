@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(each counts as a naming action; default 1)")
     e.add_argument("--find-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"similarity threshold of those finds (default {DEFAULT_THRESHOLD}, the app's)")
+    e.add_argument("--checked", default=None, metavar="N[,N...]",
+                   help="also propagate after a person checked N scored images (spread evenly; their true "
+                        "labels become seeds, as images marked checked in Explore); scored on the others")
     e.add_argument("--predict-resolution", type=int, default=None,
                    help="short side of the features the propagated rows predict on (default: the run's "
                         "resolution; more finds thinner things, extracts the scored images' features again)")
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> Report:
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation),
         propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
         find_missing=args.find_missing, find_clicks=args.find_clicks, find_threshold=args.find_threshold,
+        checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (),
         predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)

@@ -47,12 +47,13 @@ def _args(tmp_path, **over):
 
 def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2", find_missing=True,
-                                    propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
+                                    checked="1", propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
     res = report.results
     hungarian = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
                  "linear_probe_raw", "linear_probe_codes"}
     named = {f"{m}_k{k}" for m in ("named_raw", "named_stego", "named_stego_crf", "propagated", "propagated_crf",
-                                   "propagated_found", "propagated_found_crf") for k in (3, 6)}
+                                   "propagated_found", "propagated_found_crf", "propagated_checked1_found",
+                                   "propagated_checked1_found_crf") for k in (3, 6)}
     assert set(res) == hungarian | named
     for name, r in res.items():
         assert 0.0 <= r.miou <= 1.0 and 0.0 <= r.accuracy <= 1.0, name
@@ -69,6 +70,10 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
         named_classes = {n for n in res[f"named_stego_k{k}"].names if n >= 0}
         assert {f["class"] for f in finds} == {0, 1, 2} - named_classes
         assert res[f"propagated_found_k{k}"].naming_actions == res[f"propagated_k{k}"].naming_actions + len(finds)
+    # one checked image (of the 4 scored: the centre of the list), on top of the finds; not scored itself
+    assert report.meta["checked"]["images"] == {"1": ["s02.png"]} and report.meta["checked"]["seed_weight"] > 1
+    assert res["propagated_checked1_found_crf_k6"].checked_images == 1
+    assert res["propagated_checked1_found_k6"].naming_actions == res["propagated_found_k6"].naming_actions
     # with the Clusters tab's groups the same names never take more actions
     assert 1 <= res["named_raw_k6"].group_actions <= res["named_raw_k6"].naming_actions
     assert report.meta["shifts"]["paper_shifts"] == {"self": 0.18, "knn": 0.12, "neg": 0.46}
@@ -79,6 +84,7 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| STEGO + CRF |" in md and "k-means on raw backbone features" in md and "test_tiny" in md
     assert "| propagated + CRF | 6 |" in md
+    assert "| propagated with click-to-find and 1 checked images + CRF | 6 |" in md and "Checked images: 1" in md
 
 
 def _fitted(tmp_path):
@@ -212,3 +218,33 @@ def test_click_to_find_stand_in_keeps_the_fullest_token_of_several_images_per_cl
     assert len(clicks[0]) == 2 and {c[1] for c in clicks[0]} <= {0, 1, 2}
     with pytest.raises(ValueError, match="find_clicks must be >= 1"):
         EvalSettings(n_classes=3, find_clicks=0).validate()
+
+
+def test_checked_images_teach_the_propagator_a_class_no_cluster_is_named_after():
+    from core.evaluate import _fit_propagator, checked_items
+    from core.tokens import ArrayFeatures
+
+    # three directions = three classes; the clusters are named 0 and 1 only (class 2 merged away)
+    rng = np.random.default_rng(0)
+    dirs = np.eye(3, 16) * 3
+    cls = [rng.integers(0, 3, size=(4, 5)) for _ in range(6)]
+    maps = [rng.normal(size=(4, 5, 16)) * 0.2 + dirs[c] for c in cls]
+    corpus = ArrayFeatures(maps)
+    centroids = np.stack([dirs[0], dirs[1], dirs[2] + dirs[1] * 0.2])
+    names = np.array([0, 1, -1])
+    settings = EvalSettings(n_classes=3, propagate_from="raw", propagation={"steps": 500, "hidden": 0})
+    plain = _fit_propagator(corpus, None, centroids, names, settings)
+    seeded = _fit_propagator(corpus, None, centroids, names, settings, seeds={2: cls[2].ravel()})
+    others = [i for i in range(6) if i != 2]
+    x = np.concatenate([maps[i].reshape(-1, 16) for i in others])
+    truth = np.concatenate([cls[i].ravel() for i in others])
+    before = plain.predict_log_proba(x).argmax(1)
+    hit = seeded.predict_log_proba(x).argmax(1)
+    assert (before[truth == 2] == 2).mean() < 0.5                          # naming alone never taught class 2
+    assert (hit[truth == 2] == 2).mean() > 0.9 and (hit == truth).mean() > 0.9
+    # which images a person checks: spread evenly, never all of them
+    assert checked_items(101, 5) == [10, 30, 50, 70, 90] and checked_items(4, 1) == [2]
+    with pytest.raises(ValueError, match="some must stay to be scored"):
+        checked_items(4, 4)
+    with pytest.raises(ValueError, match="positive"):
+        EvalSettings(n_classes=3, checked=(0,)).validate()
