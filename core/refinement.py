@@ -205,13 +205,16 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
            space: ClassSpace, image_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], out_dir: Path,
            config: RefineConfig | None = None, found_of: Callable[[int], np.ndarray | None] | None = None,
            seeds: dict[int, np.ndarray] | None = None, progress: Progress | None = None,
-           cancel: Callable[[], bool] | None = None, backbone: Backbone | None = None) -> dict:
+           cancel: Callable[[], bool] | None = None, backbone: Backbone | None = None,
+           overrides: dict[int, np.ndarray] | None = None) -> dict:
     """Train, predict and write ``out_dir/{i:06d}.png`` for every item; returns the metrics.
 
     ``features`` are the backbone tokens (one whole-image item per image, item i = image i),
     ``codes_of(i)`` the (T, D) codes the clusters were made from, ``found_of(i)`` (T,) found
     cluster index per token (-1 = none), ``seeds`` item -> (T,) cluster index per token of a
-    person-checked image (-1 = none). Progress: (stage, fraction of the whole job, info).
+    person-checked image (-1 = none), ``overrides`` item -> (H, W) cluster index per pixel of a
+    person's corrected masks (-1 = keep the prediction), written over the predicted map.
+    Progress: (stage, fraction of the whole job, info).
     With ``config.dense`` the maps are predicted on tokens twice as dense, which ``backbone`` (the
     one ``features`` were made with) computes from each image (flip averaging is then left out).
     """
@@ -283,7 +286,14 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     done = n - len(todo)
     for i, res in zip(todo, ordered_map(class_map, jobs(), config.n_jobs)):
         cls = res.labels_crf if res.labels_crf is not None else res.labels
-        write_label_png(out_dir / f"{i:06d}.png", lut[cls.astype(np.int64)])
+        out = lut[cls.astype(np.int64)]
+        fixed = (overrides or {}).get(i)
+        if fixed is not None:
+            if fixed.shape != out.shape:
+                raise ValueError(f"corrected masks of item {i} are {fixed.shape[::-1]} pixels, its map "
+                                 f"{out.shape[::-1]}")
+            out = np.where(fixed >= 0, fixed, out)
+        write_label_png(out_dir / f"{i:06d}.png", out)
         done += 1
         report("maps", done / n, {"images": done, "total": n})
     if check() and done < n:

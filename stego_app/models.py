@@ -11,6 +11,7 @@ Relations::
     Run 1-n Cluster n-1 Label               (Cluster.label_id NULL = unnamed; ignored = void)
     Run 1-n Label                           (labels are per run; name unique per run)
     Run 1-n SeedAnnotation n-1 Image, n-1 Label
+    Run 1-n Correction n-1 Image, n-1 Label  (masks a person corrected in another tool, imported)
     Run 1-n Export
 """
 from __future__ import annotations
@@ -255,6 +256,31 @@ class SeedAnnotation(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     image: Mapped[Image] = relationship()
+    label: Mapped[Label] = relationship()
+
+
+class Correction(Base):
+    """The mask of one label in one image as a person corrected it in an annotation tool and
+    imported it back (stego_app.corrections): the truth for that image, which refinement uses as
+    seeds and writes into the refined map. `rle` is a COCO RLE {"size": [h, w], "counts": str};
+    `source` the name of the file it came from. Kept when the image is unchecked (then unused).
+    """
+
+    __tablename__ = "corrections"
+    __table_args__ = (
+        UniqueConstraint("run_id", "image_id", "label_id", name="uq_corrections_run_image_label"),
+        Index("ix_corrections_run_image", "run_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), index=True)
+    rle: Mapped[dict[str, Any]] = mapped_column(JSON)
+    area: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(1000), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
     label: Mapped[Label] = relationship()
 
 

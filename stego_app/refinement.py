@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 from core.atomic import atomic_write_json
 from core.refinement import SPACE, ClassSpace, RefineConfig
 from core.rundir import RunDir
-from stego_app import jobs, segmaps
+from stego_app import corrections, jobs, segmaps
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping
@@ -292,11 +292,12 @@ def _inputs(db, config, ref_id: int):
     with db.read() as s:
         row = s.get(Refinement, ref_id)
         run = s.get(Run, row.run_id)
-        items = s.execute(select(RunImage.position, RunImage.confirmed, Image.path, Image.height, Image.width)
+        items = s.execute(select(RunImage.position, RunImage.confirmed, Image.path, Image.height, Image.width,
+                                 Image.id)
                           .join(Image, RunImage.image_id == Image.id).where(RunImage.run_id == run.id)
                           .order_by(RunImage.position)).all()
         return (run.id, Path(run.run_dir), dict(row.params or {}),
-                [(int(p), bool(c), Path(path), (int(h), int(w))) for p, c, path, h, w in items])
+                [(int(p), bool(c), Path(path), (int(h), int(w)), int(i)) for p, c, path, h, w, i in items])
 
 
 def execute(db, config, ref_id: int, cancel_event: threading.Event, stopping: threading.Event) -> None:
@@ -404,8 +405,18 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     seeds = {}
     n_total = len(space.cluster_to_class)
     kind = "crf" if segmaps.has_maps(run_dir, "crf") else "plain"
-    for pos, confirmed, _, _ in items:
-        if confirmed:
+    label_cluster: dict[int, int] = {}
+    for c in clusters:                               # a label's class is written as its lowest cluster
+        if c.label_id is not None and not c.ignored:
+            label_cluster[c.label_id] = min(c.index, label_cluster.get(c.label_id, c.index))
+    with db.read() as s:
+        corrected = corrections.correction_maps(s, run_id, label_cluster)
+    overrides = {}
+    for pos, confirmed, _, _, image_id in items:
+        if image_id in corrected:                    # a person's corrected masks: the truth there
+            overrides[pos] = corrected[image_id]
+            seeds[pos] = downsample_labels(corrected[image_id], store.grid(pos), n_total).ravel()
+        elif confirmed:
             seg = segmaps.read_map(run_dir, pos, kind)
             seeds[pos] = downsample_labels(seg, store.grid(pos), n_total).ravel()
 
@@ -413,12 +424,12 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
         codes = item_codes(pipe.head, store, i)
         return codes.reshape(-1, codes.shape[-1])
 
-    metrics = refine(store, codes_of, pipe.centroids, space, [p for _, _, p, _ in items],
-                     [hw for _, _, _, hw in items], out_dir, settings, found_of=found_of, seeds=seeds,
+    metrics = refine(store, codes_of, pipe.centroids, space, [it[2] for it in items],
+                     [it[3] for it in items], out_dir, settings, found_of=found_of, seeds=seeds, overrides=overrides,
                      progress=report, cancel=cancelled, backbone=pipe.backbone() if settings.dense else None)
     meta = {"refinement_id": ref_id, "mapping_version": meta_version, "n_classes": space.n_classes,
             "classes": [{"name": n, "cluster": c} for n, c in zip(space.names, space.class_to_cluster)],
-            "seed_images": len(seeds), "found_clusters": len(found_sims), "settings": settings.to_dict(),
+            "seed_images": len(seeds), "corrected_images": len(overrides), "found_clusters": len(found_sims), "settings": settings.to_dict(),
             "created": time.time()}
     atomic_write_json(out_dir / rd.refined_meta_json.name, meta)
     final = rd.segments_dir("refined")
@@ -427,4 +438,4 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
         final.rename(old)
     out_dir.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    return {**metrics, "mapping_version": meta_version, "seed_images": len(seeds)}
+    return {**metrics, "mapping_version": meta_version, "seed_images": len(seeds), "corrected_images": len(overrides)}

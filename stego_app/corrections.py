@@ -1,0 +1,266 @@
+"""Corrected masks imported back from an annotation tool (COCO instances JSON).
+
+The loop a team runs: export the pre-labels, correct a few images in CVAT / Label Studio /
+any COCO tool, export those as COCO and import the file here. Each corrected image becomes
+checked, its masks are stored (``models.Correction``), and *Refine with names* then trains on
+them as true seeds and writes them into the refined maps (exports use those).
+
+Matching: an image by its ``file_name`` (the name the app's export gave it, or its ingested
+name, compared without folders when that is unambiguous) and its size; a category by its name
+(case-insensitive) to a label of the run that some cluster carries. Whatever does not match is
+reported and left out; the file is refused whole only when nothing in it can be used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, select
+
+from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
+from stego_app.errors import NotFound, UserError
+from stego_app.export_files import export_file_names
+from stego_app.labels.mapping import get_done_run
+from stego_app.models import Cluster, Correction, Image, Label, RunImage, SeedAnnotation, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 512 * 1024 * 1024     # a COCO file larger than this is refused (read whole)
+KEEP = -1                              # a pixel no corrected mask covers: the prediction stays
+
+
+@dataclass
+class CorrectionReport:
+    """What one import did, for people."""
+
+    source: str
+    images: list[str] = field(default_factory=list)           # names of the images corrected
+    annotations: int = 0                                      # annotations used
+    unknown_images: list[str] = field(default_factory=list)   # file_name not in the run
+    wrong_size: list[str] = field(default_factory=list)       # "name: WxH in the file, W'xH' here"
+    unknown_categories: dict[str, int] = field(default_factory=dict)   # name -> annotations left out
+    unreadable: int = 0                                       # annotations whose segmentation failed
+    without_annotations: int = 0                              # images in the file with none of their own
+
+    def summary(self) -> str:
+        done = (f"{len(self.images)} image{'s' if len(self.images) != 1 else ''} corrected from {self.source} "
+                f"({self.annotations} annotation{'s' if self.annotations != 1 else ''}); "
+                "they are checked now and Refine with names uses them")
+        return "; ".join([done, *self.problems()]) + "."
+
+    def problems(self) -> list[str]:
+        parts = []
+        if self.unknown_categories:
+            cats = ", ".join(f"'{n}' ({k})" for n, k in sorted(self.unknown_categories.items()))
+            parts.append(f"left out, no label of that name in this run: {cats} (name a cluster or find it "
+                         "with that name, then import again)")
+        if self.unknown_images:
+            parts.append(f"{len(self.unknown_images)} image(s) not in this run: " + _few(self.unknown_images))
+        if self.wrong_size:
+            parts.append(f"{len(self.wrong_size)} image(s) of another size: " + _few(self.wrong_size))
+        if self.unreadable:
+            parts.append(f"{self.unreadable} annotation(s) with an unreadable segmentation")
+        return parts
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------- reading the file
+
+def read_coco(path: Path) -> tuple[dict[str, Any], str]:
+    """The COCO instances dict of a .json file, or of the one instances JSON inside a .zip
+    (a CVAT / Datumaro "COCO 1.0" export); and a name for it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path.name}: no such file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise UserError(f"{path.name} is larger than {MAX_FILE_BYTES // 2**20} MB; import it in parts")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            found = []
+            for info in zf.infolist():
+                if info.is_dir() or not info.filename.lower().endswith(".json"):
+                    continue
+                try:
+                    data = json.loads(zf.read(info).decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    continue
+                if _is_instances(data):
+                    found.append((info.filename, data))
+            if not found:
+                raise UserError(f"{path.name} holds no COCO instances JSON (a file with 'images', "
+                                "'annotations' and 'categories'); export the corrected images as COCO")
+            if len(found) > 1:
+                raise UserError(f"{path.name} holds {len(found)} COCO instances files "
+                                f"({_few([n for n, _ in found])}); import them one at a time")
+            return found[0][1], f"{path.name}:{found[0][0]}"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path.name} is not a JSON file ({exc}); give the COCO .json or the tool's .zip") from None
+    if not _is_instances(data):
+        raise UserError(f"{path.name} is not a COCO instances file: it needs 'images', 'annotations' and "
+                        "'categories' lists (a COCO panoptic file is not read; export instances)")
+    return data, path.name
+
+
+def _is_instances(data: Any) -> bool:
+    return isinstance(data, dict) and all(isinstance(data.get(k), list)
+                                          for k in ("images", "annotations", "categories"))
+
+
+def _segmentation_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    if isinstance(seg, dict):                      # RLE, compressed or not
+        if list(seg.get("size", [])) != [h, w]:
+            raise ValueError(f"RLE of size {seg.get('size')} on a {w}x{h} image")
+        return decode_rle(seg).astype(bool)
+    if isinstance(seg, list):                      # polygons
+        return polygons_to_mask(seg, h, w).astype(bool)
+    raise ValueError(f"unknown segmentation {type(seg).__name__}")
+
+
+# ---------------------------------------------------------------- the service
+
+def _run_labels(s, run_id: int) -> dict[str, Label]:
+    """Labels some cluster of the run carries, by case-folded name."""
+    rows = s.scalars(select(Label).join(Cluster, Cluster.label_id == Label.id)
+                     .where(Cluster.run_id == run_id).distinct())
+    return {lab.name.strip().casefold(): lab for lab in rows}
+
+
+def _image_names(s, run_id: int) -> tuple[dict[str, tuple[RunImage, Image]], dict[str, list]]:
+    rows = s.execute(select(RunImage, Image).join(Image, RunImage.image_id == Image.id)
+                     .where(RunImage.run_id == run_id)).all()
+    exported = export_file_names((img.id, img.name) for _, img in rows)
+    exact: dict[str, tuple[RunImage, Image]] = {}
+    base: dict[str, list] = {}
+    for ri, img in rows:
+        for name in {exported[img.id], img.name}:
+            exact[name.casefold()] = (ri, img)
+            base.setdefault(PurePosixPath(name.replace("\\", "/")).name.casefold(), []).append((ri, img))
+    return exact, base
+
+
+def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
+    """Store the masks of a COCO file as the corrections of the run's images it names.
+
+    Each image with at least one usable annotation replaces its earlier corrections and
+    becomes checked; nothing is written when nothing in the file can be used.
+    """
+    data, source = read_coco(path)
+    report = CorrectionReport(source=source)
+    cats = {c.get("id"): str(c.get("name", "")) for c in data["categories"] if isinstance(c, dict)}
+    by_image: dict[Any, list[dict]] = {}
+    for a in data["annotations"]:
+        if isinstance(a, dict):
+            by_image.setdefault(a.get("image_id"), []).append(a)
+    with ctx.db.write() as s:
+        get_done_run(s, run_id, lock=True)
+        labels = _run_labels(s, run_id)
+        exact, base = _image_names(s, run_id)
+        unknown_cats: Counter = Counter()
+        plans: list[tuple[RunImage, Image, dict[int, np.ndarray], int]] = []
+        for entry in data["images"]:
+            if not isinstance(entry, dict):
+                continue
+            name = str(entry.get("file_name", ""))
+            anns = by_image.get(entry.get("id"), [])
+            if not anns:
+                report.without_annotations += 1
+                continue
+            hit = exact.get(name.casefold())
+            if hit is None:
+                same = base.get(PurePosixPath(name.replace("\\", "/")).name.casefold(), [])
+                hit = same[0] if len(same) == 1 else None
+            if hit is None:
+                report.unknown_images.append(name)
+                continue
+            ri, img = hit
+            if (int(entry.get("width", img.width)), int(entry.get("height", img.height))) != (img.width, img.height):
+                report.wrong_size.append(f"{name}: {entry.get('width')}x{entry.get('height')} in the file, "
+                                         f"{img.width}x{img.height} here")
+                continue
+            masks: dict[int, np.ndarray] = {}
+            used = 0
+            # larger regions first, so a small object drawn over a large one keeps its pixels
+            for a in sorted(anns, key=lambda a: -float(a.get("area") or 0)):
+                cat = cats.get(a.get("category_id"), f"category {a.get('category_id')}")
+                lab = labels.get(cat.strip().casefold())
+                if lab is None:
+                    unknown_cats[cat] += 1
+                    continue
+                try:
+                    m = _segmentation_mask(a.get("segmentation"), img.height, img.width)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.info("annotation %s of %s unreadable: %s", a.get("id"), name, exc)
+                    report.unreadable += 1
+                    continue
+                for other in masks.values():
+                    other &= ~m
+                masks[lab.id] = masks[lab.id] | m if lab.id in masks else m
+                used += 1
+            if used:
+                plans.append((ri, img, masks, used))
+        report.unknown_categories = dict(unknown_cats)
+        if not plans:
+            why = report.problems() or ["it has no annotations"]
+            raise UserError(f"nothing imported from {source}, the run is as it was: " + "; ".join(why) + ".")
+        now = utcnow()
+        for ri, img, masks, used in plans:
+            s.execute(delete(Correction).where(Correction.run_id == run_id, Correction.image_id == img.id))
+            for label_id, m in masks.items():
+                if m.any():
+                    s.add(Correction(run_id=run_id, image_id=img.id, label_id=label_id, rle=encode_rle(m),
+                                     area=int(m.sum()), source=source[:1000], created_at=now))
+            ri.confirmed, ri.confirmed_at = True, now
+            for ann in s.scalars(select(SeedAnnotation).where(SeedAnnotation.run_id == run_id,
+                                                              SeedAnnotation.image_id == img.id)):
+                ann.confirmed = True
+            report.images.append(img.name)
+            report.annotations += used
+    log.info("run %s: %s", run_id, report.summary())
+    return report
+
+
+def corrected_images(ctx, run_id: int) -> dict[int, int]:
+    """image id -> number of corrected label masks, for the run's images that have any."""
+    with ctx.db.read() as s:
+        rows = s.execute(select(Correction.image_id).where(Correction.run_id == run_id)).scalars()
+        return dict(Counter(int(i) for i in rows))
+
+
+def remove_corrections(ctx, run_id: int, image_id: int) -> int:
+    """Forget the imported corrections of one image (it stays checked); returns how many."""
+    with ctx.db.write() as s:
+        get_done_run(s, run_id, lock=True)
+        if s.scalars(select(RunImage).where(RunImage.run_id == run_id, RunImage.image_id == image_id)).first() is None:
+            raise NotFound(f"image {image_id} is not part of run {run_id}")
+        n = s.execute(delete(Correction).where(Correction.run_id == run_id,
+                                               Correction.image_id == image_id)).rowcount or 0
+    return int(n)
+
+
+def correction_maps(s, run_id: int, label_cluster: dict[int, int]) -> dict[int, np.ndarray]:
+    """image id -> (H, W) int64 cluster index of each corrected pixel (KEEP elsewhere), for the
+    run's checked images with corrections. ``label_cluster``: label id -> the cluster index its
+    class is written as; a label no cluster carries any more is left out."""
+    rows = s.execute(select(Correction).join(RunImage, (RunImage.run_id == Correction.run_id)
+                                             & (RunImage.image_id == Correction.image_id))
+                     .where(Correction.run_id == run_id, RunImage.confirmed.is_(True))
+                     .order_by(Correction.image_id, Correction.area.desc())).scalars().all()
+    out: dict[int, np.ndarray] = {}
+    for c in rows:
+        if c.label_id not in label_cluster:
+            continue
+        m = decode_rle(c.rle).astype(bool)
+        target = out.setdefault(c.image_id, np.full(m.shape, KEEP, dtype=np.int64))
+        target[m] = label_cluster[c.label_id]
+    return out
