@@ -5,7 +5,7 @@
     python app.py images --project P | remove --project P IMAGE...
     python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
     python app.py status [RUN_ID] [--project P] [--json]
-    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|kind|confirm ...
+    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|kind|confirm|import-corrections|forget-corrections ...
     python app.py label RUN_ID groups|name-group|suggest|find|refine ...
     python app.py export RUN_ID [--style masks|polygons] [--include-images] [--label-studio] [--no-refined] ...
     python app.py evaluate ...
@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = acts.add_parser("confirm", parents=[common], help="mark images as checked by a person")
     a.add_argument("image_ids", type=int, nargs="+")
     a.add_argument("--undo", action="store_true")
+    a = acts.add_parser("import-corrections", parents=[common],
+                        help="import masks corrected in an annotation tool (COCO .json, or the tool's .zip)")
+    a.add_argument("file", type=Path)
+    a = acts.add_parser("forget-corrections", parents=[common],
+                        help="forget the imported corrections of images (they stay checked)")
+    a.add_argument("image_ids", type=int, nargs="+")
     _add_group_actions(acts, common)
 
     p = sub.add_parser("export", parents=[common], help="export a run as COCO / Label Studio (zip)")
@@ -546,6 +552,15 @@ def cmd_label(args: argparse.Namespace) -> int:
                 annotations.confirm_image(ctx, rid, image_id, not args.undo)
             _out(f"{len(args.image_ids)} image(s) {'un' if args.undo else ''}confirmed in run {rid}; "
                  f"{annotations.confirmed_count(ctx, rid)} confirmed in total")
+            return EXIT_OK
+        elif act == "import-corrections":
+            from stego_app import corrections
+            _out(corrections.import_corrections(ctx, rid, args.file).summary())
+            return EXIT_OK
+        elif act == "forget-corrections":
+            from stego_app import corrections
+            n = sum(corrections.remove_corrections(ctx, rid, i) for i in args.image_ids)
+            _out(f"{n} corrected mask(s) of {len(args.image_ids)} image(s) forgotten in run {rid}")
             return EXIT_OK
         else:  # pragma: no cover - argparse restricts the choices
             raise UserError(f"unknown action {act}")

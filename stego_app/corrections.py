@@ -113,8 +113,9 @@ def read_coco(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def _is_instances(data: Any) -> bool:
-    return isinstance(data, dict) and all(isinstance(data.get(k), list)
-                                          for k in ("images", "annotations", "categories"))
+    """COCO instances (not panoptic, whose annotations are per image with segments_info)."""
+    return (isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories"))
+            and not any(isinstance(a, dict) and "segments_info" in a for a in data["annotations"][:10]))
 
 
 def _segmentation_mask(seg: Any, h: int, w: int) -> np.ndarray:

@@ -161,7 +161,16 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
     code, out, err = _main(capsys, "export", "1", "--style", "polygons", "--min-area", "1000000", *data)
     assert code == 0, err
     assert "warning: 4 images got no annotation" in err
-    assert Path(out.strip().splitlines()[-1].strip()).is_file()
+    out_zip = out.strip().splitlines()[-1].strip()
+    assert Path(out_zip).is_file()
+
+    # the first export, corrected in a tool and imported back (a CVAT-style zip); the empty one refused
+    code, out, err = _main(capsys, "label", "1", "import-corrections", str(zip_path), *data)
+    assert code == 0 and "2 images corrected from" in out, err
+    code, out, err = _main(capsys, "label", "1", "import-corrections", out_zip, *data)
+    assert code == 2 and "nothing imported" in err and "it has no annotations" in err
+    code, out, _ = _main(capsys, "label", "1", "forget-corrections", "1", *data)
+    assert code == 0 and "of 1 image(s) forgotten" in out
 
     code, _, err = _main(capsys, "run", "--resume", "1", *data)
     assert code == 2 and "only interrupted, failed or cancelled" in err

@@ -221,3 +221,15 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, tmp_path):
     assert {"sky", "road", "grass"} <= {c["name"] for c in coco["categories"]}
     options = json.loads(db("SELECT options FROM exports ORDER BY id DESC LIMIT 1")[0][0])
     assert options["refined_used"] is True
+
+    # the team corrects images in their tool and brings them back: here the export itself, as a CVAT zip
+    close_toasts(page)
+    tab(page, "Clusters")
+    page.locator("#corrections").get_by_text("Import corrected annotations").first.click()
+    page.locator("#corrections-file input[type=file]").set_input_files(str(target))
+    page.locator("#btn-import-corrections").click()
+    info = page.locator("#corrections-info")
+    expect(info).to_contain_text("12 images corrected from", timeout=60_000)
+    expect(info).to_contain_text("12 images of this run have imported corrections")
+    assert db("SELECT COUNT(DISTINCT image_id) FROM corrections WHERE run_id = 1")[0][0] == 12
+    assert db("SELECT COUNT(*) FROM run_images WHERE run_id = 1 AND confirmed")[0][0] == 12

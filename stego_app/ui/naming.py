@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
 from core.constants import REFINE_OPTIONS
-from stego_app import edit_versions, found, groups, refinement, runs
+from stego_app import corrections, edit_versions, found, groups, refinement, runs
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.errors import UserError
@@ -348,6 +349,9 @@ class RefinePanel:
     sig: Any
     steps: Any = None
     dense: Any = None
+    corr_file: Any = None
+    corr_btn: Any = None
+    corr_info: Any = None
 
     @classmethod
     def build(cls, ctx) -> "RefinePanel":
@@ -370,19 +374,37 @@ class RefinePanel:
             cancel_btn = gr.Button("Cancel refinement", variant="stop", elem_id="btn-refine-cancel",
                                    interactive=False)
             resume_btn = gr.Button("Resume refinement", elem_id="btn-refine-resume", interactive=False)
-        return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps, dense)
+        with gr.Accordion("Import corrected annotations", open=False, elem_id="corrections"):
+            gr.Markdown("Correct a few exported images in your annotation tool (CVAT, Label Studio, any COCO "
+                        "tool), export them as COCO and import the file here: those images become checked, and "
+                        "the next refinement learns from them and keeps them as drawn. Categories are matched "
+                        "to this run's label names, images to their file names.")
+            with gr.Row(equal_height=True):
+                corr_file = gr.File(label="COCO instances .json, or the tool's .zip", file_types=[".json", ".zip"],
+                                    file_count="single", elem_id="corrections-file", scale=3)
+                corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections", scale=1)
+            corr_info = gr.Markdown("", elem_id="corrections-info")
+        return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps, dense,
+                   corr_file, corr_btn, corr_info)
+
+    def corrections_text(self, run_id: int) -> str:
+        n = len(corrections.corrected_images(self.ctx, run_id))
+        return (f"{n} image{'s' if n != 1 else ''} of this run {'have' if n != 1 else 'has'} imported corrections."
+                if n else "No corrections imported yet.")
 
     @property
     def outputs(self) -> list:
-        return [self.status, self.sig, self.cancel_btn, self.resume_btn]
+        return [self.status, self.sig, self.cancel_btn, self.resume_btn, self.corr_info]
 
     def empty(self) -> dict:
-        return {self.status: refine_html(None, None), self.sig: None, **job_buttons(self.cancel_btn, self.resume_btn, None)}
+        return {self.status: refine_html(None, None), self.sig: None, self.corr_info: "",
+                **job_buttons(self.cancel_btn, self.resume_btn, None)}
 
     def views(self, run_id: int) -> dict:
         state = refinement.refined_state(self.ctx, run_id)
         job = refinement.latest_refinement(self.ctx, run_id)
-        return {self.status: refine_html(state, job), self.sig: self._sig(state, job), **job_buttons(self.cancel_btn, self.resume_btn, job)}
+        return {self.status: refine_html(state, job), self.sig: self._sig(state, job),
+                self.corr_info: self.corrections_text(run_id), **job_buttons(self.cancel_btn, self.resume_btn, job)}
 
     @staticmethod
     def _sig(state, job) -> list:
@@ -414,6 +436,17 @@ class RefinePanel:
                 return self.views(run_id)
             return handler
 
+        @guard
+        def on_import(run_id, file):
+            run_id = H.as_id(run_id, "run")
+            if run_id is None:
+                raise UserError("no run selected")
+            if not file:
+                raise UserError("choose the COCO .json (or the annotation tool's .zip) first")
+            report = corrections.import_corrections(ctx, run_id, Path(getattr(file, "name", file)))
+            gr.Info(report.summary())
+            return {**self.views(run_id), self.corr_info: report.summary() + " " + self.corrections_text(run_id)}
+
         on_cancel = on_latest(refinement.cancel_refinement, "cancel")
         on_resume = on_latest(refinement.resume_refinement, "resume")
 
@@ -438,6 +471,7 @@ class RefinePanel:
         self.start_btn.click(on_start, [run_dd, self.steps, self.dense], self.outputs)
         self.cancel_btn.click(on_cancel, [run_dd], self.outputs)
         self.resume_btn.click(on_resume, [run_dd], self.outputs)
+        self.corr_btn.click(on_import, [run_dd, self.corr_file], self.outputs)
         timer.tick(on_tick, [run_state, self.sig], self.outputs, show_progress="hidden")   # not run_dd: see App
 
 
