@@ -24,6 +24,7 @@ import numpy as np
 from sqlalchemy import delete, select
 
 from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
+from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
 from stego_app.export_files import export_file_names
 from stego_app.labels.mapping import get_done_run
@@ -247,6 +248,15 @@ def remove_corrections(ctx, run_id: int, image_id: int) -> int:
         n = s.execute(delete(Correction).where(Correction.run_id == run_id,
                                                Correction.image_id == image_id)).rowcount or 0
     return int(n)
+
+
+def pending(s, run_id: int, since: float | None) -> int:
+    """Checked images of the run whose corrections were imported after ``since`` (epoch seconds;
+    None: every corrected image): what the refined maps made at ``since`` do not show yet."""
+    rows = s.execute(select(Correction.image_id, Correction.created_at)
+                     .join(RunImage, (RunImage.run_id == Correction.run_id) & (RunImage.image_id == Correction.image_id))
+                     .where(Correction.run_id == run_id, RunImage.confirmed.is_(True))).all()
+    return len({i for i, t in rows if since is None or as_utc(t).timestamp() > since})
 
 
 def correction_maps(s, run_id: int, label_cluster: dict[int, int]) -> dict[int, np.ndarray]:

@@ -218,6 +218,11 @@ def _warnings(recorded: dict[str, Any]) -> tuple[str, ...]:
     if recorded.get("refined_stale"):
         out.append("the refined maps were made before the latest naming changes; refine again to "
                    "propagate the new names")
+    pending = int(recorded.get("corrections_pending") or 0)
+    if pending:
+        out.append(f"{pending} image{'s' if pending != 1 else ''} with imported corrections "
+                   f"{'are' if pending != 1 else 'is'} exported as predicted, not as corrected: refine with names "
+                   "again to write the corrections into the maps")
     empty = int(recorded.get("empty_images") or 0)
     if empty:
         out.append(f"{empty} image{'s' if empty != 1 else ''} got no annotation (only ignored or "
@@ -403,8 +408,11 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     refined_used = bool(refined_meta is not None
                         and segmaps.has_maps(run_dir, "refined", [it.position for it in items]))
     refined_stale = refined_used and refined_meta.get("mapping_version") != mapping_version
+    from stego_app import corrections
+    with ctx.db.read() as s:
+        pending = corrections.pending(s, run_id, refined_meta.get("created") if refined_used else None)
     recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing, "renamed": renamed,
-                "refined_used": refined_used, "refined_stale": refined_stale}
+                "refined_used": refined_used, "refined_stale": refined_stale, "corrections_pending": pending}
     with ctx.db.write() as s:
         row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
                      mapping_version=mapping_version, n_categories=len(plan.categories))

@@ -97,6 +97,7 @@ class RefinedState:
     current_version: int           # the run's naming now
     n_classes: int | None
     dense: bool = False            # predicted on the finer token grid
+    corrections_pending: int = 0   # checked images whose corrections were imported after these maps
 
     @property
     def stale(self) -> bool:
@@ -108,9 +109,11 @@ class RefinedState:
             return "No refined maps yet: name clusters, then refine with names."
         base = (f"Refined maps of job {self.refinement_id} ({self.n_classes} classes"
                 + (", finer maps" if self.dense else "") + ")")
+        pending = (f" {self.corrections_pending} image{'s' if self.corrections_pending != 1 else ''} got "
+                   "corrections imported since; refine again to use them." if self.corrections_pending else "")
         if self.stale:
-            return base + ": the names changed since; refine again to propagate the new names."
-        return base + ": up to date with the names."
+            return base + ": the names changed since; refine again to propagate the new names." + pending
+        return base + ": up to date with the names." + pending
 
 
 def _info(row: Refinement) -> RefinementInfo:
@@ -252,8 +255,10 @@ def refined_state(ctx, run_id: int) -> RefinedState:
     meta = segmaps.refined_meta(run_dir)
     if meta is None:
         return RefinedState(False, None, None, version, None)
+    with ctx.db.read() as s:
+        pending = corrections.pending(s, run_id, meta.get("created"))
     return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"),
-                        bool((meta.get("settings") or {}).get("dense", False)))
+                        bool((meta.get("settings") or {}).get("dense", False)), pending)
 
 
 def mark_interrupted(db, is_alive) -> list[int]:

@@ -75,18 +75,24 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
                      if c.label.name == "tree"]
     assert len(tree_mask) == 1 and np.array_equal(tree_mask[0].astype(bool) & box, box)
 
+    before_refining = export.export_run(ctx, run.id, export.ExportOptions())
+    assert any("1 image with imported corrections is exported as predicted" in w for w in before_refining.warnings)
     job = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
     assert job.status == "done", job.error
     assert job.metrics["corrected_images"] == 1 and job.metrics["seed_tokens"] > 0
     seg = views.read_segments(run.run_dir, item.position, crf=True, refined=True)
     tree_cluster = 3
     assert (seg[box] == tree_cluster).all()             # the person's rectangle is in the refined map as drawn
-    assert export.export_run(ctx, run.id, export.ExportOptions()).refined_used
+    after = export.export_run(ctx, run.id, export.ExportOptions())
+    assert after.refined_used and not any("corrections" in w for w in after.warnings)
+    assert refinement.refined_state(ctx, run.id).corrections_pending == 0
 
     # importing the same image again replaces its corrections; removing them keeps it checked
     before = corrections.corrected_images(ctx, run.id)[item.image_id]
     corrections.import_corrections(ctx, run.id, path)
     assert corrections.corrected_images(ctx, run.id)[item.image_id] == before
+    state = refinement.refined_state(ctx, run.id)
+    assert state.corrections_pending == 1 and "1 image got corrections imported since; refine again" in state.text
     assert corrections.remove_corrections(ctx, run.id, item.image_id) == before
     assert corrections.corrected_images(ctx, run.id) == {}
 
