@@ -119,6 +119,13 @@ def _is_instances(data: Any) -> bool:
             and not any(isinstance(a, dict) and "segments_info" in a for a in data["annotations"][:10]))
 
 
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def _segmentation_mask(seg: Any, h: int, w: int) -> np.ndarray:
     if isinstance(seg, dict):                      # RLE, compressed or not
         if list(seg.get("size", [])) != [h, w]:
@@ -186,7 +193,7 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
                 report.unknown_images.append(name)
                 continue
             ri, img = hit
-            if (int(entry.get("width", img.width)), int(entry.get("height", img.height))) != (img.width, img.height):
+            if (_int(entry.get("width"), img.width), _int(entry.get("height"), img.height)) != (img.width, img.height):
                 report.wrong_size.append(f"{name}: {entry.get('width')}x{entry.get('height')} in the file, "
                                          f"{img.width}x{img.height} here")
                 continue

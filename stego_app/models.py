@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData,
                         String, Text, UniqueConstraint)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -227,7 +227,22 @@ class Cluster(Base):
     label: Mapped[Optional[Label]] = relationship(back_populates="clusters")
 
 
-class SeedAnnotation(Base):
+class _LabelMask:
+    """Columns of one label's mask in one image of a run (COCO RLE and its pixel count)."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), index=True)
+    rle: Mapped[dict[str, Any]] = mapped_column(JSON)
+    area: Mapped[int] = mapped_column(Integer)
+
+    @declared_attr
+    def label(cls) -> Mapped[Label]:
+        return relationship()
+
+
+class SeedAnnotation(_LabelMask, Base):
     """The mask of one label in one image, derived from a run's segments and its mapping.
 
     `rle` is a COCO RLE {"size": [h, w], "counts": str} (pycocotools, compressed);
@@ -242,12 +257,6 @@ class SeedAnnotation(Base):
         Index("ix_seed_annotations_run_image", "run_id", "image_id"),
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
-    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), index=True)
-    rle: Mapped[dict[str, Any]] = mapped_column(JSON)
-    area: Mapped[int] = mapped_column(Integer)
     bbox: Mapped[list[Any]] = mapped_column(JSON)
     crf: Mapped[bool] = mapped_column(Boolean, default=False)
     mapping_version: Mapped[int] = mapped_column(Integer, default=0)
@@ -256,10 +265,9 @@ class SeedAnnotation(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     image: Mapped[Image] = relationship()
-    label: Mapped[Label] = relationship()
 
 
-class Correction(Base):
+class Correction(_LabelMask, Base):
     """The mask of one label in one image as a person corrected it in an annotation tool and
     imported it back (stego_app.corrections): the truth for that image, which refinement uses as
     seeds and writes into the refined map. `rle` is a COCO RLE {"size": [h, w], "counts": str};
@@ -272,16 +280,8 @@ class Correction(Base):
         Index("ix_corrections_run_image", "run_id", "image_id"),
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
-    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id", ondelete="CASCADE"), index=True)
-    rle: Mapped[dict[str, Any]] = mapped_column(JSON)
-    area: Mapped[int] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(String(1000), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-    label: Mapped[Label] = relationship()
 
 
 class Export(Base):
