@@ -95,6 +95,7 @@ class EvalSettings:
     find_clicks: int = 1                     # clicks per class left unnamed, each in another scored image
     find_threshold: float = DEFAULT_THRESHOLD
     checked: tuple[int, ...] = ()            # checked-image rows: N scored images with true labels as seeds
+    seed_weight: float = SEED_WEIGHT         # loss weight of their tokens (the app's default)
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
     propagation_crf: dict = field(default_factory=dict)   # core.crf.CRFParams keyword arguments, propagated rows
@@ -120,6 +121,8 @@ class EvalSettings:
             raise ValueError(f"find_clicks must be >= 1 (clicks per class left unnamed), got {self.find_clicks}")
         if self.checked and not self.propagate:
             raise ValueError("checked adds propagation rows: it needs propagate=True")
+        if self.seed_weight <= 1.0:
+            raise ValueError(f"seed_weight must be > 1 (it marks seeds), got {self.seed_weight}")
         if any(n < 1 for n in self.checked):
             raise ValueError(f"checked must be positive numbers of images, got {self.checked}")
         if self.predict_resolution is not None and not self.propagate:
@@ -705,7 +708,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "click_to_find": ({"threshold": settings.find_threshold, "clicks_per_class": settings.find_clicks,
                            "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
-        "checked": ({"counts": sorted(checked), "seed_weight": SEED_WEIGHT,
+        "checked": ({"counts": sorted(checked), "seed_weight": settings.seed_weight,
                      "images": {str(n): [str(images[i].name) for i in v] for n, v in checked.items()}}
                     if checked else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
@@ -761,7 +764,7 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
         if seeds is not None and i in seeds:
             has = seeds[i] >= 0
             lab = np.where(has, seeds[i], lab).astype(np.int64)
-            wt = np.where(has, SEED_WEIGHT, wt).astype(np.float32)
+            wt = np.where(has, settings.seed_weight, wt).astype(np.float32)
         return lab, wt
 
     return Propagator(settings.n_classes, seed=settings.seed, **settings.propagation).fit(corpus, labels_of)

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from core.correspondence import DEFAULT_THRESHOLD
-from core.evaluate import EvalSettings, Report, evaluate, pair_images_and_masks
+from core.evaluate import SEED_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
 from core.pipeline import PipelineConfig, StegoPipeline
 from core.precision import PRECISIONS
 from core.training import PAPER_SHIFTS
@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--checked", default=None, metavar="N[,N...]",
                    help="also propagate after a person checked N scored images (spread evenly; their true "
                         "labels become seeds, as images marked checked in Explore); scored on the others")
+    e.add_argument("--seed-weight", type=float, default=SEED_WEIGHT,
+                   help=f"loss weight of the checked images' tokens (default {SEED_WEIGHT}, the app's)")
     e.add_argument("--predict-resolution", type=int, default=None,
                    help="short side of the features the propagated rows predict on (default: the run's "
                         "resolution; more finds thinner things, extracts the scored images' features again)")
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> Report:
         propagate_from=args.propagate_from, propagation=json.loads(args.propagation),
         propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
         find_missing=args.find_missing, find_clicks=args.find_clicks, find_threshold=args.find_threshold,
-        checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (),
+        checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (), seed_weight=args.seed_weight,
         predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
