@@ -359,8 +359,9 @@ class RefinePanel:
 
         defaults = RefineConfig()
         gr.Markdown("### Refine with names\nTrains a pixel classifier on the backbone features from the named "
-                    "clusters (and the images checked in Explore), then redraws every image with it. Overlays and "
-                    "exports use the refined maps once they are ready; run it again after more naming.")
+                    "clusters (and the images checked in Explore or corrected in your annotation tool), then "
+                    "redraws every image with it. Overlays and exports use the refined maps once they are "
+                    "ready; run it again after more naming.")
         status = gr.HTML(refine_html(None, None), elem_id="refine-status")
         with gr.Row():
             label, info = REFINE_OPTIONS["steps"]
@@ -379,10 +380,9 @@ class RefinePanel:
                         "tool), export them as COCO and import the file here: those images become checked, and "
                         "the next refinement learns from them and keeps them as drawn. Categories are matched "
                         "to this run's label names, images to their file names.")
-            with gr.Row(equal_height=True):
-                corr_file = gr.File(label="COCO instances .json, or the tool's .zip", file_types=[".json", ".zip"],
-                                    file_count="single", elem_id="corrections-file", scale=3)
-                corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections", scale=1)
+            corr_file = gr.File(label="COCO instances .json, or the tool's .zip", file_types=[".json", ".zip"],
+                                file_count="single", elem_id="corrections-file", height=140)
+            corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections")
             corr_info = gr.Markdown("", elem_id="corrections-info")
         return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps, dense,
                    corr_file, corr_btn, corr_info)
