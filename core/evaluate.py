@@ -21,8 +21,8 @@ pipeline's own corpus):
   similarity >= ``find_threshold``) is named that class and labels the propagator's tokens, as
   a found cluster does in the app; with ``checked`` (numbers N), also the same after the stand-in
   person **checked N images**: N scored images spread evenly over the scored list (chosen without
-  looking at labels) take their true labels as seeds at the app's seed weight, as images marked
-  checked in Explore do; those rows are scored on the other images only.
+  looking at labels) take their true labels as seeds at the app's weight of corrected images, as
+  masks corrected in an annotation tool and imported do; those rows are scored on the other images only.
 
 Every score comes from confusion matrices accumulated image by image, so memory does not grow
 with the number of images. Named scores never drop pixels of extra or unnamed clusters (unnamed
@@ -68,7 +68,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 FEATURE_KINDS = ("raw", "stego")
 
 Progress = Callable[[str, float], None]
-SEED_WEIGHT = RefineConfig.seed_weight        # the app's weight of a checked image's tokens
+CORRECTION_WEIGHT = RefineConfig.correction_weight  # the app's weight of a corrected image's tokens
 
 
 @dataclass
@@ -95,7 +95,7 @@ class EvalSettings:
     find_clicks: int = 1                     # clicks per class left unnamed, each in another scored image
     find_threshold: float = DEFAULT_THRESHOLD
     checked: tuple[int, ...] = ()            # checked-image rows: N scored images with true labels as seeds
-    seed_weight: float = SEED_WEIGHT         # loss weight of their tokens (the app's default)
+    seed_weight: float = CORRECTION_WEIGHT         # loss weight of their tokens (the app's for corrected images)
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
     propagation_crf: dict = field(default_factory=dict)   # core.crf.CRFParams keyword arguments, propagated rows
@@ -749,7 +749,7 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
     ``found_of(i)``: (T,) class of each token of item i inside a found region (-1 = none); those
     tokens take that class at full weight, as the app's refinement does with found clusters.
     ``seeds``: item -> (T,) true class per token (-1 = none) of a checked image; those tokens take
-    it at the app's seed weight, as the refinement does with images marked checked.
+    it at ``settings.seed_weight``, as the refinement does with corrected images.
     """
     kind = settings.propagate_from
 

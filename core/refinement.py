@@ -70,6 +70,7 @@ class RefineConfig:
     lr: float = PROPAGATOR_DEFAULTS["lr"]
     min_confidence: float = DEFAULT_MIN_CONFIDENCE   # pseudo-labels below this confidence are left out
     seed_weight: float = 3.0          # weight of person-checked tokens (> 1 marks a seed)
+    correction_weight: float = 30.0   # weight of the tokens of corrected images (imported masks; chosen on train)
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
     crf: bool = True
     crf_resolution: int | None = None  # short side the CRF runs at (None = full image size)
@@ -81,6 +82,8 @@ class RefineConfig:
     def validate(self) -> None:
         if self.seed_weight <= 1.0:
             raise ValueError(f"seed_weight must be > 1 (it marks seeds), got {self.seed_weight}")
+        if self.correction_weight <= 1.0:
+            raise ValueError(f"correction_weight must be > 1 (it marks seeds), got {self.correction_weight}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         self.propagator(2)._validate()
@@ -161,8 +164,9 @@ class _LabelSource:
 
     def __init__(self, n: int, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray, space: ClassSpace,
                  config: RefineConfig, found_of: Callable[[int], np.ndarray | None], seeds: dict[int, np.ndarray],
-                 report: Progress, check: Callable[[], bool]):
+                 report: Progress, check: Callable[[], bool], corrected: frozenset[int] = frozenset()):
         self.n, self.codes_of, self.centroids, self.config = n, codes_of, centroids, config
+        self.corrected = corrected                 # items whose seeds are a person's corrected masks
         self.found_of, self.seeds, self.report, self.check = found_of, seeds, report, check
         self.c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
         self.counts = np.zeros((n, 3), np.int64)     # per item: labelled, seed and found tokens
@@ -185,7 +189,8 @@ class _LabelSource:
             cls = np.where(seed >= 0, c2c[np.clip(seed, 0, len(c2c) - 1)], -1)
             has = cls >= 0
             lab = np.where(has, cls, lab)
-            wt = np.where(has, self.config.seed_weight, wt).astype(np.float32)
+            weight = self.config.correction_weight if i in self.corrected else self.config.seed_weight
+            wt = np.where(has, weight, wt).astype(np.float32)
             seeded = int(has.sum())
         self.counts[i] = (int((lab >= 0).sum()), seeded, found)
         self.reads += 1
@@ -213,7 +218,8 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     ``codes_of(i)`` the (T, D) codes the clusters were made from, ``found_of(i)`` (T,) found
     cluster index per token (-1 = none), ``seeds`` item -> (T,) cluster index per token of a
     person-checked image (-1 = none), ``overrides`` item -> (H, W) cluster index per pixel of a
-    person's corrected masks (-1 = keep the prediction), written over the predicted map.
+    person's corrected masks (-1 = keep the prediction), written over the predicted map (those
+    items' seeds weigh ``config.correction_weight``, the others' ``config.seed_weight``).
     Progress: (stage, fraction of the whole job, info).
     With ``config.dense`` the maps are predicted on tokens twice as dense, which ``backbone`` (the
     one ``features`` were made with) computes from each image (flip averaging is then left out).
@@ -251,7 +257,7 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     else:
         t0 = time.perf_counter()
         source = _LabelSource(n, codes_of, np.asarray(centroids), space, config, found_of or (lambda i: None),
-                              seeds or {}, report, check)
+                              seeds or {}, report, check, frozenset(overrides or ()))
 
         def on_step(step: int, steps: int, loss: float) -> None:
             report("training", step / max(steps, 1), {"step": step, "steps": steps, "loss": loss})

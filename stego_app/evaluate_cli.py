@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from core.correspondence import DEFAULT_THRESHOLD
-from core.evaluate import SEED_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
+from core.evaluate import CORRECTION_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
 from core.pipeline import PipelineConfig, StegoPipeline
 from core.precision import PRECISIONS
 from core.training import PAPER_SHIFTS
@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--checked", default=None, metavar="N[,N...]",
                    help="also propagate after a person checked N scored images (spread evenly; their true "
                         "labels become seeds, as images marked checked in Explore); scored on the others")
-    e.add_argument("--seed-weight", type=float, default=SEED_WEIGHT,
-                   help=f"loss weight of the checked images' tokens (default {SEED_WEIGHT}, the app's)")
+    e.add_argument("--seed-weight", type=float, default=CORRECTION_WEIGHT,
+                   help=f"loss weight of the checked images' tokens (default {CORRECTION_WEIGHT}, the app's)")
     e.add_argument("--predict-resolution", type=int, default=None,
                    help="short side of the features the propagated rows predict on (default: the run's "
                         "resolution; more finds thinner things, extracts the scored images' features again)")

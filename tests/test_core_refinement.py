@@ -73,3 +73,28 @@ def test_seeds_and_found_tokens_override_pseudo_labels_and_cancel(tmp_path):
     with pytest.raises(ValueError, match="pass the run's backbone"):
         refine(feats, lambda i: np.asarray(feats.tokens(i), np.float32), km.centroids_, space, paths, sizes,
                tmp_path / "d", RefineConfig(**CFG, dense=True))
+
+
+def test_a_corrected_images_seeds_weigh_more_than_a_checked_ones_and_its_pixels_are_kept(tmp_path):
+    from core.refinement import _LabelSource
+
+    feats, truth, km, major = _setup(tmp_path)
+    space = ClassSpace(cluster_to_class=tuple(major), class_to_cluster=tuple(major.index(c) for c in range(3)))
+    cfg = RefineConfig(**CFG)
+    codes = lambda i: np.asarray(feats.tokens(i), np.float32)          # noqa: E731
+    seeds = {0: np.full(36, major.index(1)), 1: np.full(36, major.index(2))}
+    source = _LabelSource(len(feats), codes, km.centroids_, space, cfg, lambda i: None, seeds,
+                          lambda *a: None, lambda: False, corrected=frozenset({1}))
+    assert np.all(source(0)[1] == cfg.seed_weight) and np.all(source(1)[1] == cfg.correction_weight)
+    assert cfg.correction_weight > cfg.seed_weight
+    assert np.all(source(1)[0] == 2)                                     # the corrected class everywhere
+    # refine writes a corrected item's pixels as drawn (-1: the prediction stays)
+    fixed = np.full((24, 24), -1)
+    fixed[:8, :8] = major.index(2)
+    out = tmp_path / "maps"
+    refine(feats, codes, km.centroids_, space, [tmp_path / f"{i}.png" for i in range(len(feats))],
+           [(24, 24)] * len(feats), out, cfg, seeds=seeds, overrides={1: fixed})
+    drawn = np.asarray(Image.open(out / "000001.png"))
+    assert np.all(drawn[:8, :8] == major.index(2))
+    with pytest.raises(ValueError, match="correction_weight must be > 1"):
+        RefineConfig(correction_weight=1.0).validate()

@@ -232,7 +232,7 @@ def test_checked_images_teach_the_propagator_a_class_no_cluster_is_named_after()
     corpus = ArrayFeatures(maps)
     centroids = np.stack([dirs[0], dirs[1], dirs[2] + dirs[1] * 0.2])
     names = np.array([0, 1, -1])
-    settings = EvalSettings(n_classes=3, propagate_from="raw", propagation={"steps": 500, "hidden": 0})
+    settings = EvalSettings(n_classes=3, propagate_from="raw", propagation={"steps": 500, "hidden": 0}, seed_weight=3.0)
     plain = _fit_propagator(corpus, None, centroids, names, settings)
     seeded = _fit_propagator(corpus, None, centroids, names, settings, seeds={2: cls[2].ravel()})
     others = [i for i in range(6) if i != 2]
