@@ -70,7 +70,7 @@ class RefineConfig:
     lr: float = PROPAGATOR_DEFAULTS["lr"]
     min_confidence: float = DEFAULT_MIN_CONFIDENCE   # pseudo-labels below this confidence are left out
     seed_weight: float = 3.0          # weight of person-checked tokens (> 1 marks a seed)
-    correction_weight: float = 30.0   # weight of the tokens of corrected images (imported masks; chosen on train)
+    correction_weight: float = 100.0  # weight of the tokens of corrected images (imported masks; chosen on train)
     pseudo_alpha: float = DEFAULT_PSEUDO_ALPHA
     crf: bool = True
     crf_resolution: int | None = None  # short side the CRF runs at (None = full image size)
