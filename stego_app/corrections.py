@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
 from stego_app.db import as_utc
@@ -257,23 +257,32 @@ def remove_corrections(ctx, run_id: int, image_id: int) -> int:
     return int(n)
 
 
+def _used(query, run_id: int):
+    """``query`` restricted to the run's corrections that count: those of checked images."""
+    return (query.join(RunImage, (RunImage.run_id == Correction.run_id) & (RunImage.image_id == Correction.image_id))
+            .where(Correction.run_id == run_id, RunImage.confirmed.is_(True)))
+
+
 def pending(s, run_id: int, since: float | None) -> int:
     """Checked images of the run whose corrections were imported after ``since`` (epoch seconds;
     None: every corrected image): what the refined maps made at ``since`` do not show yet."""
-    rows = s.execute(select(Correction.image_id, Correction.created_at)
-                     .join(RunImage, (RunImage.run_id == Correction.run_id) & (RunImage.image_id == Correction.image_id))
-                     .where(Correction.run_id == run_id, RunImage.confirmed.is_(True))).all()
+    rows = s.execute(_used(select(Correction.image_id, Correction.created_at), run_id)).all()
     return len({i for i, t in rows if since is None or as_utc(t).timestamp() > since})
+
+
+def fingerprint(s, run_id: int) -> tuple[int, str]:
+    """(count, latest import time) of the corrections that count: changes with every import,
+    removal and check / uncheck of a corrected image (one aggregate query, for polling)."""
+    n, last = s.execute(_used(select(func.count(Correction.id), func.max(Correction.created_at)), run_id)).one()
+    return int(n or 0), str(last)
 
 
 def correction_maps(s, run_id: int, label_cluster: dict[int, int]) -> dict[int, np.ndarray]:
     """image id -> (H, W) int64 cluster index of each corrected pixel (KEEP elsewhere), for the
     run's checked images with corrections. ``label_cluster``: label id -> the cluster index its
-    class is written as; a label no cluster carries any more is left out."""
-    rows = s.execute(select(Correction).join(RunImage, (RunImage.run_id == Correction.run_id)
-                                             & (RunImage.image_id == Correction.image_id))
-                     .where(Correction.run_id == run_id, RunImage.confirmed.is_(True))
-                     .order_by(Correction.image_id, Correction.area.desc())).scalars().all()
+    class is written as; a label no cluster carries any more is left out. An image's masks are
+    disjoint (``import_corrections`` gives each pixel to one label), so their order does not matter."""
+    rows = s.execute(_used(select(Correction), run_id)).scalars().all()
     out: dict[int, np.ndarray] = {}
     for c in rows:
         if c.label_id not in label_cluster:

@@ -36,7 +36,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from core.rundir import RunDir
-from stego_app import coco, masks, polygons
+from stego_app import coco, corrections, masks, polygons, refinement, segmaps
 from stego_app import label_studio as ls_files
 from stego_app.db import as_utc
 from stego_app.processes import hostname, owner_tag, pid_alive, split_owner
@@ -215,14 +215,11 @@ def _warnings(recorded: dict[str, Any]) -> tuple[str, ...]:
     if recorded.get("crf_missing"):
         out.append("the run was made with CRF, but CRF-refined segments are missing for some "
                    "images; the raw segments were exported")
-    if recorded.get("refined_stale"):
-        out.append("the refined maps were made before the latest naming changes; refine again to "
-                   "propagate the new names")
-    pending = int(recorded.get("corrections_pending") or 0)
-    if pending:
-        out.append(f"{pending} image{'s' if pending != 1 else ''} with imported corrections "
-                   f"{'are' if pending != 1 else 'is'} exported as predicted, not as corrected: refine with names "
-                   "again to write the corrections into the maps")
+    stale = recorded.get("stale")
+    if stale is None:        # exports recorded before the reasons were (refinement.stale_reasons)
+        stale = refinement.stale_reasons(1 if recorded.get("refined_stale") else None, 0,
+                                         int(recorded.get("corrections_pending") or 0))
+    out += list(stale)
     empty = int(recorded.get("empty_images") or 0)
     if empty:
         out.append(f"{empty} image{'s' if empty != 1 else ''} got no annotation (only ignored or "
@@ -402,17 +399,15 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     renamed = [[it.name, it.file_name] for it in sorted(items, key=lambda i: i.image_id)
                if it.file_name != it.name]
 
-    from stego_app import segmaps
-
     refined_meta = segmaps.refined_meta(run_dir) if options.refined else None
     refined_used = bool(refined_meta is not None
                         and segmaps.has_maps(run_dir, "refined", [it.position for it in items]))
-    refined_stale = refined_used and refined_meta.get("mapping_version") != mapping_version
-    from stego_app import corrections
     with ctx.db.read() as s:
         pending = corrections.pending(s, run_id, refined_meta.get("created") if refined_used else None)
+    stale = refinement.stale_reasons(refined_meta.get("mapping_version") if refined_used else None,
+                                     mapping_version, pending)
     recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing, "renamed": renamed,
-                "refined_used": refined_used, "refined_stale": refined_stale, "corrections_pending": pending}
+                "refined_used": refined_used, "stale": list(stale)}
     with ctx.db.write() as s:
         row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
                      mapping_version=mapping_version, n_categories=len(plan.categories))

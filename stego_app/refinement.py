@@ -11,7 +11,8 @@ usable meanwhile. Overlays and exports use refined maps when present (stego_app.
 What the propagator learns (the class space): one class per label (written as the label's
 lowest cluster index), one per unnamed cluster (itself), one for all ignored clusters; so
 the refined maps live in cluster-index space and later naming still applies to them.
-``refined_state`` says whether the names changed since the maps were made.
+``refined_state`` says whether the maps are stale (``stale_reasons``: the names changed, or corrections
+were imported, since they were made); exports record the same reasons.
 """
 from __future__ import annotations
 
@@ -89,6 +90,22 @@ class RefinementInfo:
         return self.status in RUN_CANCELLABLE
 
 
+def stale_reasons(maps_version: int | None, current_version: int, pending: int) -> tuple[str, ...]:
+    """Why the maps a run shows and exports are not the run as it is now (empty: they are), as
+    sentences for the refine status, the CLI and export warnings. ``maps_version``: the naming the
+    refined maps in use were made with (None: none are used); ``pending``: checked images whose
+    imported corrections those maps (or the raw ones) do not hold."""
+    out = []
+    if maps_version is not None and maps_version != current_version:
+        out.append("the refined maps were made before the latest naming changes; refine with names again "
+                   "to propagate the new names")
+    if pending:
+        many = pending != 1
+        out.append(f"{pending} image{'s' if many else ''} with imported corrections {'show' if many else 'shows'} "
+                   f"as predicted, not as corrected; refine with names again to write the corrections into the maps")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class RefinedState:
     available: bool                # complete refined maps exist
@@ -97,23 +114,26 @@ class RefinedState:
     current_version: int           # the run's naming now
     n_classes: int | None
     dense: bool = False            # predicted on the finer token grid
-    corrections_pending: int = 0   # checked images whose corrections were imported after these maps
+    corrections_pending: int = 0   # checked images whose corrections are not in the maps yet
+
+    @property
+    def stale_reasons(self) -> tuple[str, ...]:
+        return stale_reasons(self.mapping_version if self.available else None, self.current_version,
+                             self.corrections_pending)
 
     @property
     def stale(self) -> bool:
-        return self.available and self.mapping_version != self.current_version
+        """The maps exist but do not show the run as it is now (names or corrections changed since)."""
+        return self.available and bool(self.stale_reasons)
 
     @property
     def text(self) -> str:
+        reasons = " ".join(r[0].upper() + r[1:] + "." for r in self.stale_reasons)
         if not self.available:
-            return "No refined maps yet: name clusters, then refine with names."
+            return " ".join(["No refined maps yet: name clusters, then refine with names.", reasons]).strip()
         base = (f"Refined maps of job {self.refinement_id} ({self.n_classes} classes"
                 + (", finer maps" if self.dense else "") + ")")
-        pending = (f" {self.corrections_pending} image{'s' if self.corrections_pending != 1 else ''} got "
-                   "corrections imported since; refine again to use them." if self.corrections_pending else "")
-        if self.stale:
-            return base + ": the names changed since; refine again to propagate the new names." + pending
-        return base + ": up to date with the names." + pending
+        return f"{base}. {reasons}" if reasons else f"{base}: up to date with the names."
 
 
 def _info(row: Refinement) -> RefinementInfo:
@@ -204,8 +224,10 @@ def list_refinements(ctx, run_id: int) -> list[RefinementInfo]:
 
 
 def latest_refinement(ctx, run_id: int) -> RefinementInfo | None:
-    found = list_refinements(ctx, run_id)
-    return found[0] if found else None
+    with ctx.db.read() as s:
+        row = s.scalars(select(Refinement).where(Refinement.run_id == run_id)
+                        .order_by(Refinement.id.desc()).limit(1)).first()
+        return None if row is None else _info(row)
 
 
 def cancel_refinement(ctx, ref_id: int) -> RefinementInfo:
@@ -253,12 +275,29 @@ def refined_state(ctx, run_id: int) -> RefinedState:
             raise NotFound(f"run {run_id} does not exist")
         run_dir, version = Path(run.run_dir), run.mapping_version
     meta = segmaps.refined_meta(run_dir)
-    if meta is None:
-        return RefinedState(False, None, None, version, None)
     with ctx.db.read() as s:
-        pending = corrections.pending(s, run_id, meta.get("created"))
+        pending = corrections.pending(s, run_id, None if meta is None else meta.get("created"))
+    if meta is None:
+        return RefinedState(False, None, None, version, None, corrections_pending=pending)
     return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"),
                         bool((meta.get("settings") or {}).get("dense", False)), pending)
+
+
+def poll_key(ctx, run_id: int) -> list | None:
+    """A cheap fingerprint of what the refine status shows (one read and one small file), for a
+    page polling it: it changes when the run's naming, its latest refinement's status or progress,
+    the refined maps or the corrections that count change. None while the run is not done."""
+    with ctx.db.read() as s:
+        run = s.get(Run, run_id)
+        if run is None or run.status != RUN_DONE:
+            return None
+        job = s.scalars(select(Refinement).where(Refinement.run_id == run_id)
+                        .order_by(Refinement.id.desc()).limit(1)).first()
+        job_key = [None, None, None] if job is None else [job.id, job.status, round(float(job.progress or 0.0), 2)]
+        fixed = list(corrections.fingerprint(s, run_id))
+        run_dir, version = Path(run.run_dir), run.mapping_version
+    meta = segmaps.refined_meta(run_dir) or {}
+    return [meta.get("refinement_id"), meta.get("mapping_version"), version, *job_key, *fixed]
 
 
 def mark_interrupted(db, is_alive) -> list[int]:

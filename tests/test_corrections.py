@@ -62,7 +62,10 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     path, name, box = _corrected_file(ctx, run, tmp_path)
     item = next(it for it in runs.run_images(ctx, run.id) if it.name == name)
 
+    key_before = refinement.poll_key(ctx, run.id)
     report = corrections.import_corrections(ctx, run.id, path)
+    assert refinement.poll_key(ctx, run.id) != key_before       # an open page's refine status updates
+    assert "1 image with imported corrections shows as predicted" in refinement.refined_state(ctx, run.id).text
     assert report.images == [name] and report.annotations >= 2
     assert report.unknown_categories == {"Pole": 1} and report.unknown_images == ["elsewhere.jpg"]
     text = report.summary()
@@ -76,7 +79,7 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert len(tree_mask) == 1 and np.array_equal(tree_mask[0].astype(bool) & box, box)
 
     before_refining = export.export_run(ctx, run.id, export.ExportOptions())
-    assert any("1 image with imported corrections is exported as predicted" in w for w in before_refining.warnings)
+    assert any("1 image with imported corrections shows as predicted" in w for w in before_refining.warnings)
     job = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
     assert job.status == "done", job.error
     assert job.metrics["corrected_images"] == 1 and job.metrics["seed_tokens"] > 0
@@ -85,16 +88,21 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert (seg[box] == tree_cluster).all()             # the person's rectangle is in the refined map as drawn
     after = export.export_run(ctx, run.id, export.ExportOptions())
     assert after.refined_used and not any("corrections" in w for w in after.warnings)
-    assert refinement.refined_state(ctx, run.id).corrections_pending == 0
+    state = refinement.refined_state(ctx, run.id)
+    assert state.corrections_pending == 0 and not state.stale and "up to date" in state.text
+    assert export.get_export(ctx, after.id).warnings == after.warnings       # read back from the record
 
     # importing the same image again replaces its corrections; removing them keeps it checked
     before = corrections.corrected_images(ctx, run.id)[item.image_id]
     corrections.import_corrections(ctx, run.id, path)
     assert corrections.corrected_images(ctx, run.id)[item.image_id] == before
     state = refinement.refined_state(ctx, run.id)
-    assert state.corrections_pending == 1 and "1 image got corrections imported since; refine again" in state.text
+    assert state.corrections_pending == 1 and state.stale
+    assert "1 image with imported corrections shows as predicted, not as corrected; refine" in state.text
+    key = refinement.poll_key(ctx, run.id)
     assert corrections.remove_corrections(ctx, run.id, item.image_id) == before
     assert corrections.corrected_images(ctx, run.id) == {}
+    assert refinement.poll_key(ctx, run.id) != key and not refinement.refined_state(ctx, run.id).stale
 
 
 def test_a_cvat_style_zip_is_read_and_a_useless_file_changes_nothing(lab, tmp_path):
@@ -129,3 +137,10 @@ def test_a_cvat_style_zip_is_read_and_a_useless_file_changes_nothing(lab, tmp_pa
     with pytest.raises(UserError, match="holds no COCO instances JSON"):
         corrections.import_corrections(ctx, run.id, empty_zip)
     assert count() == kept
+
+
+def test_exports_recorded_before_the_stale_reasons_still_say_why_their_maps_were_stale():
+    old = export._warnings({"refined_stale": True, "corrections_pending": 2})
+    assert any("made before the latest naming changes" in w for w in old)
+    assert any("2 images with imported corrections show as predicted" in w for w in old)
+    assert export._warnings({"refined_stale": False, "corrections_pending": 0}) == ()

@@ -75,7 +75,7 @@ def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them
     mapping.name_cluster(ctx, run.id, 3, "ball")
     assert refinement.refined_state(ctx, run.id).stale
     stale = export.export_run(ctx, run.id, export.ExportOptions())
-    assert any("refine again" in w for w in stale.warnings)
+    assert any("made before the latest naming changes; refine with names again" in w for w in stale.warnings)
     again = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
     assert again.status == "done", again.error
     state = refinement.refined_state(ctx, run.id)

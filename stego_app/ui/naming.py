@@ -7,7 +7,7 @@ refinement or found and formats the result. Three panels:
   Enter, the next unnamed cluster in tree order comes up), groups of similar clusters named in
   one action, merge suggestions, removing found clusters; the cards are shown by group.
 - ``RefinePanel`` (Clusters tab): start / cancel / resume propagation, its progress, whether
-  the refined maps are up to date with the names.
+  the refined maps are stale (names changed or corrections imported since).
 - ``FindPanel`` (Explore tab): click the image -> heat map of this image, best matches of
   the corpus; the region above a threshold becomes a new (named) cluster.
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from core.constants import REFINE_OPTIONS
-from stego_app import corrections, edit_versions, found, groups, refinement, runs
+from stego_app import corrections, edit_versions, found, groups, refinement
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.errors import UserError
@@ -403,14 +403,8 @@ class RefinePanel:
     def views(self, run_id: int) -> dict:
         state = refinement.refined_state(self.ctx, run_id)
         job = refinement.latest_refinement(self.ctx, run_id)
-        return {self.status: refine_html(state, job), self.sig: self._sig(state, job),
+        return {self.status: refine_html(state, job), self.sig: refinement.poll_key(self.ctx, run_id),
                 self.corr_info: self.corrections_text(run_id), **job_buttons(self.cancel_btn, self.resume_btn, job)}
-
-    @staticmethod
-    def _sig(state, job) -> list:
-        return [state.refinement_id, state.mapping_version, state.current_version,
-                None if job is None else job.id, None if job is None else job.status,
-                None if job is None else round(job.progress, 2)]
 
     def wire(self, guard, run_dd, timer, run_state) -> None:
         ctx = self.ctx
@@ -454,13 +448,12 @@ class RefinePanel:
             """Poll the latest refinement (cheap; only its own status box). Never raises."""
             try:
                 run_id = H.as_id(run_id, "run")
-                if run_id is None or runs.get_run(ctx, run_id).status != "done":
+                key = refinement.poll_key(ctx, run_id) if run_id is not None else None
+                if key is None or (sig is not None and list(sig) == key):
                     return {self.sig: gr.skip()}
-                out = self.views(run_id)
+                out = self.views(run_id)        # only when something it shows changed
                 new = out[self.sig]
-                if sig is not None and list(sig) == new:
-                    return {self.sig: gr.skip()}
-                if sig is not None and sig[0] != new[0] and new[0] is not None:
+                if sig is not None and new is not None and sig[0] != new[0] and new[0] is not None:
                     gr.Info("Refined maps are ready: overlays and exports use them now (Explore shows them "
                             "when you open it).")
                 return out
