@@ -403,7 +403,7 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     refined_used = bool(refined_meta is not None
                         and segmaps.has_maps(run_dir, "refined", [it.position for it in items]))
     with ctx.db.read() as s:
-        pending = corrections.pending(s, run_id, refined_meta.get("created") if refined_used else None)
+        pending = corrections.pending(s, run_id, refinement.inputs_time(refined_meta) if refined_used else None)
     stale = refinement.stale_reasons(refined_meta.get("mapping_version") if refined_used else None,
                                      mapping_version, pending)
     recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing, "renamed": renamed,

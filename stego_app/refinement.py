@@ -268,6 +268,14 @@ def wait_for_refinement(ctx, ref_id: int, timeout: float | None = None, poll: fl
     return jobs.wait(lambda: get_refinement(ctx, ref_id), timeout, poll)
 
 
+def inputs_time(meta: dict | None) -> float | None:
+    """When the job that made refined maps (``meta``, their meta.json) first read the naming and
+    the corrections: a correction imported after it is not in them (None: no maps)."""
+    if meta is None:
+        return None
+    return float(meta.get("inputs_read", meta.get("created", 0.0)))
+
+
 def refined_state(ctx, run_id: int) -> RefinedState:
     with ctx.db.read() as s:
         run = s.get(Run, run_id)
@@ -276,7 +284,7 @@ def refined_state(ctx, run_id: int) -> RefinedState:
         run_dir, version = Path(run.run_dir), run.mapping_version
     meta = segmaps.refined_meta(run_dir)
     with ctx.db.read() as s:
-        pending = corrections.pending(s, run_id, None if meta is None else meta.get("created"))
+        pending = corrections.pending(s, run_id, inputs_time(meta))
     if meta is None:
         return RefinedState(False, None, None, version, None, corrections_pending=pending)
     return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"),
@@ -404,6 +412,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     from core.pipeline import StegoPipeline, item_codes
     from core.refinement import refine
 
+    started = time.time()                  # before anything is read: what changes after this is not in the maps
     run_id, run_dir, params, items = _inputs(db, config, ref_id)
     shim = SimpleNamespace(db=db, config=config)
     with db.read() as s:
@@ -428,10 +437,11 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     saved_space = out_dir / SPACE
     if saved_space.is_file():        # resuming: keep the names this job started with
         space = ClassSpace.from_dict(json.loads(saved_space.read_text()))
-        meta_version = json.loads(rd.refined_job_json(ref_id).read_text())["mapping_version"]
+        first = json.loads(rd.refined_job_json(ref_id).read_text())
+        meta_version, started = first["mapping_version"], float(first.get("inputs_read", 0.0))
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(rd.refined_job_json(ref_id), {"mapping_version": version})
+        atomic_write_json(rd.refined_job_json(ref_id), {"mapping_version": version, "inputs_read": started})
         meta_version = version
     found = segmaps.found_clusters(run_dir)
     index = segmaps.correspondence_index(run_dir) if found else None
@@ -474,7 +484,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     meta = {"refinement_id": ref_id, "mapping_version": meta_version, "n_classes": space.n_classes,
             "classes": [{"name": n, "cluster": c} for n, c in zip(space.names, space.class_to_cluster)],
             "seed_images": len(seeds), "corrected_images": len(overrides), "found_clusters": len(found_sims), "settings": settings.to_dict(),
-            "created": time.time()}
+            "created": time.time(), "inputs_read": started}
     atomic_write_json(out_dir / rd.refined_meta_json.name, meta)
     final = rd.segments_dir("refined")
     old = rd.refined_old(ref_id)

@@ -105,6 +105,33 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert refinement.poll_key(ctx, run.id) != key and not refinement.refined_state(ctx, run.id).stale
 
 
+def test_corrections_imported_while_a_refinement_runs_are_not_taken_as_in_its_maps(lab, tmp_path, monkeypatch):
+    import core.refinement
+
+    ctx, run = lab
+    path, name, box = _corrected_file(ctx, run, tmp_path)
+    item = next(it for it in runs.run_images(ctx, run.id) if it.name == name)
+    real = core.refinement.refine
+
+    def refine_while_a_person_imports(*args, **kwargs):     # the import lands after the job read its inputs
+        corrections.import_corrections(ctx, run.id, path)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core.refinement, "refine", refine_while_a_person_imports)
+    job = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
+    assert job.status == "done", job.error
+    assert job.metrics["corrected_images"] == 0
+    state = refinement.refined_state(ctx, run.id)
+    assert state.refinement_id == job.id and state.corrections_pending == 1 and state.stale
+    assert any("shows as predicted" in w for w in export.export_run(ctx, run.id, export.ExportOptions()).warnings)
+
+    monkeypatch.setattr(core.refinement, "refine", real)
+    again = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
+    assert again.metrics["corrected_images"] == 1 and not refinement.refined_state(ctx, run.id).stale
+    assert (views.read_segments(run.run_dir, item.position, crf=True, refined=True)[box] == 3).all()
+    corrections.remove_corrections(ctx, run.id, item.image_id)
+
+
 def test_a_cvat_style_zip_is_read_and_a_useless_file_changes_nothing(lab, tmp_path):
     ctx, run = lab
     path, name, _ = _corrected_file(ctx, run, tmp_path)
