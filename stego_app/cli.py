@@ -5,7 +5,7 @@
     python app.py images --project P | remove --project P IMAGE...
     python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
     python app.py status [RUN_ID] [--project P] [--json]
-    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|kind|confirm|import-corrections|forget-corrections ...
+    python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|kind|confirm|import-corrections|corrections|forget-corrections ...
     python app.py label RUN_ID groups|name-group|suggest|find|refine ...
     python app.py export RUN_ID [--style masks|polygons] [--include-images] [--label-studio] [--no-refined] ...
     python app.py evaluate ...
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = acts.add_parser("import-corrections", parents=[common],
                         help="import masks corrected in an annotation tool (COCO .json, or the tool's .zip)")
     a.add_argument("file", type=Path)
+    acts.add_parser("corrections", parents=[common],
+                    help="list the images with imported corrections and whether the refined maps hold them")
     a = acts.add_parser("forget-corrections", parents=[common],
                         help="forget the imported corrections of images (they stay checked)")
     a.add_argument("image_ids", type=int, nargs="+")
@@ -556,6 +558,13 @@ def cmd_label(args: argparse.Namespace) -> int:
         elif act == "import-corrections":
             from stego_app import corrections
             _out(corrections.import_corrections(ctx, rid, args.file).summary())
+            return EXIT_OK
+        elif act == "corrections":
+            from stego_app import refinement
+            found = refinement.image_corrections(ctx, rid)
+            for c in found:
+                _out(f"{c.image_id:>6}  {c.name}  {c.text}")
+            _out(f"{len(found)} image(s) of run {rid} with imported corrections")
             return EXIT_OK
         elif act == "forget-corrections":
             from stego_app import corrections

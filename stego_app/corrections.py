@@ -17,6 +17,7 @@ import logging
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -244,6 +245,52 @@ def corrected_images(ctx, run_id: int) -> dict[int, int]:
     with ctx.db.read() as s:
         rows = s.execute(select(Correction.image_id).where(Correction.run_id == run_id)).scalars()
         return dict(Counter(int(i) for i in rows))
+
+
+@dataclass(frozen=True)
+class ImageCorrections:
+    """The imported corrections of one image of a run, for people."""
+
+    image_id: int
+    name: str
+    labels: tuple[str, ...]        # label names, largest area first
+    source: str                    # the file they came from
+    imported_at: datetime
+    checked: bool                  # unchecked: kept, but refinement does not use them
+    in_maps: bool                  # the refined maps hold them (written as drawn)
+
+    @property
+    def text(self) -> str:
+        what = f"Corrected in an annotation tool ({', '.join(self.labels)}; from {self.source})"
+        if not self.checked:
+            return what + ": kept but unused while the image is unchecked."
+        if not self.in_maps:
+            return what + ": not in the refined maps yet; refine with names to write them in."
+        return what + ": the refined maps show them as drawn."
+
+
+def list_corrections(ctx, run_id: int, maps_since: float | None,
+                     image_id: int | None = None) -> list[ImageCorrections]:
+    """The run's corrected images (or the one ``image_id``), by name. ``maps_since``: when the job
+    that made the refined maps read its inputs (``refinement.inputs_time``; None: no refined maps)."""
+    with ctx.db.read() as s:
+        q = (select(Correction.image_id, Correction.source, Correction.created_at, Image.name, RunImage.confirmed,
+                    Label.name)
+             .join(Image, Image.id == Correction.image_id).join(Label, Label.id == Correction.label_id)
+             .join(RunImage, (RunImage.run_id == Correction.run_id) & (RunImage.image_id == Correction.image_id))
+             .where(Correction.run_id == run_id).order_by(Image.name, Correction.area.desc()))
+        if image_id is not None:
+            q = q.where(Correction.image_id == image_id)
+        by_image: dict[int, list] = {}
+        for row in s.execute(q).all():
+            by_image.setdefault(int(row[0]), []).append(row)
+    out = []
+    for iid, rows in by_image.items():
+        _, source, _, name, checked, _ = rows[0]
+        at = max(as_utc(r[2]) for r in rows)
+        out.append(ImageCorrections(iid, name, tuple(r[5] for r in rows), source, at, bool(checked),
+                                    maps_since is not None and at.timestamp() <= maps_since))
+    return out
 
 
 def remove_corrections(ctx, run_id: int, image_id: int) -> int:

@@ -291,6 +291,16 @@ def refined_state(ctx, run_id: int) -> RefinedState:
                         bool((meta.get("settings") or {}).get("dense", False)), pending)
 
 
+def image_corrections(ctx, run_id: int, image_id: int | None = None) -> list[corrections.ImageCorrections]:
+    """The run's corrected images (or one), each saying whether the refined maps hold its corrections."""
+    with ctx.db.read() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} does not exist")
+        run_dir = Path(run.run_dir)
+    return corrections.list_corrections(ctx, run_id, inputs_time(segmaps.refined_meta(run_dir)), image_id)
+
+
 def poll_key(ctx, run_id: int) -> list | None:
     """A cheap fingerprint of what the refine status shows (one read and one small file), for a
     page polling it: it changes when the run's naming, its latest refinement's status or progress,

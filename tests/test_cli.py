@@ -169,8 +169,13 @@ def test_script_a_whole_labelling_session(tmp_path, capsys, monkeypatch):
     assert code == 0 and "2 images corrected from" in out, err
     code, out, err = _main(capsys, "label", "1", "import-corrections", out_zip, *data)
     assert code == 2 and "nothing imported" in err and "it has no annotations" in err
+    code, out, _ = _main(capsys, "label", "1", "corrections", *data)
+    assert code == 0 and "2 image(s) of run 1 with imported corrections" in out
+    assert out.count("not in the refined maps yet; refine with names") == 2
     code, out, _ = _main(capsys, "label", "1", "forget-corrections", "1", *data)
     assert code == 0 and "of 1 image(s) forgotten" in out
+    code, out, _ = _main(capsys, "label", "1", "corrections", *data)
+    assert "1 image(s) of run 1 with imported corrections" in out
 
     code, _, err = _main(capsys, "run", "--resume", "1", *data)
     assert code == 2 and "only interrupted, failed or cancelled" in err

@@ -90,6 +90,9 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert after.refined_used and not any("corrections" in w for w in after.warnings)
     state = refinement.refined_state(ctx, run.id)
     assert state.corrections_pending == 0 and not state.stale and "up to date" in state.text
+    [shown] = refinement.image_corrections(ctx, run.id, item.image_id)
+    assert shown.in_maps and shown.labels[0] != "Pole" and "corrected.json" in shown.source
+    assert "the refined maps show them as drawn" in shown.text
     assert export.get_export(ctx, after.id).warnings == after.warnings       # read back from the record
 
     # importing the same image again replaces its corrections; removing them keeps it checked
@@ -98,6 +101,7 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert corrections.corrected_images(ctx, run.id)[item.image_id] == before
     state = refinement.refined_state(ctx, run.id)
     assert state.corrections_pending == 1 and state.stale
+    assert "not in the refined maps yet" in refinement.image_corrections(ctx, run.id)[0].text
     assert "1 image with imported corrections shows as predicted, not as corrected; refine" in state.text
     key = refinement.poll_key(ctx, run.id)
     assert corrections.remove_corrections(ctx, run.id, item.image_id) == before

@@ -204,13 +204,13 @@ def test_06_click_to_find_makes_a_new_cluster(page, db, shots):
     shoot(page, shots / "explore_find.png")
 
 
-def test_07_export_uses_the_refined_maps_and_says_so(page, db, tmp_path):
+def test_07_export_uses_the_refined_maps_and_says_so(page, db, shots, tmp_path):
     close_toasts(page)
     tab(page, "Export")
     page.locator("#btn-export").click()
     summary = page.locator("#export-summary")
     expect(summary).to_contain_text("Segment maps used: refined", timeout=120_000)
-    expect(summary).to_contain_text("refine again")            # a found cluster was added after refining
+    expect(summary).to_contain_text("made before the latest naming changes")   # a cluster was found since
     with page.expect_download() as dl:
         page.locator("#btn-download").click()
     target = tmp_path / "export.zip"
@@ -232,4 +232,25 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, tmp_path):
     expect(info).to_contain_text("12 images corrected from", timeout=60_000)
     expect(info).to_contain_text("12 images of this run have imported corrections")
     assert db("SELECT COUNT(DISTINCT image_id) FROM corrections WHERE run_id = 1")[0][0] == 12
+    assert db("SELECT COUNT(*) FROM run_images WHERE run_id = 1 AND confirmed")[0][0] == 12
+    status = page.locator("#refine-status-box")
+    expect(status).to_contain_text("12 images with imported corrections show as predicted")
+    expect(status).to_have_attribute("data-stale", "1")
+
+    # Explore says which images carry corrections; forgetting one image's keeps it checked
+    close_toasts(page)
+    tab(page, "Explore")
+    page.locator("#explore-gallery .thumbnail-item").nth(3).click()
+    expect(field(page, "explore-image")).not_to_have_value("street_1.png")
+    note = page.locator("#explore-corrections-text")
+    expect(note).to_contain_text("Corrected in an annotation tool", timeout=30_000)
+    expect(note).to_contain_text("not in the refined maps yet; refine with names")
+    settle(page)
+    shoot(page, shots / "explore_corrections.png")
+    page.locator("#btn-forget-corrections").click()
+    expect(page.locator(".toast-body").filter(has_text="forgotten; the image stays checked")).to_be_visible(
+        timeout=30_000)
+    expect(note).to_have_count(0)
+    expect(page.locator("#btn-forget-corrections")).to_be_hidden()
+    assert db("SELECT COUNT(DISTINCT image_id) FROM corrections WHERE run_id = 1")[0][0] == 11
     assert db("SELECT COUNT(*) FROM run_images WHERE run_id = 1 AND confirmed")[0][0] == 12

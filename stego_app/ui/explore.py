@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from stego_app import runs, thumbnails
+from stego_app import corrections, refinement, runs, thumbnails
 from stego_app.errors import UserError
 from stego_app.labels import annotations, mapping, views
 from stego_app.labels.views import DISPLAY_MAX_SIDE
@@ -39,6 +39,10 @@ class ExploreTab:
             self.overlay_img = gr.Image(label="Segmentation", interactive=False, elem_id="explore-overlay",
                                         show_download_button=False, height=420)
         self.legend = gr.HTML(H.legend_html([], "explore-legend-inner"), elem_id="explore-legend")
+        with gr.Row(equal_height=True):
+            self.corr_note = gr.HTML("", elem_id="explore-corrections")
+            self.forget_btn = gr.Button("Forget this image's corrections", visible=False, size="sm", scale=0,
+                                        elem_id="btn-forget-corrections")
         self.finder = FindPanel.build(self.ctx)
         self.gallery_ids = gr.State([])      # image ids in the order the gallery shows them
 
@@ -49,7 +53,7 @@ class ExploreTab:
 
     @property
     def render_outputs(self) -> list:
-        return [self.original_img, self.overlay_img, self.legend, self.confirm_cb]
+        return [self.original_img, self.overlay_img, self.legend, self.confirm_cb, self.corr_note, self.forget_btn]
 
     # ---------------------------------------------------------------- views
     def gallery_views(self, run_id, page) -> dict:
@@ -73,12 +77,21 @@ class ExploreTab:
         return {self.original_img: view.original, self.overlay_img: view.overlay,
                 self.legend: f'<div class="stego-muted" id="explore-maps" data-maps="{H.esc(maps)}">'
                              f'Showing: {H.esc(maps)}</div>' + H.legend_html(view.legend, "explore-legend-inner"),
-                self.confirm_cb: gr.update(value=bool(view.confirmed), interactive=True)}
+                self.confirm_cb: gr.update(value=bool(view.confirmed), interactive=True),
+                **self.correction_views(run_id, int(image_id))}
+
+    def correction_views(self, run_id: int, image_id: int) -> dict:
+        """Whether this image carries corrections imported from an annotation tool, and their state."""
+        found = refinement.image_corrections(self.ctx, run_id, image_id)
+        note = (f'<div class="stego-muted" id="explore-corrections-text" data-in-maps="{int(found[0].in_maps)}">'
+                f'{H.esc(found[0].text)}</div>' if found else "")
+        return {self.corr_note: note, self.forget_btn: gr.update(visible=bool(found))}
 
     def empty_render(self) -> dict:
         return {self.original_img: None, self.overlay_img: None,
                 self.legend: H.legend_html([], "explore-legend-inner"),
-                self.confirm_cb: gr.update(value=False, interactive=False)}
+                self.confirm_cb: gr.update(value=False, interactive=False),
+                self.corr_note: "", self.forget_btn: gr.update(visible=False)}
 
     # ---------------------------------------------------------------- handlers
     @guard
@@ -118,6 +131,18 @@ class ExploreTab:
         annotations.confirm_image(self.ctx, run_id, int(image_id), bool(checked))
         n = annotations.confirmed_count(self.ctx, run_id)
         gr.Info(f"{'Checked' if checked else 'Unchecked'}; {n} image{'s' if n != 1 else ''} checked in this run.")
+        return self.correction_views(run_id, int(image_id))
+
+    @guard
+    def on_forget(self, run_id, image_id):
+        run_id = H.as_id(run_id, "run")
+        image_id = H.as_id(image_id, "image")
+        if run_id is None or image_id is None:
+            raise UserError("choose an image first")
+        n = corrections.remove_corrections(self.ctx, run_id, int(image_id))
+        gr.Info(f"{n} corrected mask{'s' if n != 1 else ''} forgotten; the image stays checked. Refine with names "
+                "again to take them out of the refined maps.")
+        return self.correction_views(run_id, int(image_id))
 
     def wire(self) -> None:
         run_dd = self.app.run_dd
@@ -130,7 +155,8 @@ class ExploreTab:
         # the last thumbnail clicked wins (Gradio's default "once" drops a click made while the
         # previous one is still on its way, leaving the gallery and the image shown out of step)
         self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd], trigger_mode="always_last")
-        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], None)
+        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], [self.corr_note, self.forget_btn])
+        self.forget_btn.click(self.on_forget, [run_dd, self.image_dd], [self.corr_note, self.forget_btn])
         # opening the tab draws the image again: maps refined since it was drawn show up at once
         self.tab.select(self.on_render, [run_dd] + self.inputs, self.render_outputs, show_progress="hidden")
         self.finder.wire(guard, run_dd, self.image_dd, [self.original_img, self.overlay_img], self.inputs,
