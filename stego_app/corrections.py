@@ -28,7 +28,7 @@ from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
 from stego_app.export_files import export_file_names
-from stego_app.labels.mapping import get_done_run
+from stego_app.labels.mapping import get_done_run, prune_labels
 from stego_app.models import Cluster, Correction, Image, Label, RunImage, SeedAnnotation, utcnow
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,7 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
                 ann.confirmed = True
             report.images.append(img.name)
             report.annotations += used
+        prune_labels(s, run_id)
     log.info("run %s: %s", run_id, report.summary())
     return report
 
@@ -258,6 +259,7 @@ class ImageCorrections:
     imported_at: datetime
     checked: bool                  # unchecked: kept, but refinement does not use them
     in_maps: bool                  # the refined maps hold them (written as drawn)
+    unnamed: tuple[str, ...] = ()  # labels of these masks that no cluster carries now (kept, unused)
 
     @property
     def text(self) -> str:
@@ -265,8 +267,14 @@ class ImageCorrections:
         if not self.checked:
             return what + ": kept but unused while the image is unchecked."
         if not self.in_maps:
-            return what + ": not in the refined maps yet; refine with names to write them in."
-        return what + ": the refined maps show them as drawn."
+            text = what + ": not in the refined maps yet; refine with names to write them in."
+        else:
+            text = what + ": the refined maps show them as drawn."
+        if self.unnamed:
+            names = " or ".join(repr(n) for n in self.unnamed)
+            text += (f" No cluster is named {names} now: those masks are kept, unused, "
+                     "until a cluster carries the name again.")
+        return text
 
 
 def list_corrections(ctx, run_id: int, maps_since: float | None,
@@ -274,8 +282,9 @@ def list_corrections(ctx, run_id: int, maps_since: float | None,
     """The run's corrected images (or the one ``image_id``), by name. ``maps_since``: when the job
     that made the refined maps read its inputs (``refinement.inputs_time``; None: no refined maps)."""
     with ctx.db.read() as s:
+        carried = set(s.scalars(select(Cluster.label_id).where(Cluster.run_id == run_id)))
         q = (select(Correction.image_id, Correction.source, Correction.created_at, Image.name, RunImage.confirmed,
-                    Label.name)
+                    Label.name, Correction.label_id)
              .join(Image, Image.id == Correction.image_id).join(Label, Label.id == Correction.label_id)
              .join(RunImage, (RunImage.run_id == Correction.run_id) & (RunImage.image_id == Correction.image_id))
              .where(Correction.run_id == run_id).order_by(Image.name, Correction.area.desc()))
@@ -286,10 +295,11 @@ def list_corrections(ctx, run_id: int, maps_since: float | None,
             by_image.setdefault(int(row[0]), []).append(row)
     out = []
     for iid, rows in by_image.items():
-        _, source, _, name, checked, _ = rows[0]
+        _, source, _, name, checked, _, _ = rows[0]
         at = max(as_utc(r[2]) for r in rows)
         out.append(ImageCorrections(iid, name, tuple(r[5] for r in rows), source, at, bool(checked),
-                                    maps_since is not None and at.timestamp() <= maps_since))
+                                    maps_since is not None and at.timestamp() <= maps_since,
+                                    tuple(r[5] for r in rows if r[6] not in carried)))
     return out
 
 
@@ -301,6 +311,7 @@ def remove_corrections(ctx, run_id: int, image_id: int) -> int:
             raise NotFound(f"image {image_id} is not part of run {run_id}")
         n = s.execute(delete(Correction).where(Correction.run_id == run_id,
                                                Correction.image_id == image_id)).rowcount or 0
+        prune_labels(s, run_id)          # a label kept only for these corrections goes with them
     return int(n)
 
 

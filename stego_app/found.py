@@ -27,7 +27,7 @@ from stego_app import edit_versions, segmaps
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping
-from stego_app.models import RUN_DONE, Cluster, Image, Label, Run, RunImage
+from stego_app.models import RUN_DONE, Cluster, Image, Run, RunImage
 from stego_app.render import palette_colour
 from stego_app.thumbnails import load_rgb_fit
 
@@ -253,10 +253,8 @@ def remove_cluster(ctx, run_id: int, cluster_index: int) -> list[mapping.Cluster
         if row is not None:
             s.delete(row)
             s.flush()
-        if label_id is not None and s.scalars(select(Cluster).where(Cluster.label_id == label_id)).first() is None:
-            lab = s.get(Label, label_id)
-            if lab is not None:
-                s.delete(lab)
+        if label_id is not None:
+            mapping.prune_labels(s, run_id)          # its label goes unless corrections still use it
         run.mapping_version += 1
         _write_found(run_dir, [e for e in entries if int(e["index"]) != int(cluster_index)])
     RunDir(run_dir).found_sims(int(cluster_index)).unlink(missing_ok=True)

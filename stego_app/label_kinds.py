@@ -16,7 +16,7 @@ from sqlalchemy import select
 from stego_app import edit_versions
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.models import Label, Run
+from stego_app.models import Cluster, Label, Run
 
 KINDS = ("thing", "stuff", "auto")      # auto = guessed from the name
 
@@ -89,7 +89,8 @@ def label_kinds(ctx, run_id: int) -> list[LabelKind]:
     with ctx.db.read() as s:
         if s.get(Run, run_id) is None:
             raise NotFound(f"run {run_id} does not exist")
-        rows = s.scalars(select(Label).where(Label.run_id == run_id)).all()
+        rows = s.scalars(select(Label).join(Cluster, Cluster.label_id == Label.id)
+                         .where(Label.run_id == run_id).distinct()).all()      # not those kept for corrections
         return sorted((_kind(lab) for lab in rows), key=lambda k: k.name.lower())
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from stego_app import corrections, export, refinement, runs
+from stego_app import corrections, export, label_kinds, refinement, runs
 from stego_app.coco import decode_rle, encode_rle
 from stego_app.errors import UserError
 from stego_app.labels import mapping, views
-from stego_app.models import Correction, RunImage
+from stego_app.models import Correction, Label, RunImage
 from tests.conftest import make_finished_run
 
 QUICK = dict(steps=60, hidden=16, batch_size=256)
@@ -175,3 +175,41 @@ def test_exports_recorded_before_the_stale_reasons_still_say_why_their_maps_were
     assert any("made before the latest naming changes" in w for w in old)
     assert any("2 images with imported corrections show as predicted" in w for w in old)
     assert export._warnings({"refined_stale": False, "corrections_pending": 0}) == ()
+
+
+def test_unnaming_a_corrected_label_keeps_its_masks_until_the_name_comes_back(tmp_path):
+    ctx, run = make_finished_run(tmp_path / "run", n_clusters=6)
+    mapping.merge_clusters(ctx, run.id, [0, 1], "ground")
+    mapping.name_cluster(ctx, run.id, 2, "sky")
+    mapping.name_cluster(ctx, run.id, 3, "tree")
+    path, name, _ = _corrected_file(ctx, run, tmp_path)
+    corrections.import_corrections(ctx, run.id, path)
+    item = next(it for it in runs.run_images(ctx, run.id) if it.name == name)
+
+    def stored() -> dict[str, int]:
+        with ctx.db.read() as s:
+            return {c.label.name: c.area for c in s.scalars(select(Correction).where(Correction.run_id == run.id))}
+    before = stored()
+    sky_colour = next(c.colour for c in mapping.list_clusters(ctx, run.id) if c.index == 2)
+    assert {"sky", "tree", "ground"} <= set(before)
+
+    mapping.ignore_cluster(ctx, run.id, 2)               # the person ignores sky after importing
+    mapping.name_cluster(ctx, run.id, 3, "ground")        # and folds tree into ground
+    assert stored() == before                             # the drawn masks are not lost
+    assert {k.name for k in label_kinds.label_kinds(ctx, run.id)} == {"ground"}
+    assert not {"sky", "tree"} & {e.name for e in mapping.legend(ctx, run.id)}
+    (note,) = refinement.image_corrections(ctx, run.id, item.image_id)
+    assert "No cluster is named 'sky' or 'tree' now" in note.text or "No cluster is named 'tree' or 'sky'" in note.text
+
+    mapping.name_cluster(ctx, run.id, 2, "Sky")          # naming a cluster so again brings them back
+    assert next(c.colour for c in mapping.list_clusters(ctx, run.id) if c.index == 2) == sky_colour
+    (note,) = refinement.image_corrections(ctx, run.id, item.image_id)
+    assert "'Sky'" not in note.text and "'tree'" in note.text
+    job = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
+    assert job.status == "done" and job.metrics["corrected_images"] == 1
+
+    corrections.remove_corrections(ctx, run.id, item.image_id)
+    with ctx.db.read() as s:                             # the label kept only for them goes with them
+        assert s.scalar(select(func.count()).select_from(Label).where(Label.run_id == run.id,
+                                                                      Label.name == "tree")) == 0
+    ctx.close()

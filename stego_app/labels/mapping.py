@@ -21,7 +21,7 @@ from core.rundir import RunDir
 from stego_app import edit_versions
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
-from stego_app.models import RUN_DONE, Cluster, Label, Run
+from stego_app.models import RUN_DONE, Cluster, Correction, Label, Run
 from stego_app.projects import clean_name
 from stego_app.render import IGNORED_COLOUR, first_free_colour, normalise_hex
 
@@ -109,6 +109,21 @@ def _display_colours(clusters: Sequence[Cluster], labels: dict[int, Label]) -> d
         out[c.index] = colour
         used.add(colour)
     return out
+
+
+def corrected_label_ids(s, run_id: int) -> set[int]:
+    """Labels that imported corrections of the run use (kept even when no cluster carries them)."""
+    return set(s.scalars(select(Correction.label_id).where(Correction.run_id == run_id).distinct()))
+
+
+def prune_labels(s, run_id: int) -> None:
+    """Delete the run's labels that no cluster carries and no correction uses any more."""
+    carried = set(s.scalars(select(Cluster.label_id).where(Cluster.run_id == run_id,
+                                                           Cluster.label_id.is_not(None))))
+    keep = carried | corrected_label_ids(s, run_id)
+    for lab in s.scalars(select(Label).where(Label.run_id == run_id)).all():
+        if lab.id not in keep:
+            s.delete(lab)
 
 
 def snapshot(s, run: Run) -> Mapping:
@@ -222,10 +237,14 @@ class _Edit:
             cluster.ignored = False
 
     def finish(self) -> list[ClusterInfo]:
-        """Delete empty labels, colour a new label, bump the version, return the mapping."""
+        """Delete empty labels, colour a new label, bump the version, return the mapping.
+
+        A label no cluster carries any more is kept while imported corrections use it (their
+        masks stay, unused, and naming a cluster with that name again brings them back)."""
         self.s.flush()
         in_use = {c.label_id for c in self.clusters.values() if c.label_id is not None}
-        emptied = [lab for lid, lab in self.labels.items() if lid not in in_use]
+        kept = corrected_label_ids(self.s, self.run_id)
+        emptied = [lab for lid, lab in self.labels.items() if lid not in in_use and lid not in kept]
         pending = self._new_colour_for
         for lab in emptied:
             self.s.delete(lab)
@@ -331,7 +350,9 @@ def set_label_colour(ctx, run_id: int, label_name: str, colour: str) -> list[Clu
         label = e.label_named(" ".join((label_name or "").split()))
         if label is None:
             raise NotFound(f"run {run_id} has no label named {label_name!r}")
-        clash = next((lab for lab in e.labels.values() if lab.id != label.id and lab.colour == colour), None)
+        in_use = {c.label_id for c in e.clusters.values()}
+        clash = next((lab for lab in e.labels.values()
+                      if lab.id != label.id and lab.id in in_use and lab.colour == colour), None)
         if clash is not None:
             raise UserError(f"{colour} is already the colour of {clash.name!r}")
         label.colour = colour
