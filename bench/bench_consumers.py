@@ -5,7 +5,10 @@
 Makes the exports (bench/consumers_make_exports.py, this interpreter), then runs
 bench/consumers/check_datumaro.py with PyPI Datumaro (venv dm) and CVAT's fork (venv cvatdm)
 and the way back (bench/consumers/edit_with_datumaro.py corrects two images in Datumaro, venv dm,
-and bench/consumers/check_corrections.py imports that COCO zip into the run, this interpreter),
+and bench/consumers/check_corrections.py imports that COCO zip into the run, this interpreter; and
+bench/consumers/label_studio_back.py, venv lssdk with label-studio-sdk, writes Label Studio's JSON
+export and its COCO converter's output of edited tasks, which bench/consumers/check_ls_corrections.py
+imports),
 and bench/consumers/check_label_studio.py with a real Label Studio server (venv ls), and,
 with ``--panopticapi CHECKOUT``, bench/consumers/check_panoptic.py (panopticapi's pq_compute,
 this interpreter), and, with ``--fiftyone``, bench/consumers/check_fiftyone.py (FiftyOne's COCO
@@ -41,6 +44,16 @@ def _corrections(python: Path, work: Path) -> dict:
                                          str(work / "edit.json"))}
 
 
+def _ls_corrections(python: Path, work: Path) -> dict:
+    """The way back from Label Studio: its JSON export and its COCO converter's output, imported."""
+    made = _run(python, "label_studio_back.py", str(work / "exports.json"), str(work))
+    if not made.get("ok"):
+        return {"ok": False, "made": made}
+    (work / "ls_back.json").write_text(json.dumps(made))
+    return {"made": made, "import": _run(Path(sys.executable), "check_ls_corrections.py", str(work),
+                                         str(work / "ls_back.json"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--venvs", type=Path, default=Path("/work/venvs"))
@@ -54,7 +67,8 @@ def main() -> None:
     p.add_argument("--skip-datumaro", action="store_true")
     p.add_argument("--skip-label-studio", action="store_true")
     p.add_argument("--corrections-only", action="store_true",
-                   help="only the way back through Datumaro (venv dm), e.g. with --out bench/results/"
+                   help="only the way back through Datumaro (venv dm) and Label Studio's exporters (venv "
+                        "lssdk), e.g. with --out bench/results/"
                         "consumers_corrections.json")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON (default bench/results/consumers.json)")
     a = p.parse_args()
@@ -65,6 +79,7 @@ def main() -> None:
     result = {}
     if a.corrections_only:
         result["corrections_from_datumaro"] = _corrections(a.venvs / "dm/bin/python", work)
+        result["corrections_from_label_studio"] = _ls_corrections(a.venvs / "lssdk/bin/python", work)
     elif not a.skip_datumaro:
         result["datumaro_pypi"] = _run(a.venvs / "dm/bin/python", "check_datumaro.py", exports)
         result["datumaro_cvat_fork"] = _run(a.venvs / "cvatdm/bin/python", "check_datumaro.py", exports)

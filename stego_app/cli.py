@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("image_ids", type=int, nargs="+")
     a.add_argument("--undo", action="store_true")
     a = acts.add_parser("import-corrections", parents=[common],
-                        help="import masks corrected in an annotation tool (COCO .json, or the tool's .zip)")
+                        help="import masks corrected in an annotation tool (COCO .json, the tool's .zip, "
+                             "or Label Studio's JSON export)")
     a.add_argument("file", type=Path)
     acts.add_parser("corrections", parents=[common],
                     help="list the images with imported corrections and whether the refined maps hold them")

@@ -5,8 +5,12 @@ any COCO tool, export those as COCO and import the file here. Each corrected ima
 checked, its masks are stored (``models.Correction``), and *Refine with names* then trains on
 them as true seeds and writes them into the refined maps (exports use those).
 
+Also read: Label Studio's JSON export (``label_studio.tasks_to_coco``: each task's latest
+annotation, brush, polygon and rectangle regions).
+
 Matching: an image by its ``file_name`` (the name the app's export gave it, or its ingested
-name, compared without folders when that is unambiguous) and its size; a category by its name
+name, also with leading folders dropped, and by the file name alone or without an annotation
+tool's prefix when that is unambiguous) and its size; a category by its name
 (case-insensitive) to a label of the run that some cluster carries. Whatever does not match is
 reported and left out; the file is refused whole only when nothing in it can be used.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,12 +29,13 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, func, select
 
+from stego_app import label_studio
 from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
 from stego_app.export_files import export_file_names
 from stego_app.labels.mapping import get_done_run, prune_labels
-from stego_app.models import Cluster, Correction, Image, Label, RunImage, SeedAnnotation, utcnow
+from stego_app.models import Cluster, Correction, Export, Image, Label, RunImage, SeedAnnotation, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +114,12 @@ def read_coco(path: Path) -> tuple[dict[str, Any], str]:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path.name} is not a JSON file ({exc}); give the COCO .json or the tool's .zip") from None
+    if label_studio.is_tasks_export(data):
+        return label_studio.tasks_to_coco(data), f"{path.name} (Label Studio JSON)"
     if not _is_instances(data):
-        raise UserError(f"{path.name} is not a COCO instances file: it needs 'images', 'annotations' and "
-                        "'categories' lists (a COCO panoptic file is not read; export instances)")
+        raise UserError(f"{path.name} is neither a COCO instances file ('images', 'annotations' and "
+                        "'categories' lists; a COCO panoptic file is not read, export instances) nor "
+                        "Label Studio's JSON export (a list of tasks with 'data' and 'annotations')")
     return data, path.name
 
 
@@ -146,17 +155,60 @@ def _run_labels(s, run_id: int) -> dict[str, Label]:
     return {lab.name.strip().casefold(): lab for lab in rows}
 
 
-def _image_names(s, run_id: int) -> tuple[dict[str, tuple[RunImage, Image]], dict[str, list]]:
+@dataclass
+class _Names:
+    """The names a corrected file may give a run's images, each -> (RunImage, Image)."""
+
+    exact: dict[str, tuple[RunImage, Image]]            # export name or ingested name, case-folded
+    base: dict[str, dict[int, tuple[RunImage, Image]]]  # file name alone -> image id -> the image
+    copied: dict[str, tuple[RunImage, Image]]           # Label Studio's "<md5 of URL>__name" copies
+
+
+def _image_names(s, run_id: int) -> _Names:
     rows = s.execute(select(RunImage, Image).join(Image, RunImage.image_id == Image.id)
                      .where(RunImage.run_id == run_id)).all()
     exported = export_file_names((img.id, img.name) for _, img in rows)
-    exact: dict[str, tuple[RunImage, Image]] = {}
-    base: dict[str, list] = {}
+    prefixes = {label_studio.DEFAULT_IMAGE_PREFIX}
+    for options in s.scalars(select(Export.options).where(Export.run_id == run_id)):
+        if isinstance(options, dict) and isinstance(options.get("ls_image_prefix"), str):
+            prefixes.add(options["ls_image_prefix"])
+    names = _Names({}, {}, {})
     for ri, img in rows:
         for name in {exported[img.id], img.name}:
-            exact[name.casefold()] = (ri, img)
-            base.setdefault(PurePosixPath(name.replace("\\", "/")).name.casefold(), []).append((ri, img))
-    return exact, base
+            names.exact[name.casefold()] = (ri, img)
+            names.base.setdefault(PurePosixPath(name.replace("\\", "/")).name.casefold(), {})[img.id] = (ri, img)
+        for prefix in prefixes:
+            copied = label_studio.copied_file_name(label_studio.image_url(prefix, exported[img.id]))
+            names.copied[copied.casefold()] = (ri, img)
+    return names
+
+
+# Label Studio names the files of its exports "<8 hex>__name" (a local file it copied) or
+# "<8 hex>-name" (an upload)
+_TOOL_PREFIX = re.compile(r"^[0-9a-f]{8}(__|-)", re.IGNORECASE)
+
+
+def _lookup(name: str, size: tuple[int, int], names: _Names) -> tuple[RunImage, Image] | None:
+    """The run image a file name in the corrected file means: the name itself, or with its leading
+    folders dropped one by one (``images/a/b.png``, ``/data/upload/3/b.png``); a Label Studio copy
+    of a task's image (``images/<md5 of its URL>__b.png``); else its file name alone, or without an
+    annotation tool's prefix, when exactly one image of the run (of that size) has it."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    for k in range(max(len(parts) - 1, 1)):        # the last part alone only when it is the whole name
+        hit = names.exact.get("/".join(parts[k:]).casefold())
+        if hit is not None:
+            return hit
+    if not parts:
+        return None
+    if (hit := names.copied.get(parts[-1].casefold())) is not None:
+        return hit
+    for key in dict.fromkeys([parts[-1], _TOOL_PREFIX.sub("", parts[-1])]):
+        same = list(names.base.get(key.casefold(), {}).values())
+        if len(same) > 1:
+            same = [(ri, img) for ri, img in same if (img.width, img.height) == size]
+        if len(same) == 1:
+            return same[0]
+    return None
 
 
 def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
@@ -175,7 +227,7 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
     with ctx.db.write() as s:
         get_done_run(s, run_id, lock=True)
         labels = _run_labels(s, run_id)
-        exact, base = _image_names(s, run_id)
+        names = _image_names(s, run_id)
         unknown_cats: Counter = Counter()
         plans: list[tuple[RunImage, Image, dict[int, np.ndarray], int]] = []
         for entry in data["images"]:
@@ -186,10 +238,7 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
             if not anns:
                 report.without_annotations += 1
                 continue
-            hit = exact.get(name.casefold())
-            if hit is None:
-                same = base.get(PurePosixPath(name.replace("\\", "/")).name.casefold(), [])
-                hit = same[0] if len(same) == 1 else None
+            hit = _lookup(name, (_int(entry.get("width"), -1), _int(entry.get("height"), -1)), names)
             if hit is None:
                 report.unknown_images.append(name)
                 continue

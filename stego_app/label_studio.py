@@ -7,20 +7,22 @@
 - `brush_result` / `polygon_results`: prediction results (`brushlabels`, `polygonlabels`
   with points in percent of the image size);
 - `label_config`: the `<View>` XML with the label names and colours;
-- `TasksWriter`: streams tasks.json (a list of tasks), one image at a time.
+- `TasksWriter`: streams tasks.json (a list of tasks), one image at a time;
+- `tasks_to_coco`: the way back, Label Studio's JSON export (corrected annotations) as COCO.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, unquote, urlparse
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from stego_app.coco import _dumps
+from stego_app.coco import _dumps, encode_rle, polygons_to_mask
 
 REGION_KINDS = ("brush", "polygons")
 FROM_NAME = {"brush": "brush", "polygons": "polygon"}   # tag names in the labelling config
@@ -116,6 +118,13 @@ def image_url(prefix: str, file_name: str) -> str:
     return f"{prefix}{quote(file_name, safe='/')}"
 
 
+def copied_file_name(url: str) -> str:
+    """The name Label Studio gives a task's local file when its COCO / YOLO export copies it into
+    images/: the first 8 hex digits of the URL's MD5, two underscores, the file's own name."""
+    path = parse_qs(urlparse(url).query).get("d", [unquote(urlparse(url).path)])[-1]
+    return hashlib.md5(url.encode(), usedforsecurity=False).hexdigest()[:8] + "__" + os.path.basename(path)
+
+
 def brush_result(result_id: str, name: str, mask: np.ndarray) -> dict[str, Any]:
     h, w = mask.shape
     return {"id": result_id, "type": "brushlabels", "from_name": FROM_NAME["brush"], "to_name": TO_NAME,
@@ -179,3 +188,77 @@ class TasksWriter:
         if not self._f.closed:
             self._f.close()
         self._partial.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- reading Label Studio's JSON export
+
+REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
+
+
+def is_tasks_export(data: Any) -> bool:
+    """Label Studio's JSON export: a list of tasks, each with 'data' and 'annotations'."""
+    return (isinstance(data, list) and bool(data) and all(isinstance(t, dict) for t in data[:10])
+            and any("annotations" in t and isinstance(t.get("data"), dict) for t in data[:10]))
+
+
+def task_file_name(data: dict[str, Any]) -> str:
+    """The image path a task points at: the ``d`` of a local-files URL (``images/a/b.png``), else the
+    URL's path (``/data/upload/3/5e1a2b3c-b.png``); the 'image' field first, else the first string."""
+    url = data.get("image") if isinstance(data.get("image"), str) else next(
+        (v for v in data.values() if isinstance(v, str)), "")
+    parsed = urlparse(url)
+    local = parse_qs(parsed.query).get("d")
+    return local[-1] if local else unquote(parsed.path)
+
+
+def _latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
+    done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    return max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0),
+               default=None)
+
+
+def _region_mask(result: dict[str, Any], height: int, width: int) -> np.ndarray:
+    value, kind = result["value"], result["type"]
+    if kind == "brushlabels":
+        if value.get("format", "rle") != "rle":
+            raise ValueError(f"brush format {value.get('format')!r}")
+        return decode_brush_rle(value["rle"], height, width)
+    if kind == "polygonlabels":
+        flat = [c for x, y in value["points"] for c in (float(x) * width / 100.0, float(y) * height / 100.0)]
+        return polygons_to_mask([flat], height, width).astype(bool)
+    if float(value.get("rotation") or 0) != 0:
+        raise ValueError("rotated rectangle")
+    x0, y0 = float(value["x"]) * width / 100.0, float(value["y"]) * height / 100.0
+    x1, y1 = x0 + float(value["width"]) * width / 100.0, y0 + float(value["height"]) * height / 100.0
+    box = [x0, y0, x1, y0, x1, y1, x0, y1]
+    return polygons_to_mask([box], height, width).astype(bool)
+
+
+def tasks_to_coco(tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Label Studio's JSON export -> a COCO instances dict (RLE masks) of each task's latest
+    annotation that was not cancelled: brush, polygon and unrotated rectangle regions; predictions
+    (the pre-labels) are not read. A region it cannot read gets a segmentation of None."""
+    images, annotations, categories = [], [], {}
+    for n, task in enumerate(tasks):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            continue
+        ann = _latest_annotation(task)
+        results = [r for r in (ann or {}).get("result") or []
+                   if isinstance(r, dict) and r.get("type") in REGION_TYPES and isinstance(r.get("value"), dict)]
+        size = next(((int(r["original_width"]), int(r["original_height"])) for r in results
+                     if "original_width" in r and "original_height" in r), (None, None))
+        images.append({"id": n, "file_name": task_file_name(task["data"]), "width": size[0], "height": size[1]})
+        for r in results:
+            names = r["value"].get(r["type"]) or []
+            if not names or size[0] is None:
+                continue
+            cat = categories.setdefault(str(names[0]), len(categories) + 1)
+            try:
+                m = _region_mask(r, size[1], size[0])
+                seg, area = encode_rle(m), int(m.sum())
+            except (KeyError, ValueError, TypeError, IndexError):
+                seg, area = None, 0
+            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": cat,
+                                "segmentation": seg, "area": area, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": name} for name, i in categories.items()]}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +156,7 @@ def test_a_cvat_style_zip_is_read_and_a_useless_file_changes_nothing(lab, tmp_pa
     with pytest.raises(UserError, match="not a JSON file"):
         corrections.import_corrections(ctx, run.id, bad)
     bad.write_text(json.dumps({"images": [], "annotations": []}))
-    with pytest.raises(UserError, match="not a COCO instances file"):
+    with pytest.raises(UserError, match="neither a COCO instances file .* nor Label Studio.s JSON export"):
         corrections.import_corrections(ctx, run.id, bad)
     only_unknown = json.loads(path.read_text())
     only_unknown["annotations"] = [a for a in only_unknown["annotations"] if a["category_id"] == 999]
@@ -213,3 +214,82 @@ def test_unnaming_a_corrected_label_keeps_its_masks_until_the_name_comes_back(tm
         assert s.scalar(select(func.count()).select_from(Label).where(Label.run_id == run.id,
                                                                       Label.name == "tree")) == 0
     ctx.close()
+
+
+def _ls_export(ctx, run, regions):
+    info = export.export_run(ctx, run.id, export.ExportOptions(style="masks", label_studio=True,
+                                                                ls_regions=regions))
+    tasks = json.loads(info.label_studio_tasks.read_text())
+    coco = json.loads(info.json_path.read_text())
+    return tasks, coco
+
+
+def test_label_studio_json_export_comes_back_as_corrections(lab, tmp_path):
+    """A team imports the Label Studio tasks, fixes the predictions and exports Label Studio JSON."""
+    from stego_app import label_studio
+
+    ctx, run = lab
+    tasks, coco = _ls_export(ctx, run, "brush")
+    first, second, third = tasks[0], tasks[1], tasks[2]
+    h, w = first["predictions"][0]["result"][0]["original_height"], first["predictions"][0]["result"][0]["original_width"]
+    drawn = np.zeros((h, w), bool)
+    drawn[5:25, 10:40] = True
+    kept = [r for r in first["predictions"][0]["result"] if r["value"]["brushlabels"] != ["sky"]]
+    first["annotations"] = [{"id": 7, "was_cancelled": False, "updated_at": "2026-12-04T10:00:00Z",
+                             "result": kept + [label_studio.brush_result("new", "tree", drawn)]}]
+    second["annotations"] = [{"id": 8, "was_cancelled": True, "updated_at": "2026-12-04T10:00:00Z",
+                              "result": [label_studio.brush_result("x", "tree", np.ones((h, w), bool))]}]
+    third["annotations"] = [   # edited twice: the later annotation is the one that counts
+        {"id": 9, "was_cancelled": False, "updated_at": "2026-12-04T09:00:00Z",
+         "result": [label_studio.brush_result("old", "sky", np.ones((h, w), bool))]},
+        {"id": 10, "was_cancelled": False, "updated_at": "2026-12-04T11:00:00Z",
+         "result": [label_studio.brush_result("new", "tree", drawn)]}]
+    path = tmp_path / "project-1-at-2026-12-04.json"
+    path.write_text(json.dumps(tasks))
+
+    report = corrections.import_corrections(ctx, run.id, path)
+    assert report.source.endswith("(Label Studio JSON)") and not report.problems()
+    ids = {"images/" + img["file_name"]: img["id"] for img in coco["images"]}
+    one, three = (ids[label_studio.task_file_name(t["data"])] for t in (first, third))
+    with ctx.db.read() as s:
+        got: dict[int, dict[str, np.ndarray]] = {}
+        for c in s.scalars(select(Correction).where(Correction.run_id == run.id)):
+            got.setdefault(c.image_id, {})[c.label.name] = decode_rle(c.rle).astype(bool)
+    assert set(got) == {one, three} and len(report.images) == 2          # the cancelled one is not read
+    assert "sky" not in got[one] and np.array_equal(got[one]["tree"] & drawn, drawn)
+    assert set(got[three]) == {"tree"} and np.array_equal(got[three]["tree"], drawn)   # the later annotation
+    for image_id in got:
+        corrections.remove_corrections(ctx, run.id, image_id)
+
+
+def test_label_studio_polygons_and_its_coco_file_names_are_matched(lab, tmp_path):
+    ctx, run = lab
+    tasks, coco = _ls_export(ctx, run, "polygons")
+    task = tasks[0]
+    task["annotations"] = [{"id": 1, "was_cancelled": False, "result": task["predictions"][0]["result"]}]
+    path = tmp_path / "ls.json"
+    path.write_text(json.dumps([task]))
+    report = corrections.import_corrections(ctx, run.id, path)
+    name = coco["images"][0]["file_name"]
+    assert report.images == [name] and report.annotations == len(task["predictions"][0]["result"])
+    items = {it.name: it.image_id for it in runs.run_images(ctx, run.id)}
+    truth = {}
+    for a in coco["annotations"]:
+        if a["image_id"] == coco["images"][0]["id"]:
+            cat = next(c["name"] for c in coco["categories"] if c["id"] == a["category_id"])
+            truth[cat] = truth.get(cat, False) | decode_rle(a["segmentation"]).astype(bool)
+    with ctx.db.read() as s:
+        got = {c.label.name: decode_rle(c.rle).astype(bool) for c in s.scalars(
+            select(Correction).where(Correction.run_id == run.id, Correction.image_id == items[name]))}
+    assert set(got) == set(truth)
+    for cat, m in truth.items():          # polygons through percent coordinates: the masks, up to their edges
+        assert (got[cat] & m).sum() / (got[cat] | m).sum() > 0.9, cat
+
+    # Label Studio's own COCO export names the files it copied "images/<8 hex>__<name>"
+    one = export.export_run(ctx, run.id, export.ExportOptions(style="polygons"))
+    ls_coco = json.loads(one.json_path.read_text())
+    ls_coco["images"] = [dict(ls_coco["images"][0], file_name=f"images/1a2b3c4d__{Path(name).name}")]
+    ls_coco["annotations"] = [a for a in ls_coco["annotations"] if a["image_id"] == ls_coco["images"][0]["id"]]
+    (tmp_path / "result.json").write_text(json.dumps(ls_coco))
+    assert corrections.import_corrections(ctx, run.id, tmp_path / "result.json").images == [name]
+    corrections.remove_corrections(ctx, run.id, items[name])

@@ -377,10 +377,11 @@ class RefinePanel:
             resume_btn = gr.Button("Resume refinement", elem_id="btn-refine-resume", interactive=False)
         with gr.Accordion("Import corrected annotations", open=False, elem_id="corrections"):
             gr.Markdown("Correct a few exported images in your annotation tool (CVAT, Label Studio, any COCO "
-                        "tool), export them as COCO and import the file here: those images become checked, and "
+                        "tool), export them as COCO (from Label Studio also its JSON export) and import the file "
+                        "here: those images become checked, and "
                         "the next refinement learns from them and keeps them as drawn. Categories are matched "
                         "to this run's label names, images to their file names.")
-            corr_file = gr.File(label="COCO instances .json, or the tool's .zip", file_types=[".json", ".zip"],
+            corr_file = gr.File(label="COCO instances .json, the tool's .zip, or Label Studio JSON", file_types=[".json", ".zip"],
                                 file_count="single", elem_id="corrections-file", height=140)
             corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections")
             corr_info = gr.Markdown("", elem_id="corrections-info")
