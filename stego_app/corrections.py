@@ -57,15 +57,17 @@ class CorrectionReport:
     without_annotations: int = 0                              # images in the file with none of their own
 
     def summary(self) -> str:
-        done = (f"{len(self.images)} image{'s' if len(self.images) != 1 else ''} corrected from {self.source} "
+        one = len(self.images) == 1
+        done = (f"{len(self.images)} image{'' if one else 's'} corrected from {self.source} "
                 f"({self.annotations} annotation{'s' if self.annotations != 1 else ''}); "
-                "they are checked now and Refine with names uses them")
+                f"{'it is' if one else 'they are'} checked now and Refine with names uses {'it' if one else 'them'}")
         return "; ".join([done, *self.problems()]) + "."
 
     def problems(self) -> list[str]:
         parts = []
         if self.unknown_categories:
-            cats = ", ".join(f"'{n}' ({k})" for n, k in sorted(self.unknown_categories.items()))
+            cats = ", ".join(f"'{n}' ({k} annotation{'s' if k != 1 else ''})"
+                             for n, k in sorted(self.unknown_categories.items()))
             parts.append(f"left out, no label of that name in this run: {cats} (name a cluster or find it "
                          "with that name, then import again)")
         if self.unknown_images:
@@ -290,6 +292,13 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
     return report
 
 
+def corrected_label_names(ctx, run_id: int) -> set[str]:
+    """Names of the run's labels that imported corrections use."""
+    with ctx.db.read() as s:
+        return set(s.scalars(select(Label.name).join(Correction, Correction.label_id == Label.id)
+                             .where(Correction.run_id == run_id).distinct()))
+
+
 def corrected_images(ctx, run_id: int) -> dict[int, int]:
     """image id -> number of corrected label masks, for the run's images that have any."""
     with ctx.db.read() as s:
@@ -321,7 +330,7 @@ class ImageCorrections:
             text = what + ": the refined maps show them as drawn."
         if self.unnamed:
             names = " or ".join(repr(n) for n in self.unnamed)
-            text += (f" No cluster is named {names} now: those masks are kept, unused, "
+            text += (f" No cluster is named {names} now: refinement leaves those masks out (they are kept) "
                      "until a cluster carries the name again.")
         return text
 

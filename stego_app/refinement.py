@@ -301,6 +301,20 @@ def image_corrections(ctx, run_id: int, image_id: int | None = None) -> list[cor
     return corrections.list_corrections(ctx, run_id, inputs_time(segmaps.refined_meta(run_dir)), image_id)
 
 
+def forget_corrections(ctx, run_id: int, image_id: int) -> str:
+    """Delete one image's imported corrections (it stays checked); says what was forgotten."""
+    before = image_corrections(ctx, run_id, image_id)
+    corrections.remove_corrections(ctx, run_id, image_id)
+    if not before:
+        return "This image had no imported corrections."
+    c = before[0]
+    text = (f"Corrections forgotten ({', '.join(c.labels)}; from {c.source}); the image stays checked. "
+            "Import the file again to bring them back.")
+    if c.in_maps:
+        text += " Refine with names again to take them out of the refined maps."
+    return text
+
+
 def poll_key(ctx, run_id: int) -> list | None:
     """A cheap fingerprint of what the refine status shows (one read and one small file), for a
     page polling it: it changes when the run's naming, its latest refinement's status or progress,

@@ -6,6 +6,7 @@ done by stego_app.worker.RunWorker in a background thread.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -145,6 +146,13 @@ def start_run(ctx, project_id: int, params: RunSettings | None = None) -> RunInf
         if params.steps is None:          # scaled with the corpus; the run records the number used
             items = len(usable) * (5 if params.crop_mode == "five" else 1)
             params = params.replace(steps=auto_steps(items))
+        same = s.scalars(select(Run).where(Run.project_id == project_id, Run.status.in_(RUN_ACTIVE),
+                                           Run.n_images == len(usable)).order_by(Run.id)).all()
+        wanted = json.loads(json.dumps(params.to_dict()))          # as stored (tuples become lists)
+        twin = next((r for r in same if r.params == wanted), None)
+        if twin is not None:               # a double click, or a second tab, must not train twice
+            raise UserError(f"run {twin.id} with the same settings on these {len(usable)} images is already "
+                            f"{twin.status}; wait for it or cancel it, or change a setting to start another")
         run = Run(project_id=project_id, status=RUN_QUEUED, params=params.to_dict(),
                   backbone=params.backbone, n_images=len(usable), owner=worker.owner,
                   heartbeat_at=utcnow(), history=[], timings={}, metrics={})

@@ -70,7 +70,7 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert report.images == [name] and report.annotations >= 2
     assert report.unknown_categories == {"Pole": 1} and report.unknown_images == ["elsewhere.jpg"]
     text = report.summary()
-    assert "'Pole' (1)" in text and "name a cluster or find it" in text and "1 image(s) not in this run" in text
+    assert "'Pole' (1 annotation)" in text and "it is checked now" in text and "name a cluster or find it" in text and "1 image(s) not in this run" in text
     assert set(corrections.corrected_images(ctx, run.id)) == {item.image_id}
     with ctx.db.read() as s:
         assert s.scalar(select(RunImage.confirmed).where(RunImage.run_id == run.id,
@@ -194,6 +194,9 @@ def test_unnaming_a_corrected_label_keeps_its_masks_until_the_name_comes_back(tm
     sky_colour = next(c.colour for c in mapping.list_clusters(ctx, run.id) if c.index == 2)
     assert {"sky", "tree", "ground"} <= set(before)
 
+    from stego_app.ui.formatting import unname_question
+    question = unname_question(["tree", "kerb"], corrections.corrected_label_names(ctx, run.id))
+    assert "deletes the name 'kerb'" in question and "corrections drawn as 'tree' keep the name" in question
     mapping.ignore_cluster(ctx, run.id, 2)               # the person ignores sky after importing
     mapping.name_cluster(ctx, run.id, 3, "ground")        # and folds tree into ground
     assert stored() == before                             # the drawn masks are not lost
@@ -209,7 +212,9 @@ def test_unnaming_a_corrected_label_keeps_its_masks_until_the_name_comes_back(tm
     job = refinement.wait_for_refinement(ctx, refinement.start_refinement(ctx, run.id, QUICK).id, timeout=300)
     assert job.status == "done" and job.metrics["corrected_images"] == 1
 
-    corrections.remove_corrections(ctx, run.id, item.image_id)
+    said = refinement.forget_corrections(ctx, run.id, item.image_id)
+    assert said.startswith("Corrections forgotten (") and "refine with names again" in said.lower()  # were in maps
+    assert refinement.forget_corrections(ctx, run.id, item.image_id) == "This image had no imported corrections."
     with ctx.db.read() as s:                             # the label kept only for them goes with them
         assert s.scalar(select(func.count()).select_from(Label).where(Label.run_id == run.id,
                                                                       Label.name == "tree")) == 0

@@ -81,7 +81,7 @@ def test_progress_is_visible_elsewhere_and_cancel_resume(lab):
     ctx, project, first = lab
     other = create_context(_config(ctx.config.data_dir, worker=False))   # a second process/tab
     try:
-        run = runs.start_run(ctx, project.id, RunSettings(steps=120, crf=False, seed=1, **FAST))
+        run = runs.start_run(ctx, project.id, RunSettings(steps=1500, crf=False, seed=1, **FAST))
         queued = runs.start_run(ctx, project.id, RunSettings(steps=5, crf=False, seed=2, **FAST))
         assert runs.cancel_run(other, queued.id).status == "cancelled"       # never started
         seen = _wait(lambda: (lambda i: i if i.stage == "training" and i.progress > 0.35 else None)(
@@ -255,3 +255,21 @@ def test_runs_average_with_the_flipped_image_only_when_asked(lab):
     assert saved["features"]["flip"] is False                   # the default: half the feature time
     on = build_pipeline_config(RunSettings(flip=True, steps=5, **FAST), "test_tiny", ctx.config)
     assert on.features.flip is True
+
+
+def test_a_second_identical_start_is_refused_while_the_first_is_active(lab):
+    """A double click on Start discovery (or a second tab) must not queue the same training twice."""
+    ctx, project, _ = lab
+    settings = RunSettings(steps=1500, crf=False, seed=11, **FAST)
+    first = runs.start_run(ctx, project.id, settings)
+    try:
+        with pytest.raises(UserError, match=f"run {first.id} with the same settings on these .* is already"):
+            runs.start_run(ctx, project.id, settings)
+        other = runs.start_run(ctx, project.id, settings.replace(seed=12))     # another setting: allowed
+        runs.cancel_run(ctx, other.id)
+    finally:
+        runs.cancel_run(ctx, first.id)
+    runs.wait_for_run(ctx, first.id, timeout=120)
+    again = runs.start_run(ctx, project.id, settings)          # once the first is over, it may run again
+    runs.cancel_run(ctx, again.id)
+    runs.wait_for_run(ctx, again.id, timeout=120)

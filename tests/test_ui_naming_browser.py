@@ -248,7 +248,7 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, shots, tmp_path):
     settle(page)
     shoot(page, shots / "explore_corrections.png")
     page.locator("#btn-forget-corrections").click()
-    expect(page.locator(".toast-body").filter(has_text="forgotten; the image stays checked")).to_be_visible(
+    expect(page.locator(".toast-body").filter(has_text="Corrections forgotten (")).to_be_visible(
         timeout=30_000)
     expect(note).to_have_count(0)
     expect(page.locator("#btn-forget-corrections")).to_be_hidden()

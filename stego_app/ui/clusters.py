@@ -6,7 +6,7 @@ from typing import Callable
 
 import gradio as gr
 
-from stego_app import edit_versions, label_kinds
+from stego_app import corrections, edit_versions, label_kinds
 from stego_app.errors import UserError
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
@@ -160,10 +160,8 @@ class ClustersTab:
         lost = sorted({by_index[i].label_name for i in idx if i in by_index and by_index[i].label_name
                        and not set(by_index[i].merged_with) - set(idx)})
         if lost:
-            names = ", ".join(f"'{n}'" for n in lost)
             return {self.unname_row: gr.update(visible=True),
-                    self.unname_md: f"No other cluster is named {names}: undoing deletes the name {names}. "
-                                    "Remove it?"}
+                    self.unname_md: H.unname_question(lost, corrections.corrected_label_names(self.ctx, run_id))}
         return self._unmerge(run_id, version, idx, image_id, op, use_crf, visible)
 
     @guard

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from stego_app import corrections, refinement, runs, thumbnails
+from stego_app import refinement, runs, thumbnails
 from stego_app.errors import UserError
 from stego_app.labels import annotations, mapping, views
 from stego_app.labels.views import DISPLAY_MAX_SIDE
@@ -139,9 +139,7 @@ class ExploreTab:
         image_id = H.as_id(image_id, "image")
         if run_id is None or image_id is None:
             raise UserError("choose an image first")
-        n = corrections.remove_corrections(self.ctx, run_id, int(image_id))
-        gr.Info(f"{n} corrected mask{'s' if n != 1 else ''} forgotten; the image stays checked. Refine with names "
-                "again to take them out of the refined maps.")
+        gr.Info(refinement.forget_corrections(self.ctx, run_id, int(image_id)))
         return self.correction_views(run_id, int(image_id))
 
     def wire(self) -> None:

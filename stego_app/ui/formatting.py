@@ -438,3 +438,18 @@ def kinds_text(kinds) -> str:
         return ", ".join(k.name + (" (guessed)" if k.guessed else "") for k in kinds if k.isthing == want) or "none"
     return (f"**Things** (one annotation per object): {esc(names(True))} · **Stuff** (one region per image): "
             f"{esc(names(False))}")
+
+
+def unname_question(lost: list[str], corrected: set[str]) -> str:
+    """The question before taking the last cluster off each name in ``lost``."""
+    def quoted(names):
+        return ", ".join(f"'{n}'" for n in names)
+    kept = [n for n in lost if n in corrected]
+    gone = [n for n in lost if n not in corrected]
+    parts = []
+    if gone:
+        parts.append(f"undoing deletes the name {quoted(gone)}")
+    if kept:
+        parts.append(f"the imported corrections drawn as {quoted(kept)} keep the name, unused until a "
+                     "cluster carries it again")
+    return f"No other cluster is named {quoted(lost)}: " + "; ".join(parts) + ". Remove it?"

@@ -25,7 +25,7 @@ from stego_app import corrections, edit_versions, found, groups, refinement
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.errors import UserError
-from stego_app.ui.common import ERROR_TOAST_S, job_buttons
+from stego_app.ui.common import ERROR_TOAST_S, REFUSED_TITLE, job_buttons
 
 log = logging.getLogger(__name__)
 
@@ -428,6 +428,7 @@ class RefinePanel:
                 if job is None:
                     raise UserError(f"this run has no refinement to {what}")
                 action(ctx, job.id)
+                gr.Info(f"Refinement {job.id}: {'cancelling' if what == 'cancel' else 'resumed'}.")
                 return self.views(run_id)
             return handler
 
@@ -436,9 +437,14 @@ class RefinePanel:
             run_id = H.as_id(run_id, "run")
             if run_id is None:
                 raise UserError("no run selected")
-            if not file:
-                raise UserError("choose the COCO .json (or the annotation tool's .zip) first")
-            report = corrections.import_corrections(ctx, run_id, Path(getattr(file, "name", file)))
+            try:
+                if not file:
+                    raise UserError("choose the COCO .json (or the annotation tool's .zip, or Label Studio's "
+                                    "JSON export) first")
+                report = corrections.import_corrections(ctx, run_id, Path(getattr(file, "name", file)))
+            except UserError as exc:             # the toast fades; the line under the button keeps it
+                gr.Warning(str(exc), duration=ERROR_TOAST_S, title=REFUSED_TITLE)
+                return {self.corr_info: f"Not imported: {exc} {self.corrections_text(run_id)}"}
             gr.Info(report.summary())
             return {**self.views(run_id), self.corr_info: report.summary() + " " + self.corrections_text(run_id)}
 
@@ -453,6 +459,7 @@ class RefinePanel:
                 if key is None or (sig is not None and list(sig) == key):
                     return {self.sig: gr.skip()}
                 out = self.views(run_id)        # only when something it shows changed
+                del out[self.corr_info]           # keeps the last import's message on the page
                 new = out[self.sig]
                 if sig is not None and new is not None and sig[0] != new[0] and new[0] is not None:
                     gr.Info("Refined maps are ready: overlays and exports use them now (Explore shows them "
