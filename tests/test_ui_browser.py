@@ -337,6 +337,7 @@ def test_01_create_project_and_upload_files(page, app, db, corpus, shots):
     expect(field(page, "project-select")).to_have_value("Streets (0 images)")
     assert db("SELECT name, description FROM projects") == [("Streets", "synthetic test scenes")]
 
+    expect(page.locator("#ingest-problems")).to_be_hidden()      # no empty problem table before an upload
     page.locator("#upload-files input[type=file]").set_input_files([str(p) for p in corpus["uploads"]])
     expect(page.locator("#upload-files tbody tr")).to_have_count(len(corpus["uploads"]), timeout=30_000)
     page.locator("#btn-ingest-upload").click()

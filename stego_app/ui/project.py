@@ -44,7 +44,7 @@ class ProjectTab:
         self.ingest_md = gr.Markdown(elem_id="ingest-summary")
         self.problems_df = gr.Dataframe(headers=["File", "Problem", "Reason"], value=[],
                                         label="Files that were not added", interactive=False,
-                                        elem_id="ingest-problems", wrap=True)
+                                        elem_id="ingest-problems", wrap=True, visible=False)
         self.gallery = gr.Gallery(label="Images in this project", columns=10, height=260,
                                   allow_preview=True, elem_id="project-images",
                                   object_fit="cover", show_download_button=False)
@@ -103,7 +103,8 @@ class ProjectTab:
             gr.Warning("No image was added; see the list of problems.")
         out = {self.app.project_dd: self.app.project_choices_update(pid),
                self.ingest_md: H.ingest_summary(merged),
-               self.problems_df: H.ingest_problem_rows(merged), **extra}
+               self.problems_df: gr.update(value=(rows := H.ingest_problem_rows(merged)), visible=bool(rows)),
+               **extra}
         views = self.project_views(pid)
         views.pop(self.app.run_dd)     # keep the selected run
         out.update(views)
