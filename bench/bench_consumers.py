@@ -34,24 +34,25 @@ def _run(python: Path, script: str, *args: str) -> dict:
     return json.loads(line[7:]) if line else {"ok": False, "error": out.stderr[-2000:]}
 
 
+def _way_back(python: Path, work: Path, tool_script: str, check_script: str) -> dict:
+    """Corrections made with a real tool (``tool_script`` in its venv writes them and says where),
+    imported into the run by ``check_script`` (this interpreter)."""
+    made = _run(python, tool_script, str(work / "exports.json"), str(work))
+    if not made.get("ok"):
+        return {"ok": False, "made": made}
+    (work / f"{tool_script}.json").write_text(json.dumps(made))
+    return {"made": made, "import": _run(Path(sys.executable), check_script, str(work),
+                                         str(work / f"{tool_script}.json"))}
+
+
 def _corrections(python: Path, work: Path) -> dict:
-    """The way back: two images corrected in Datumaro, exported as COCO, imported into the run."""
-    edit = _run(python, "edit_with_datumaro.py", str(work / "exports.json"), str(work))
-    if not edit.get("ok"):
-        return {"ok": False, "edit": edit}
-    (work / "edit.json").write_text(json.dumps(edit))
-    return {"edit": edit, "import": _run(Path(sys.executable), "check_corrections.py", str(work),
-                                         str(work / "edit.json"))}
+    """Two images corrected in Datumaro, exported as COCO, imported into the run."""
+    return _way_back(python, work, "edit_with_datumaro.py", "check_corrections.py")
 
 
 def _ls_corrections(python: Path, work: Path) -> dict:
-    """The way back from Label Studio: its JSON export and its COCO converter's output, imported."""
-    made = _run(python, "label_studio_back.py", str(work / "exports.json"), str(work))
-    if not made.get("ok"):
-        return {"ok": False, "made": made}
-    (work / "ls_back.json").write_text(json.dumps(made))
-    return {"made": made, "import": _run(Path(sys.executable), "check_ls_corrections.py", str(work),
-                                         str(work / "ls_back.json"))}
+    """Label Studio's JSON export and its COCO converter's output of edited tasks, imported."""
+    return _way_back(python, work, "label_studio_back.py", "check_ls_corrections.py")
 
 
 def main() -> None:
