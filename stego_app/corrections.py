@@ -34,7 +34,7 @@ from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
 from stego_app.db import as_utc
 from stego_app.errors import NotFound, UserError
 from stego_app.export_files import export_file_names
-from stego_app.labels.mapping import get_done_run, prune_labels
+from stego_app.labels.mapping import carried_label_ids, corrected_label_ids, get_done_run, prune_labels
 from stego_app.models import Cluster, Correction, Export, Image, Label, RunImage, SeedAnnotation, utcnow
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,7 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
 def corrected_label_names(ctx, run_id: int) -> set[str]:
     """Names of the run's labels that imported corrections use."""
     with ctx.db.read() as s:
-        return set(s.scalars(select(Label.name).join(Correction, Correction.label_id == Label.id)
-                             .where(Correction.run_id == run_id).distinct()))
+        return set(s.scalars(select(Label.name).where(Label.id.in_(corrected_label_ids(s, run_id)))))
 
 
 def corrected_images(ctx, run_id: int) -> dict[int, int]:
@@ -340,7 +339,7 @@ def list_corrections(ctx, run_id: int, maps_since: float | None,
     """The run's corrected images (or the one ``image_id``), by name. ``maps_since``: when the job
     that made the refined maps read its inputs (``refinement.inputs_time``; None: no refined maps)."""
     with ctx.db.read() as s:
-        carried = set(s.scalars(select(Cluster.label_id).where(Cluster.run_id == run_id)))
+        carried = carried_label_ids(s, run_id)
         q = (select(Correction.image_id, Correction.source, Correction.created_at, Image.name, RunImage.confirmed,
                     Label.name, Correction.label_id)
              .join(Image, Image.id == Correction.image_id).join(Label, Label.id == Correction.label_id)

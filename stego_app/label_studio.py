@@ -118,11 +118,19 @@ def image_url(prefix: str, file_name: str) -> str:
     return f"{prefix}{quote(file_name, safe='/')}"
 
 
+def url_file_path(url: str) -> str:
+    """The file a task's image URL points at: the ``d`` of a local-files URL (``images/a/b.png``),
+    else the URL's path (``/data/upload/3/5e1a2b3c-b.png``)."""
+    parsed = urlparse(url)
+    local = parse_qs(parsed.query).get("d")
+    return local[-1] if local else unquote(parsed.path)
+
+
 def copied_file_name(url: str) -> str:
     """The name Label Studio gives a task's local file when its COCO / YOLO export copies it into
     images/: the first 8 hex digits of the URL's MD5, two underscores, the file's own name."""
-    path = parse_qs(urlparse(url).query).get("d", [unquote(urlparse(url).path)])[-1]
-    return hashlib.md5(url.encode(), usedforsecurity=False).hexdigest()[:8] + "__" + os.path.basename(path)
+    return (hashlib.md5(url.encode(), usedforsecurity=False).hexdigest()[:8] + "__"
+            + os.path.basename(url_file_path(url)))
 
 
 def brush_result(result_id: str, name: str, mask: np.ndarray) -> dict[str, Any]:
@@ -202,13 +210,10 @@ def is_tasks_export(data: Any) -> bool:
 
 
 def task_file_name(data: dict[str, Any]) -> str:
-    """The image path a task points at: the ``d`` of a local-files URL (``images/a/b.png``), else the
-    URL's path (``/data/upload/3/5e1a2b3c-b.png``); the 'image' field first, else the first string."""
+    """The image path a task points at (``url_file_path`` of its 'image' field, else of its first string)."""
     url = data.get("image") if isinstance(data.get("image"), str) else next(
         (v for v in data.values() if isinstance(v, str)), "")
-    parsed = urlparse(url)
-    local = parse_qs(parsed.query).get("d")
-    return local[-1] if local else unquote(parsed.path)
+    return url_file_path(url)
 
 
 def _latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:

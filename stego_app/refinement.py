@@ -276,13 +276,18 @@ def inputs_time(meta: dict | None) -> float | None:
     return float(meta.get("inputs_read", meta.get("created", 0.0)))
 
 
-def refined_state(ctx, run_id: int) -> RefinedState:
+def _maps_meta(ctx, run_id: int) -> tuple[dict | None, int]:
+    """The refined maps' meta.json (None: no maps) and the run's mapping version now."""
     with ctx.db.read() as s:
         run = s.get(Run, run_id)
         if run is None:
             raise NotFound(f"run {run_id} does not exist")
         run_dir, version = Path(run.run_dir), run.mapping_version
-    meta = segmaps.refined_meta(run_dir)
+    return segmaps.refined_meta(run_dir), version
+
+
+def refined_state(ctx, run_id: int) -> RefinedState:
+    meta, version = _maps_meta(ctx, run_id)
     with ctx.db.read() as s:
         pending = corrections.pending(s, run_id, inputs_time(meta))
     if meta is None:
@@ -293,12 +298,7 @@ def refined_state(ctx, run_id: int) -> RefinedState:
 
 def image_corrections(ctx, run_id: int, image_id: int | None = None) -> list[corrections.ImageCorrections]:
     """The run's corrected images (or one), each saying whether the refined maps hold its corrections."""
-    with ctx.db.read() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id} does not exist")
-        run_dir = Path(run.run_dir)
-    return corrections.list_corrections(ctx, run_id, inputs_time(segmaps.refined_meta(run_dir)), image_id)
+    return corrections.list_corrections(ctx, run_id, inputs_time(_maps_meta(ctx, run_id)[0]), image_id)
 
 
 def forget_corrections(ctx, run_id: int, image_id: int) -> str:

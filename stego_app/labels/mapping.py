@@ -116,11 +116,14 @@ def corrected_label_ids(s, run_id: int) -> set[int]:
     return set(s.scalars(select(Correction.label_id).where(Correction.run_id == run_id).distinct()))
 
 
+def carried_label_ids(s, run_id: int) -> set[int]:
+    """Labels some cluster of the run carries."""
+    return set(s.scalars(select(Cluster.label_id).where(Cluster.run_id == run_id, Cluster.label_id.is_not(None))))
+
+
 def prune_labels(s, run_id: int) -> None:
     """Delete the run's labels that no cluster carries and no correction uses any more."""
-    carried = set(s.scalars(select(Cluster.label_id).where(Cluster.run_id == run_id,
-                                                           Cluster.label_id.is_not(None))))
-    keep = carried | corrected_label_ids(s, run_id)
+    keep = carried_label_ids(s, run_id) | corrected_label_ids(s, run_id)
     for lab in s.scalars(select(Label).where(Label.run_id == run_id)).all():
         if lab.id not in keep:
             s.delete(lab)

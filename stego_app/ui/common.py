@@ -70,6 +70,11 @@ class ShownVersions:
             return self._data.get(key)
 
 
+def show_refused(exc: UserError) -> None:
+    """The toast of an action refused for the user's input, saying what to do."""
+    gr.Warning(str(exc), duration=ERROR_TOAST_S, title=REFUSED_TITLE)
+
+
 def guard(fn: Callable) -> Callable:
     """Show a refused action (UserError) as a toast titled "Not done", saying what to do; log
     anything else (a bug) and show a short toast titled "Error".
@@ -84,7 +89,7 @@ def guard(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as exc:
             log.info("UI action %s refused: %s", fn.__name__, exc)
-            gr.Warning(str(exc), duration=ERROR_TOAST_S, title=REFUSED_TITLE)
+            show_refused(exc)
         except Exception as exc:  # a bug: the trace goes to the server log, not the page
             log.exception("UI action %s failed", fn.__name__)
             gr.Warning(f"Something went wrong ({type(exc).__name__}: {exc}). "

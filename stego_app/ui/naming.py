@@ -25,7 +25,7 @@ from stego_app import corrections, edit_versions, found, groups, refinement
 from stego_app.labels import mapping, views
 from stego_app.ui import formatting as H
 from stego_app.errors import UserError
-from stego_app.ui.common import ERROR_TOAST_S, REFUSED_TITLE, job_buttons
+from stego_app.ui.common import ERROR_TOAST_S, job_buttons, show_refused
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +381,8 @@ class RefinePanel:
                         "here: those images become checked, and "
                         "the next refinement learns from them and keeps them as drawn. Categories are matched "
                         "to this run's label names, images to their file names.")
-            corr_file = gr.File(label="COCO instances .json, the tool's .zip, or Label Studio JSON", file_types=[".json", ".zip"],
-                                file_count="single", elem_id="corrections-file", height=140)
+            corr_file = gr.File(label="COCO instances .json, the tool's .zip, or Label Studio JSON",
+                                file_types=[".json", ".zip"], file_count="single", elem_id="corrections-file", height=140)
             corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections")
             corr_info = gr.Markdown("", elem_id="corrections-info")
         return cls(ctx, status, start_btn, cancel_btn, resume_btn, gr.State(None), steps, dense,
@@ -401,11 +401,16 @@ class RefinePanel:
         return {self.status: refine_html(None, None), self.sig: None, self.corr_info: "",
                 **job_buttons(self.cancel_btn, self.resume_btn, None)}
 
-    def views(self, run_id: int) -> dict:
+    def views(self, run_id: int, corrections_line: bool = True) -> dict:
+        """The refine status, its poll key and job buttons; and the corrections line unless polling
+        (a poll keeps the last import's message on the page)."""
         state = refinement.refined_state(self.ctx, run_id)
         job = refinement.latest_refinement(self.ctx, run_id)
-        return {self.status: refine_html(state, job), self.sig: refinement.poll_key(self.ctx, run_id),
-                self.corr_info: self.corrections_text(run_id), **job_buttons(self.cancel_btn, self.resume_btn, job)}
+        out = {self.status: refine_html(state, job), self.sig: refinement.poll_key(self.ctx, run_id),
+               **job_buttons(self.cancel_btn, self.resume_btn, job)}
+        if corrections_line:
+            out[self.corr_info] = self.corrections_text(run_id)
+        return out
 
     def wire(self, guard, run_dd, timer, run_state) -> None:
         ctx = self.ctx
@@ -443,7 +448,7 @@ class RefinePanel:
                                     "JSON export) first")
                 report = corrections.import_corrections(ctx, run_id, Path(getattr(file, "name", file)))
             except UserError as exc:             # the toast fades; the line under the button keeps it
-                gr.Warning(str(exc), duration=ERROR_TOAST_S, title=REFUSED_TITLE)
+                show_refused(exc)
                 return {self.corr_info: f"Not imported: {exc} {self.corrections_text(run_id)}"}
             gr.Info(report.summary())
             return {**self.views(run_id), self.corr_info: report.summary() + " " + self.corrections_text(run_id)}
@@ -458,8 +463,7 @@ class RefinePanel:
                 key = refinement.poll_key(ctx, run_id) if run_id is not None else None
                 if key is None or (sig is not None and list(sig) == key):
                     return {self.sig: gr.skip()}
-                out = self.views(run_id)        # only when something it shows changed
-                del out[self.corr_info]           # keeps the last import's message on the page
+                out = self.views(run_id, corrections_line=False)     # only when something it shows changed
                 new = out[self.sig]
                 if sig is not None and new is not None and sig[0] != new[0] and new[0] is not None:
                     gr.Info("Refined maps are ready: overlays and exports use them now (Explore shows them "
