@@ -59,6 +59,8 @@ except ImportError:
 if MISSING and not IN_CI:
     pytest.skip("; ".join(MISSING), allow_module_level=True)
 expect = playwright_api.expect if playwright_api is not None else None
+if expect is not None:          # a busy CI machine renders slowly: every browser module's assertions wait up to 30 s
+    expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -533,6 +535,7 @@ def test_05_explore_overlay_toggles_and_confirm(page, db, shots):
 def test_06_export_and_download_coco(page, db, shots, tmp_path):
     close_toasts(page)
     tab(page, "Export")
+    page.locator("#export-pngs input").check()          # a choice the page remembers (test_07)
     page.locator("#btn-export").click()
     expect(page.locator("#export-summary")).to_contain_text("annotations", timeout=60_000)
     download_btn = page.locator("#btn-download")
@@ -543,6 +546,7 @@ def test_06_export_and_download_coco(page, db, shots, tmp_path):
     dl.value.save_as(target)
     with zipfile.ZipFile(target) as zf:
         json_names = [n for n in zf.namelist() if n.endswith(".json")]
+        assert sum(n.endswith(".png") for n in zf.namelist()) >= 12        # the label PNGs asked for
         coco = None
         for n in json_names:
             data = json.loads(zf.read(n))
@@ -567,6 +571,8 @@ def test_07_reload_shows_the_same_state(page, app):
     expect(_card(page, 4)).to_have_attribute("data-ignored", "1")
     tab(page, "Export")
     expect(page.locator("#btn-download")).to_be_visible()      # the earlier export is offered
+    expect(page.locator("#export-pngs input")).to_be_checked()     # with the options it was made with
+    expect(page.locator("#export-panoptic input")).not_to_be_checked()
 
 
 def test_08_cancel_resume_and_restart_keep_the_job(page, app, db):

@@ -167,7 +167,10 @@ def test_05_refine_with_names_in_the_background(page, db, app):
     page.locator("#btn-refine").click()
     box = page.locator("#refine-status-box")
     expect(box).to_have_attribute("data-status", re.compile("queued|running|done"), timeout=30_000)
+    if box.get_attribute("data-status") != "done":      # one refinement at a time: no second click meanwhile
+        expect(page.locator("#btn-refine")).to_be_disabled()
     expect(box).to_have_attribute("data-status", "done", timeout=300_000)
+    expect(page.locator("#btn-refine")).to_be_enabled()     # done: refining again after more naming
     expect(box).to_contain_text("up to date with the names")
     expect(box).to_contain_text("finer maps")
     expect(page.locator("#btn-refine-cancel")).to_be_disabled()     # finished: nothing to cancel or resume

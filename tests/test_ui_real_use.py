@@ -22,8 +22,6 @@ from tests.test_ui_browser import (BACKBONE, CHROMIUM, CHROMIUM_ARGS, MISSING, A
                                    expect, field, open_accordion, playwright_api, scene, shots, tab)
 
 pytestmark = [pytest.mark.timeout(900)]
-if expect is not None:          # a busy CI machine renders slowly; assertions wait up to 30 s
-    expect.set_options(timeout=30_000)
 
 
 @pytest.fixture(scope="module", autouse=True)

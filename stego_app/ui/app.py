@@ -48,6 +48,7 @@ CSS = """
 .stego-state-done { color: #2ca02c; font-weight: 600; }
 .stego-state-failed, .stego-state-interrupted, .stego-state-cancelled { color: #d62728; font-weight: 600; }
 .stego-state-running, .stego-state-queued { color: var(--color-accent); font-weight: 600; }
+#clusters-html { max-height: 75vh; overflow-y: auto; }   /* 88 cards scroll in their box: the controls stay near */
 .stego-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 10px; }
 .stego-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px; }
 .stego-card-ignored { opacity: .55; }
@@ -193,7 +194,7 @@ class App:
         # everything that shows the selected run
         self.run_outputs = ([self.run_dd] + self.discover.status_outputs + self.clusters.outputs
                             + [ex.image_dd, ex.gallery, ex.gallery_ids, ex.page, ex.shown] + ex.render_outputs
-                            + [ex.crf, ex.opacity] + self.export.outputs
+                            + [ex.crf, ex.opacity] + self.export.outputs + self.export.form_outputs
                             + [self.discover.form[k] for k in self.discover.form])
 
     # ---------------------------------------------------------------- views spanning tabs

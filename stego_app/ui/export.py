@@ -18,6 +18,9 @@ _EXTRA = ("include_images", "label_studio", "ls_regions", "ls_image_prefix", "to
           "removed_images")
 
 
+_STYLE_CHOICE = {"masks": "stuff", "polygons": "instance"}   # ExportOptions.style -> the radio's value
+
+
 def _dataclass_from(cls, values: dict[str, Any]):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
@@ -35,7 +38,7 @@ class ExportTab:
             self.style = gr.Radio(label="Annotation style",
                                   choices=[("masks: pixel-exact RLE (things: one per object, stuff: one per image)", "stuff"),
                                            ("polygons: editable outlines, simplified", "instance")],
-                                  value={"masks": "stuff", "polygons": "instance"}[d.style], elem_id="export-style")
+                                  value=_STYLE_CHOICE[d.style], elem_id="export-style")
             self.min_area = gr.Number(label="Smallest object kept (px, thing labels)",
                                       value=d.min_area, precision=0, minimum=0, elem_id="export-min-area")
         with gr.Row():
@@ -72,12 +75,27 @@ class ExportTab:
     def outputs(self) -> list:
         return [self.summary_md, self.download_btn]
 
+    @property
+    def form_outputs(self) -> list:
+        return [self.style, self.min_area, self.crf, self.confirmed, self.unnamed, self.panoptic, self.pngs,
+                self.refined, *self.extra.values()]
+
+    def form_views(self, options: export_svc.ExportOptions) -> dict:
+        """The form set to `options` (a run's latest export: exporting again after more naming is one click)."""
+        values = [_STYLE_CHOICE[options.style], options.min_area, options.crf, options.confirmed_only,
+                  options.include_unnamed, options.panoptic, options.label_pngs, options.refined,
+                  *(getattr(options, name) for name in self.extra)]
+        return dict(zip(self.form_outputs, values))
+
     def export_views(self, run_id) -> dict:
-        done = [e for e in export_svc.list_exports(self.ctx, run_id)
-                if e.status == "done" and e.zip_path and Path(e.zip_path).is_file()]
+        """The run's latest export to download, and the form set to the options it was made with (a run
+        never exported leaves the form as the person set it)."""
+        exports = export_svc.list_exports(self.ctx, run_id)
+        out = self.form_views(exports[0].options) if exports else {}
+        done = [e for e in exports if e.status == "done" and e.zip_path and Path(e.zip_path).is_file()]
         if not done:
-            return {self.summary_md: "No export of this run yet.", self.download_btn: gr.update(visible=False)}
-        return self._show(done[0])
+            return {**out, self.summary_md: "No export of this run yet.", self.download_btn: gr.update(visible=False)}
+        return {**out, **self._show(done[0])}
 
     def empty_views(self) -> dict:
         return {self.summary_md: "", self.download_btn: gr.update(visible=False)}

@@ -395,11 +395,11 @@ class RefinePanel:
 
     @property
     def outputs(self) -> list:
-        return [self.status, self.sig, self.cancel_btn, self.resume_btn, self.corr_info]
+        return [self.status, self.sig, self.start_btn, self.cancel_btn, self.resume_btn, self.corr_info]
 
     def empty(self) -> dict:
         return {self.status: refine_html(None, None), self.sig: None, self.corr_info: "",
-                **job_buttons(self.cancel_btn, self.resume_btn, None)}
+                self.start_btn: gr.update(interactive=True), **job_buttons(self.cancel_btn, self.resume_btn, None)}
 
     def views(self, run_id: int, corrections_line: bool = True) -> dict:
         """The refine status, its poll key and job buttons; and the corrections line unless polling
@@ -407,6 +407,8 @@ class RefinePanel:
         state = refinement.refined_state(self.ctx, run_id)
         job = refinement.latest_refinement(self.ctx, run_id)
         out = {self.status: refine_html(state, job), self.sig: refinement.poll_key(self.ctx, run_id),
+               # one refinement at a time: starting is pressable again once it is no longer queued or running
+               self.start_btn: gr.update(interactive=job is None or not job.is_cancellable),
                **job_buttons(self.cancel_btn, self.resume_btn, job)}
         if corrections_line:
             out[self.corr_info] = self.corrections_text(run_id)
