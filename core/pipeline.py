@@ -35,7 +35,7 @@ from core.head import SegmentationHead
 from core.precision import resolve_precision
 from core.rundir import RunDir
 from core.settings import DEFAULTS, RunSettings, SettingsError, auto_steps, check
-from core.training import StegoTrainer, TrainConfig, encode_tokens
+from core.training import LEGACY_DEFAULTS, StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class PipelineConfig:
     def from_dict(cls, d: dict) -> "PipelineConfig":
         d = dict(d)
         feats = FeatureConfig(**d.pop("features", {}))
-        train = TrainConfig(**d.pop("train", {}))
+        train = TrainConfig(**{**LEGACY_DEFAULTS, **d.pop("train", {})})   # a stored run keeps what it did
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(features=feats, train=train, **{k: v for k, v in d.items() if k in known})
 

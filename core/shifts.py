@@ -31,7 +31,12 @@ from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShiftEstimator", "PairStats", "pair_correlations"]
+__all__ = ["ShiftEstimator", "PairStats", "pair_correlations", "NEG_ATTRACT_FACTOR"]
+
+# Random pairs (an image with a random other image) attract this many times m partners per location: they are
+# what aligns the codes of a class across images that are not neighbours (other sequences, other lighting).
+# Chosen on CamVid train, confirmed on val (docs/shifts.md, "Random pairs attract more").
+NEG_ATTRACT_FACTOR = 6.0
 
 
 @dataclass(frozen=True)
@@ -103,14 +108,17 @@ class ShiftEstimator:
     """Chooses shift_self / shift_knn / shift_neg from unlabelled feature statistics.
 
     fit() samples location pairs like training does and sets each kind's shift to the
-    quantile of its centred feature correlations at level 1 - m / feature_samples**2, with
-    m = ``attract_per_location`` (None: ln(feature_samples**2)). ``shifts_`` holds the result, ``stats_`` the per-kind summaries,
-    ``attracted_`` the fraction of sampled pairs each shift attracts.
+    quantile of its centred feature correlations at level 1 - m_k / feature_samples**2, with
+    m = ``attract_per_location`` (None: ln(feature_samples**2)) for the self and KNN pairs and
+    m x ``neg_factor`` for the random pairs. ``shifts_`` holds the result, ``stats_`` the per-kind
+    summaries, ``attracted_`` the fraction of sampled pairs each shift attracts.
     """
 
     def __init__(self, attract_per_location: float | None = None, n_items: int = 256, feature_samples: int = 11,
-                 num_neighbors: int = 7, batch_size: int = 16, pointwise: bool = True, seed: int = 0):
+                 num_neighbors: int = 7, batch_size: int = 16, pointwise: bool = True, seed: int = 0,
+                 neg_factor: float = NEG_ATTRACT_FACTOR):
         self.attract_per_location = attract_per_location
+        self.neg_factor = neg_factor
         self.n_items = n_items
         self.feature_samples = feature_samples
         self.num_neighbors = num_neighbors
@@ -127,8 +135,14 @@ class ShiftEstimator:
 
     @property
     def level(self) -> float:
-        """The quantile level of F used as the shift."""
+        """The quantile level of F used as the shift of the self and KNN pairs."""
         return 1.0 - self.attract / self.feature_samples ** 2
+
+    def levels(self) -> dict[str, float]:
+        """The quantile level of F used as each pair kind's shift. Random pairs attract at most half of
+        the locations (more would swamp the repulsion and collapse the codes; small T reaches that cap)."""
+        t = self.feature_samples ** 2
+        return {"self": self.level, "knn": self.level, "neg": max(0.5, 1.0 - self.attract * self.neg_factor / t)}
 
     def fit(self, features: TokenFeatures, knn: np.ndarray) -> "ShiftEstimator":
         if self.n_items < 2 or self.feature_samples < 1 or self.num_neighbors < 1 or self.batch_size < 2:
@@ -138,11 +152,15 @@ class ShiftEstimator:
             raise ValueError(f"attract_per_location must be in (0, feature_samples**2 = "
                              f"{self.feature_samples ** 2}) and feature_samples >= 2, "
                              f"got {self.attract_per_location}, {self.feature_samples}")
+        if not self.neg_factor > 0:
+            raise ValueError(f"neg_factor must be > 0 (random pairs attract neg_factor x m partners), "
+                             f"got {self.neg_factor}")
         values = pair_correlations(features, knn, self.n_items, self.feature_samples,
                                    self.num_neighbors, self.batch_size, self.pointwise, self.seed)
         self.stats_ = {k: _summarise(v) for k, v in values.items()}
-        self.shifts_ = {k: round(float(np.quantile(v, self.level)), 4) for k, v in values.items()}
+        levels = self.levels()
+        self.shifts_ = {k: round(float(np.quantile(v, levels[k])), 4) for k, v in values.items()}
         self.attracted_ = {k: float((values[k] > self.shifts_[k]).mean()) for k in values}
-        log.info("automatic shifts %s (quantile level %.4f of the centred feature correlations)",
-                 self.shifts_, self.level)
+        log.info("automatic shifts %s (quantile levels %s of the centred feature correlations)",
+                 self.shifts_, {k: round(v, 4) for k, v in levels.items()})
         return self

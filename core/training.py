@@ -28,19 +28,22 @@ import torch
 from core.atomic import atomic_path
 from core.errors import Cancelled
 from core.head import ContrastiveCorrelationLoss, LossWeights, SegmentationHead
+from core.shifts import NEG_ATTRACT_FACTOR, ShiftEstimator
 from core.precision import resolve_device
 from core.settings import AUTO_STEPS_MAX, DEFAULTS, SettingsError, check
 from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "StegoTrainer", "PAPER_SHIFTS", "encode_tokens"]
+__all__ = ["TrainConfig", "StegoTrainer", "PAPER_SHIFTS", "LEGACY_DEFAULTS", "encode_tokens"]
 
 # The paper's ViT-S defaults (DINO ViT-S/8, COCO-Stuff).
 PAPER_SHIFTS: dict[str, float] = {"self": 0.18, "knn": 0.12, "neg": 0.46}
 
 # Fields that may change between an interrupted run and its resumption.
 _RESUMABLE_FIELDS = ("steps", "checkpoint_every", "checkpoint_seconds", "device")
+# Fields added after runs were stored, with the value that reproduces what those runs did.
+LEGACY_DEFAULTS = {"auto_shift_neg_factor": 1.0}
 
 
 @dataclass
@@ -65,6 +68,8 @@ class TrainConfig:
     shift_neg: float | None = None
     auto_shift_attract: float | None = None  # automatic shifts: partners attracted per location,
     #                                          None = ln(feature_samples**2) (see core.shifts)
+    auto_shift_neg_factor: float = NEG_ATTRACT_FACTOR  # automatic shifts: random pairs attract this many times
+    #                                                   as many partners per location (see core.shifts)
     seed: int = DEFAULTS.seed
     checkpoint_every: int = 200
     checkpoint_seconds: float = 30.0  # also checkpoint when this long has passed since the last one (0 = off)
@@ -92,6 +97,8 @@ class TrainConfig:
         if self.auto_shift_attract is not None and not 0 < self.auto_shift_attract < self.feature_samples ** 2:
             raise ValueError(f"TrainConfig.auto_shift_attract must be in (0, feature_samples**2), "
                              f"got {self.auto_shift_attract}")
+        if not self.auto_shift_neg_factor > 0:
+            raise ValueError(f"TrainConfig.auto_shift_neg_factor must be > 0, got {self.auto_shift_neg_factor}")
         if self.neg_samples > 0 and self.batch_size < 2:
             raise ValueError("negative pairs come from other items of the batch: use batch_size >= 2 "
                              "or neg_samples = 0")
@@ -151,15 +158,11 @@ class StegoTrainer:
         manual = self.config.manual_shifts()
         if all(v is not None for v in manual.values()):
             return {k: float(v) for k, v in manual.items()}
-        from core.shifts import (
-            ShiftEstimator,  # local import: shifts imports this module's config
-        )
-
         cfg = self.config
         est = ShiftEstimator(attract_per_location=cfg.auto_shift_attract,
                              feature_samples=cfg.feature_samples, num_neighbors=cfg.num_neighbors,
                              batch_size=max(2, cfg.batch_size), pointwise=cfg.pointwise,
-                             seed=cfg.seed).fit(features, knn)
+                             seed=cfg.seed, neg_factor=cfg.auto_shift_neg_factor).fit(features, knn)
         shifts = {k: float(v if v is not None else est.shifts_[k]) for k, v in manual.items()}
         log.info("automatic shifts %s (manual overrides: %s)", est.shifts_,
                  {k: v for k, v in manual.items() if v is not None})
@@ -209,7 +212,7 @@ class StegoTrainer:
         state = None
         if checkpoint_path is not None and checkpoint_path.exists():
             state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-            if state["config"] != self._config_key() or state["signature"] != signature:
+            if {**LEGACY_DEFAULTS, **state["config"]} != self._config_key() or state["signature"] != signature:
                 raise ValueError(f"checkpoint {checkpoint_path} was written for another configuration "
                                  "or corpus; delete it or use another checkpoint path")
             self.head.load_state_dict(state["head"])

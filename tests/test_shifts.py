@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from core.clustering import CosineKMeans
-from core.shifts import ShiftEstimator, pair_correlations
+from core.shifts import NEG_ATTRACT_FACTOR, ShiftEstimator, pair_correlations
 from core.tokens import ArrayFeatures
 from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig
 from tests.conftest import make_planted_corpus
@@ -16,16 +16,24 @@ def _offset(features, offset):
 
 def test_shift_attracts_the_requested_share_of_pairs(planted_corpus):
     features, _, knn = planted_corpus
-    for m in (1.0, 12.1):
-        est = ShiftEstimator(attract_per_location=m, batch_size=8).fit(features, knn)
+    for m, neg_factor in ((1.0, 1.0), (12.1, 1.0), (4.0, 6.0)):
+        est = ShiftEstimator(attract_per_location=m, neg_factor=neg_factor, batch_size=8).fit(features, knn)
+        want = {"self": m / 121, "knn": m / 121, "neg": neg_factor * m / 121}
         for kind, frac in est.attracted_.items():
-            assert frac == pytest.approx(m / 121, rel=0.15), kind
+            assert frac == pytest.approx(want[kind], rel=0.15), kind
     default = ShiftEstimator(batch_size=8).fit(features, knn)
     assert default.attract == pytest.approx(np.log(121))  # ln T: sparse but connected correspondence graph
-    assert all(f == pytest.approx(np.log(121) / 121, rel=0.15) for f in default.attracted_.values())
+    # random pairs, what aligns a class across images that are not neighbours, attract NEG_ATTRACT_FACTOR x more
+    assert default.attracted_["self"] == pytest.approx(np.log(121) / 121, rel=0.15)
+    assert default.attracted_["knn"] == pytest.approx(np.log(121) / 121, rel=0.15)
+    assert default.attracted_["neg"] == pytest.approx(NEG_ATTRACT_FACTOR * np.log(121) / 121, rel=0.15)
     strict = ShiftEstimator(attract_per_location=1.0, batch_size=8).fit(features, knn).shifts_
-    loose = ShiftEstimator(attract_per_location=12.1, batch_size=8).fit(features, knn).shifts_
+    loose = ShiftEstimator(attract_per_location=8.0, batch_size=8).fit(features, knn).shifts_
     assert all(strict[k] > loose[k] for k in strict)
+    capped = ShiftEstimator(neg_factor=20, batch_size=8).fit(features, knn)   # never more than half: no collapse
+    assert capped.attracted_["neg"] == pytest.approx(0.5, rel=0.1)
+    trained = StegoTrainer(TrainConfig(steps=1, batch_size=8, auto_shift_neg_factor=2.0)).fit(features, knn)
+    assert trained.shifts == ShiftEstimator(neg_factor=2.0, batch_size=8).fit(features, knn).shifts_
 
 
 def test_shifts_follow_the_corpus_statistics_not_fixed_numbers(planted_corpus):
@@ -74,3 +82,7 @@ def test_invalid_settings_are_explained(planted_corpus):
         ShiftEstimator(attract_per_location=200).fit(features, knn)
     with pytest.raises(ValueError, match="auto_shift_attract"):
         StegoTrainer(TrainConfig(auto_shift_attract=0))
+    with pytest.raises(ValueError, match="neg_factor"):
+        ShiftEstimator(neg_factor=0).fit(features, knn)
+    with pytest.raises(ValueError, match="auto_shift_neg_factor"):
+        StegoTrainer(TrainConfig(auto_shift_neg_factor=0))

@@ -94,6 +94,29 @@ def test_finished_checkpoint_is_reused_and_more_steps_extend_it(planted_corpus, 
     assert steps == [41, 42, 43, 44, 45] and longer.step_ == 45
 
 
+def test_a_run_stored_before_a_setting_existed_resumes_as_it_started(planted_corpus, tmp_path):
+    """A run interrupted under an older version (its config and checkpoint lack auto_shift_neg_factor) resumes
+    after the upgrade with the behaviour it was started with, not the new default."""
+    from core.pipeline import PipelineConfig
+
+    features, _, knn = planted_corpus
+    ckpt = tmp_path / "old.pt"
+    old = {**FAST, "steps": 12, "auto_shift_neg_factor": 1.0}
+    with pytest.raises(Cancelled):
+        StegoTrainer(TrainConfig(**old)).fit(features, knn, checkpoint_path=ckpt, cancel=iter([False] * 5 + [True]).__next__)
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["auto_shift_neg_factor"]          # as the older version wrote it
+    torch.save(state, ckpt)
+    stored = PipelineConfig(train=TrainConfig(**old)).to_dict()
+    del stored["train"]["auto_shift_neg_factor"]          # the run's config.json, likewise
+    cfg = PipelineConfig.from_dict(stored).train
+    assert cfg.auto_shift_neg_factor == 1.0 != TrainConfig().auto_shift_neg_factor
+    steps = []
+    resumed = StegoTrainer(cfg).fit(features, knn, checkpoint_path=ckpt, progress=lambda s, t: steps.append(s))
+    assert steps[0] == 6 and resumed.step_ == 12
+    assert resumed.shifts == StegoTrainer(TrainConfig(**old)).fit(features, knn).shifts
+
+
 def test_checkpoint_of_another_configuration_is_refused(planted_corpus, tmp_path):
     features, _, knn = planted_corpus
     ckpt = tmp_path / "c.pt"
