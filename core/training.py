@@ -28,9 +28,9 @@ import torch
 from core.atomic import atomic_path
 from core.errors import Cancelled
 from core.head import ContrastiveCorrelationLoss, LossWeights, SegmentationHead
-from core.shifts import NEG_ATTRACT_FACTOR, ShiftEstimator
 from core.precision import resolve_device
 from core.settings import AUTO_STEPS_MAX, DEFAULTS, SettingsError, check
+from core.shifts import NEG_ATTRACT_FACTOR, ShiftEstimator
 from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
