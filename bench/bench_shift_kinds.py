@@ -31,14 +31,9 @@ C = len(NAMES)
 
 def token_labels(mask: np.ndarray, grid: tuple[int, int], n_classes: int) -> np.ndarray:
     """(h*w,) majority class of each token cell of ``mask``; -1 where the cell is mostly void."""
-    h, w = grid
-    H, W = mask.shape
-    rows = np.minimum(np.arange(H) * h // H, h - 1)
-    cols = np.minimum(np.arange(W) * w // W, w - 1)
-    cell = (rows[:, None] * w + cols[None, :]).ravel()
-    lab = np.where((mask >= 0) & (mask < n_classes), mask, n_classes).ravel().astype(np.int64)
-    counts = np.bincount(cell * (n_classes + 1) + lab, minlength=h * w * (n_classes + 1)).reshape(h * w, -1)
-    best = counts.argmax(axis=1)
+    from core.metrics import downsample_labels, with_void
+
+    best = downsample_labels(with_void(mask, n_classes), grid, n_classes + 1).ravel()   # void counts as a label
     return np.where(best == n_classes, -1, best)
 
 
@@ -68,8 +63,6 @@ def main() -> None:
     ap.add_argument("--neg-factors", default="1,6,12",
                     help="comma-separated factors: random pairs attract factor x m partners per location")
     ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--knn-skip", type=int, default=0,
-                    help="drop each image's N nearest images from its KNN partners (near-duplicate frames of a video)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw k-means rows")
     ap.add_argument("--k-multiples", default="1,4,8")
     ap.add_argument("--data", type=Path, default=CAMVID)
@@ -79,6 +72,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from core.backbones import create_backbone
+    from core.clustering import CosineKMeans
     from core.evaluate import pair_images_and_masks
     from core.features import FeatureConfig, extract_features
     from core.settings import DEFAULTS
@@ -95,39 +89,38 @@ def main() -> None:
         imgs, masks = pair_images_and_masks(args.data / split / "images", args.data / split / "masks")
         store = extract_features(imgs, backbone, fcfg, cache / "features")
         data[split] = (store, *stacked(store, masks))
-    train_store, fit_x, _ = data["train"]
-    knn = train_store.knn()[:, args.knn_skip:]
+    train_store = data["train"][0]
+    knn = train_store.knn()
     ks = [m * C for m in (int(v) for v in args.k_multiples.split(","))]
 
     rows: list[dict] = []
 
-    def score_all(method: str, fit: np.ndarray, encode, seed: int, **extra) -> None:
+    def score_all(method: str, encode, seed: int, **extra) -> None:
+        encoded = {split: encode(x) for split, (_, x, _) in data.items()}
+        fit = encoded["train"]
         for k in ks:
-            from core.clustering import CosineKMeans
-
             rng = np.random.default_rng(seed)
             sample = fit[rng.choice(len(fit), size=min(100_000, len(fit)), replace=False)]
             km = CosineKMeans(k, n_init=20 if k == C else 5, seed=seed).fit(sample)
-            for split, (_, x, labels) in data.items():
-                pred = km.predict(encode(x))
+            for split, (_, _, labels) in data.items():
+                pred = km.predict(encoded[split])
                 rows.append({"method": method, "split": split, "seed": seed, "k": k, **extra,
                              **scores(pred, labels, k, many_to_one=k != C)})
                 logging.info("%s", {kk: v for kk, v in rows[-1].items() if kk != "per_class"})
 
     for seed in seeds:
         if not args.no_raw:
-            score_all("kmeans_raw", fit_x, lambda x: x, seed)
+            score_all("kmeans_raw", lambda x: x, seed)
         for factor in factors:
             cfg = TrainConfig(steps=args.steps, seed=seed, auto_shift_neg_factor=factor)
             t0 = time.perf_counter()
             trainer = StegoTrainer(cfg).fit(train_store, knn)
             secs = round(time.perf_counter() - t0, 1)
-            name = f"stego[neg x{factor:g}{', knn skip %d' % args.knn_skip if args.knn_skip else ''}]"
-            score_all(name, trainer.encode(fit_x), trainer.encode, seed, shifts=trainer.shifts, train_s=secs)
+            score_all(f"stego[neg x{factor:g}]", trainer.encode, seed, shifts=trainer.shifts, train_s=secs)
 
     meta = {"fit": "CamVid train (367 frames)", "backbone": f"dinov2_vits14 ({backbone.weights_source})",
             "resolution": DEFAULTS.resolution, "steps": args.steps, "level": "token (majority label per token)",
-            "seeds": seeds, "knn_skip": args.knn_skip}
+            "seeds": seeds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = "\n".join(markdown(meta, [r for r in rows if r["split"] == split], ks, split) for split in SPLITS)
