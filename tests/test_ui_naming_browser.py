@@ -250,10 +250,18 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, shots, tmp_path):
     expect(note).to_contain_text("not in the refined maps yet; refine with names")
     settle(page)
     shoot(page, shots / "explore_corrections.png")
+    page.locator("#btn-forget-corrections").click()         # asked first; "Keep them" keeps them
+    expect(page.locator("#forget-question")).to_contain_text("Forget this image's corrections")
+    page.locator("#btn-forget-no").click()
+    expect(page.locator("#forget-confirm")).to_be_hidden()
+    expect(note).to_contain_text("Corrected in an annotation tool")
+    assert db("SELECT COUNT(DISTINCT image_id) FROM corrections WHERE run_id = 1")[0][0] == 12
     page.locator("#btn-forget-corrections").click()
+    page.locator("#btn-forget-yes").click()
     expect(page.locator(".toast-body").filter(has_text="Corrections forgotten (")).to_be_visible(
         timeout=30_000)
     expect(note).to_have_count(0)
     expect(page.locator("#btn-forget-corrections")).to_be_hidden()
+    expect(page.locator("#forget-confirm")).to_be_hidden()
     assert db("SELECT COUNT(DISTINCT image_id) FROM corrections WHERE run_id = 1")[0][0] == 11
     assert db("SELECT COUNT(*) FROM run_images WHERE run_id = 1 AND confirmed")[0][0] == 12

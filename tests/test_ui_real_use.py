@@ -202,14 +202,68 @@ def test_errors_leave_every_component_as_it_was(browser, app, db):
         context.close()
 
 
-def _tick_ids(app) -> set[int]:
+def _dependency_ids(app, trigger: str) -> set[int]:
+    """The fn_index values (list position and id) of the page's events fired by ``trigger``."""
     import json
 
     with urllib.request.urlopen(f"{app.url}config", timeout=30) as r:
         config = json.loads(r.read())
     return {i for i, dep in enumerate(config["dependencies"])
-            if any(t[1] == "tick" for t in dep.get("targets", []))} | \
-        {dep["id"] for dep in config["dependencies"] if any(t[1] == "tick" for t in dep.get("targets", []))}
+            if any(t[1] == trigger for t in dep.get("targets", []))} | \
+        {dep["id"] for dep in config["dependencies"] if any(t[1] == trigger for t in dep.get("targets", []))}
+
+
+def test_nothing_is_pressed_before_the_page_has_loaded_its_project(browser, app, db):
+    """A click landing before the page's first load answered used to reach the server without a
+    project and was refused ("create or choose a project with images first") although the project
+    showed a moment later. Now nothing can be pressed until that load is in."""
+    import json
+
+    loads = _dependency_ids(app, "load")
+    assert loads
+    held = []
+
+    def hold_load(route):
+        try:
+            body = json.loads(route.request.post_data or "{}")
+        except ValueError:
+            body = {}
+        if body.get("fn_index") in loads and not held:
+            held.append(route)               # answered below, when the test lets it go
+        else:
+            route.continue_()
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(30_000)
+    pg.route("**/queue/join*", hold_load)
+    try:
+        pg.goto(app.url)
+        expect(pg.locator("#tabs")).to_be_visible(timeout=120_000)
+        for _ in range(100):
+            if held:
+                break
+            pg.wait_for_timeout(100)
+        assert held, "the page's load event was never sent"
+        assert pg.evaluate("() => getComputedStyle(document.querySelector('#tabs')).pointerEvents") == "none"
+        with pytest.raises(playwright_api.TimeoutError):
+            pg.get_by_role("tab", name=re.compile("Discover")).click(timeout=2_000)
+        with pytest.raises(playwright_api.TimeoutError):
+            pg.locator("#btn-refresh").click(timeout=1_000)
+        held.pop().continue_()
+        expect(field(pg, "project-select")).to_have_value("Streets (8 images)")
+        tab(pg, "Discover")                            # pressable now, and Start carries the project
+        field(pg, "n-clusters").fill("500")
+        pg.locator("#btn-start").click()
+        _toast(pg, "Number of clusters 500 must be between 2 and 256", REFUSED_TITLE)
+        assert pg.locator(".toast-body").filter(has_text="choose a project").count() == 0
+        assert db("SELECT COUNT(*) FROM runs")[0][0] == 1
+    finally:
+        context.close()
+
+
+def _tick_ids(app) -> set[int]:
+    return _dependency_ids(app, "tick")
 
 
 def test_two_tabs_stale_edit_refused_and_changes_picked_up(browser, app, db):
@@ -384,6 +438,34 @@ def test_status_panel_times_and_no_dimming_on_polls(browser, app, db, shots):
         expect(box).to_have_attribute("data-status", "cancelled", timeout=60_000)
     finally:
         context.close()
+
+
+def test_a_run_started_on_one_page_shows_there_while_another_page_polls(browser, app, db):
+    """Two pages on one server, both polling: the page that presses Start gets its run at once
+    (seen once with real weights: the answer came minutes late and the run list never showed it);
+    the other page finds it with Refresh, and a cancel from there shows on the first."""
+    ctx_a, a = _open(browser, app)
+    ctx_b, b = _open(browser, app)
+    try:
+        tab(a, "Discover")                                   # A polls its run every second
+        expect(a.locator("#run-status-box")).to_have_attribute("data-status", re.compile(r"done|cancelled"))
+        new = db("SELECT MAX(id) FROM runs")[0][0] + 1
+        tab(b, "Discover")
+        open_accordion(b, "advanced")
+        field(b, "steps").fill("100000")
+        b.locator("#btn-start").click()
+        _toast(b, f"Run {new} started")
+        expect(field(b, "run-select")).to_have_value(re.compile(rf"Run {new} "))
+        expect(b.locator("#run-status-box")).to_have_attribute("data-status", re.compile(r"queued|running"))
+        a.locator("#btn-refresh").click()
+        choose(a, "run-select", f"Run {new} ")
+        expect(a.locator("#run-status-box")).to_have_attribute("data-status", re.compile(r"queued|running"))
+        a.locator("#btn-cancel").click()
+        expect(b.locator("#run-status-box")).to_have_attribute("data-status", "cancelled", timeout=60_000)
+        assert db("SELECT status FROM runs WHERE id = ?", new)[0][0] == "cancelled"
+    finally:
+        ctx_a.close()
+        ctx_b.close()
 
 
 def test_a_busy_server_is_not_taken_for_a_dead_one(browser, app):

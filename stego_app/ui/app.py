@@ -69,6 +69,10 @@ CSS = """
   background: #d62728; color: #fff; font-weight: 600; text-align: center; display: none; }
 body.stego-offline #stego-connection-lost { display: block; }
 body.stego-offline #run-status, body.stego-offline #tabs { opacity: .45; pointer-events: none; }
+/* until the page's first load has answered, nothing can be pressed: an action sent before it carries no
+   project (the header is filled by that load) and would be refused */
+body:not(.stego-ready) #tabs, body:not(.stego-ready) #project-select, body:not(.stego-ready) #run-select,
+body:not(.stego-ready) #btn-refresh { pointer-events: none; opacity: .6; cursor: progress; }
 /* a gallery with few images keeps thumbnail-sized tiles instead of stretching one over the row */
 #project-images .grid-container, #explore-gallery .grid-container {
   grid-template-columns: repeat(auto-fill, minmax(96px, 140px)) !important;
@@ -143,6 +147,9 @@ URL_STATE_JS = """
   return [project, run];
 }
 """
+
+# Run once the page's first load has filled the header (see the CSS above).
+READY_JS = "() => { document.body.classList.add('stego-ready'); }"
 
 INTRO = """# STEGO class discovery
 Find the kinds of regions in your images without labelling anything first, then name them.
@@ -290,7 +297,7 @@ class App:
         return self.run_views(H.as_id(run_id, "run"))
 
     def wire(self, demo: gr.Blocks) -> None:
-        demo.load(self.on_load, outputs=[self.project_dd] + self.project.outputs)
+        demo.load(self.on_load, outputs=[self.project_dd] + self.project.outputs).then(None, js=READY_JS)
         self.project_dd.change(self.on_project, [self.project_dd, self.run_dd], self.project.outputs)
         for dd in (self.project_dd, self.run_dd):          # the address bar remembers the selection
             dd.change(None, [self.project_dd, self.run_dd], None, js=URL_STATE_JS)

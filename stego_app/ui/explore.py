@@ -43,6 +43,10 @@ class ExploreTab:
             self.corr_note = gr.HTML("", elem_id="explore-corrections")
             self.forget_btn = gr.Button("Forget this image's corrections", visible=False, size="sm", scale=0,
                                         elem_id="btn-forget-corrections")
+        with gr.Row(visible=False, elem_id="forget-confirm") as self.forget_row:   # asked before deleting
+            self.forget_md = gr.Markdown(elem_id="forget-question")
+            self.forget_yes = gr.Button("Yes, forget them", variant="stop", elem_id="btn-forget-yes", scale=0)
+            self.forget_no = gr.Button("Keep them", elem_id="btn-forget-no", scale=0)
         self.finder = FindPanel.build(self.ctx)
         self.gallery_ids = gr.State([])      # image ids in the order the gallery shows them
 
@@ -53,7 +57,11 @@ class ExploreTab:
 
     @property
     def render_outputs(self) -> list:
-        return [self.original_img, self.overlay_img, self.legend, self.confirm_cb, self.corr_note, self.forget_btn]
+        return [self.original_img, self.overlay_img, self.legend, self.confirm_cb] + self.correction_outputs
+
+    @property
+    def correction_outputs(self) -> list:
+        return [self.corr_note, self.forget_btn, self.forget_row]
 
     # ---------------------------------------------------------------- views
     def gallery_views(self, run_id, page) -> dict:
@@ -85,13 +93,14 @@ class ExploreTab:
         found = refinement.image_corrections(self.ctx, run_id, image_id)
         note = (f'<div class="stego-muted" id="explore-corrections-text" data-in-maps="{int(found[0].in_maps)}">'
                 f'{H.esc(found[0].text)}</div>' if found else "")
-        return {self.corr_note: note, self.forget_btn: gr.update(visible=bool(found))}
+        return {self.corr_note: note, self.forget_btn: gr.update(visible=bool(found)),
+                self.forget_row: gr.update(visible=False)}
 
     def empty_render(self) -> dict:
         return {self.original_img: None, self.overlay_img: None,
                 self.legend: H.legend_html([], "explore-legend-inner"),
                 self.confirm_cb: gr.update(value=False, interactive=False),
-                self.corr_note: "", self.forget_btn: gr.update(visible=False)}
+                self.corr_note: "", self.forget_btn: gr.update(visible=False), self.forget_row: gr.update(visible=False)}
 
     # ---------------------------------------------------------------- handlers
     @guard
@@ -133,14 +142,32 @@ class ExploreTab:
         gr.Info(f"{'Checked' if checked else 'Unchecked'}; {n} image{'s' if n != 1 else ''} checked in this run.")
         return self.correction_views(run_id, int(image_id))
 
-    @guard
-    def on_forget(self, run_id, image_id):
+    @staticmethod
+    def _chosen(run_id, image_id) -> tuple[int, int]:
         run_id = H.as_id(run_id, "run")
         image_id = H.as_id(image_id, "image")
         if run_id is None or image_id is None:
             raise UserError("choose an image first")
-        gr.Info(refinement.forget_corrections(self.ctx, run_id, int(image_id)))
-        return self.correction_views(run_id, int(image_id))
+        return run_id, int(image_id)
+
+    @guard
+    def on_forget_ask(self, run_id, image_id):
+        """Forgetting deletes what came from an annotation tool: say what, and wait for a yes."""
+        run_id, image_id = self._chosen(run_id, image_id)
+        found = refinement.image_corrections(self.ctx, run_id, image_id)
+        if not found:
+            raise UserError("this image has no imported corrections")
+        c = found[0]
+        return {self.forget_row: gr.update(visible=True),
+                self.forget_md: f"Forget this image's corrections (**{H.esc(', '.join(c.labels))}**, from "
+                                f"{H.esc(c.source)})? The image stays checked; importing the file again brings "
+                                "them back."}
+
+    @guard
+    def on_forget(self, run_id, image_id):
+        run_id, image_id = self._chosen(run_id, image_id)
+        gr.Info(refinement.forget_corrections(self.ctx, run_id, image_id))
+        return self.correction_views(run_id, image_id)
 
     def wire(self) -> None:
         run_dd = self.app.run_dd
@@ -153,8 +180,10 @@ class ExploreTab:
         # the last thumbnail clicked wins (Gradio's default "once" drops a click made while the
         # previous one is still on its way, leaving the gallery and the image shown out of step)
         self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd], trigger_mode="always_last")
-        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], [self.corr_note, self.forget_btn])
-        self.forget_btn.click(self.on_forget, [run_dd, self.image_dd], [self.corr_note, self.forget_btn])
+        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], self.correction_outputs)
+        self.forget_btn.click(self.on_forget_ask, [run_dd, self.image_dd], [self.forget_row, self.forget_md])
+        self.forget_yes.click(self.on_forget, [run_dd, self.image_dd], self.correction_outputs)
+        self.forget_no.click(lambda: gr.update(visible=False), None, [self.forget_row])
         # opening the tab draws the image again: maps refined since it was drawn show up at once
         self.tab.select(self.on_render, [run_dd] + self.inputs, self.render_outputs, show_progress="hidden")
         self.finder.wire(guard, run_dd, self.image_dd, [self.original_img, self.overlay_img], self.inputs,
