@@ -11,7 +11,9 @@ pipeline's own corpus):
 - **over-clustering + naming** (the product): for each K of the sweep (``k_multiples`` x C),
   k-means on raw features and on STEGO codes, each cluster named by the majority class of its
   pixels on the scored images (the stand-in for a careful person; clusters mostly on void are
-  left unnamed), the mIoU / pixel accuracy of the named map and the number of naming actions;
+  left unnamed), the mIoU / pixel accuracy of the named map and the number of naming actions
+  (the codes of each K come from ``sweep_pipelines[K]`` when given: the head a run of K clusters
+  trains, see ``core.shifts.auto_neg_factor``; else from the pipeline);
   the named STEGO map refined by the CRF; and **propagation**: a ``core.propagation.Propagator``
   trained on the named clusters' confident tokens (backbone features), predicting every
   scored image, without and with the CRF; with ``find_missing``, also the same after the
@@ -38,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import deque
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -246,6 +248,11 @@ class Report:
         if m.get("shifts"):
             lines += ["", "Shifts (self / knn / neg): " + "; ".join(
                 f"{k}: {v['self']:.3f} / {v['knn']:.3f} / {v['neg']:.3f}" for k, v in m["shifts"].items())]
+        if m.get("sweep_heads"):        # K whose codes come from the head a run of K clusters trains
+            lines += ["", "Over-clustered rows on their own head (random pairs attracting F x m; shifts self / knn / "
+                      "neg): " + "; ".join(f"K = {k}: F = {v['auto_shift_neg_factor']:g}, " + (
+                          f"{v['shifts']['self']:.3f} / {v['shifts']['knn']:.3f} / {v['shifts']['neg']:.3f}"
+                          if v["shifts"] else "shifts not recorded") for k, v in m["sweep_heads"].items())]
         lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in self.timings_s.items())
                   + f"; peak RSS {m['peak_rss_mb']} MB.", ""]
         return "\n".join(lines)
@@ -429,12 +436,14 @@ def _row(label: str, kind: str, k: int | None, s: dict, class_names: list[str], 
 
 def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Path], settings: EvalSettings, *,
              fit_masks: Sequence[Path] | None = None, compare: Mapping[str, StegoPipeline] | None = None,
-             progress: Progress | None = None) -> Report:
+             sweep_pipelines: Mapping[int, StegoPipeline] | None = None, progress: Progress | None = None) -> Report:
     """Score a fitted ``pipeline`` on ``images`` with label ``masks`` (see the module docstring).
 
     ``fit_masks``: masks of the pipeline's corpus images (same order), for the supervised linear
     probes (skipped without them). ``compare``: other fitted pipelines on the same corpus whose
-    K = C STEGO rows are reported as ``stego_<name>`` / ``stego_crf_<name>``.
+    K = C STEGO rows are reported as ``stego_<name>`` / ``stego_crf_<name>``. ``sweep_pipelines``:
+    K -> a pipeline fitted on the same corpus whose head gives the codes of the over-clustered
+    rows at that K (named, named + CRF, propagated); K not in it use ``pipeline``'s head.
     """
     settings.validate()
     if pipeline.head is None or pipeline.centroids is None:
@@ -474,17 +483,23 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     seed = cfg.train.seed
     heads = {"": pipeline.head, **{f"_{n}": p.head for n, p in (compare or {}).items()}}
     enc = {key: (lambda x, h=h: encode_tokens(h, np.asarray(x))) for key, h in heads.items()}
+    sweep_heads = {K: (sweep_pipelines or {}).get(K, pipeline).head for K in sorted(set(settings.sweep) | {C})}
+    head_of = sweep_heads.__getitem__          # the head whose codes the rows at K cluster
     n_samples = settings.kmeans_samples or cfg.cluster_samples
     raw_x = sample_tokens(fit_store, n_samples, seed=seed)
-    code_x = sample_tokens(fit_store, n_samples, seed=seed, transform=enc[""])
+    code_x: dict[int, np.ndarray] = {}         # id(head) -> sampled codes
     centroids: dict[tuple[str, int], np.ndarray] = {}
     for K in sorted(set(settings.sweep) | {C}):
         n_init = settings.kmeans_n_init or (cfg.cluster_n_init if K == C else settings.sweep_n_init)
         centroids[("raw", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(raw_x).centroids_
-        if K == cfg.n_clusters:
+        h = head_of(K)
+        if K == cfg.n_clusters and h is pipeline.head:
             centroids[("stego", K)] = pipeline.centroids
         else:
-            centroids[("stego", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(code_x).centroids_
+            if id(h) not in code_x:
+                code_x[id(h)] = sample_tokens(fit_store, n_samples, seed=seed,
+                                              transform=lambda t, h=h: encode_tokens(h, t))
+            centroids[("stego", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(code_x[id(h)]).centroids_
         report("clustering", 0.5)
     del raw_x, code_x
     compare_centroids = {}
@@ -542,7 +557,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         if res.labels_crf is not None:
             hung[name.replace("stego", "stego_crf", 1)].update(res.labels_crf, mask)
         if name == "kmeans_raw":  # once per image: the sweep counts and the probes
-            _count_sweep(store, i, mask, pipeline.head, centroids, counts, settings)
+            _count_sweep(store, i, mask, head_of, centroids, counts, settings)
             if settings.find_missing:
                 _best_clicks(clicks, i, with_void(mask, C, ignore), store.grid(i), C, settings.find_clicks)
             for pname, probe in probes.items():
@@ -580,7 +595,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         t = time.perf_counter()
         corpus = fit_store if store is fit_store or isinstance(store, _Subset) else _Concat([store, fit_store])
         for K in prop_k:
-            props[K] = _fit_propagator(corpus, pipeline.head, centroids[(settings.propagate_from, K)],
+            props[K] = _fit_propagator(corpus, head_of(K), centroids[(settings.propagate_from, K)],
                                        names[(settings.propagate_from, K)], settings)
             report("propagation", len(props) / len(prop_k))
         timings["propagation_training"] = time.perf_counter() - t
@@ -595,7 +610,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 kind = settings.propagate_from
                 found_of, finds[K] = _found_regions(index, counts[(kind, K)].matrix, names[(kind, K)], clicks,
                                                     at, settings.find_threshold)
-                props[("found", K)] = _fit_propagator(corpus, pipeline.head, centroids[(kind, K)], names[(kind, K)],
+                props[("found", K)] = _fit_propagator(corpus, head_of(K), centroids[(kind, K)], names[(kind, K)],
                                                       settings, found_of=found_of)
                 if settings.checked:                 # the index's maps are needed after it is removed
                     found_fns[K] = None if found_of is None else _materialised(found_of, len(corpus))
@@ -607,7 +622,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             seeds = {at(i): downsample_labels(load_mask(masks[i]), store.grid(i), C, ignore).ravel() for i in chosen}
             for K in prop_k:
                 kind = settings.propagate_from
-                props[("checked", n, K)] = _fit_propagator(corpus, pipeline.head, centroids[(kind, K)],
+                props[("checked", n, K)] = _fit_propagator(corpus, head_of(K), centroids[(kind, K)],
                                                            names[(kind, K)], settings, found_of=found_fns.get(K),
                                                            seeds=seeds)
         timings["checked_images"] = time.perf_counter() - t
@@ -632,7 +647,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         def jobs2() -> Iterator[ClassMapJob]:
             for i in range(len(store)):
                 size = (int(sizes[i][0]), int(sizes[i][1]))
-                codes = item_codes(pipeline.head, store, i) if settings.crf else None
+                codes = _codes_by_head(store, i, [head_of(K) for K in settings.sweep]) if settings.crf else None
                 if settings.predict_dense and props:
                     raw, (h, w) = dense_item(pipeline.backbone(), images[i], store.grid(i), dense_precision)
                 else:
@@ -640,7 +655,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                     h, w = predict_store.grid(i)
                 for K in settings.sweep:
                     if settings.crf:
-                        lp = _class_log_probs(codes, centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
+                        lp = _class_log_probs(codes[id(head_of(K))], centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
                         tags2.append((i, f"named_stego_crf_k{K}"))
                         yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
                     rows = [(K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")] + [
@@ -713,6 +728,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                     if checked else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
                    [("", pipeline)] + [(f"_{n}", q) for n, q in (compare or {}).items()]},
+        "sweep_heads": {str(K): {"auto_shift_neg_factor": q.config.train.auto_shift_neg_factor, "shifts": _shifts(q)}
+                        for K, q in sorted((sweep_pipelines or {}).items())},
         "pipeline_config": cfg.to_dict(), "peak_rss_mb": peak_rss_mb(),
     }
     return Report(meta=meta, results=results, timings_s={k: round(v, 1) for k, v in timings.items()})
@@ -722,14 +739,25 @@ def _shifts(p: StegoPipeline) -> dict:
     return p.dir.read_json(p.dir.state_json).get("shifts", {}) if p.dir.state_json.is_file() else {}
 
 
-def _count_sweep(store, i: int, mask: np.ndarray, head, centroids: dict, counts: dict, settings: EvalSettings
-                 ) -> None:
-    """Add image i's full-resolution argmax clusters of every (kind, K) to the cluster x class(+void) counts."""
+def _codes_by_head(store, i: int, heads: Sequence) -> dict[int, np.ndarray]:
+    """Item i's codes under each distinct head, keyed by id(head)."""
+    out: dict[int, np.ndarray] = {}
+    for h in heads:
+        if id(h) not in out:
+            out[id(h)] = item_codes(h, store, i)
+    return out
+
+
+def _count_sweep(store, i: int, mask: np.ndarray, head_of: Callable[[int], Any], centroids: dict, counts: dict,
+                 settings: EvalSettings) -> None:
+    """Add image i's full-resolution argmax clusters of every (kind, K) to the cluster x class(+void) counts
+    (the codes at K from ``head_of(K)``)."""
     target = with_void(mask, settings.n_classes, settings.ignore_index)
-    vec = {"raw": _raw(store, i), "stego": item_codes(head, store, i)}
+    raw = _unit(_raw(store, i))
+    codes = {key: _unit(c) for key, c in _codes_by_head(store, i, [head_of(K) for K in settings.sweep]).items()}
     for kind in FEATURE_KINDS:
-        v = _unit(vec[kind])
         for K in settings.sweep:
+            v = raw if kind == "raw" else codes[id(head_of(K))]
             # argmax of the cosine is that of the upsampled dot products (the norm is per pixel)
             dots = v @ _unit(centroids[(kind, K)]).T
             counts[(kind, K)].update(upsample_bilinear(dots, mask.shape).argmax(-1), target)

@@ -35,6 +35,7 @@ from core.head import SegmentationHead
 from core.precision import resolve_precision
 from core.rundir import RunDir
 from core.settings import DEFAULTS, RunSettings, SettingsError, auto_steps, check
+from core.shifts import auto_neg_factor
 from core.training import LEGACY_DEFAULTS, StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class PipelineConfig:
                             lr=settings.lr, weight_self=settings.weight_self, weight_knn=settings.weight_knn,
                             weight_neg=settings.weight_neg, shift_self=settings.shift_self,
                             shift_knn=settings.shift_knn, shift_neg=settings.shift_neg, seed=settings.seed,
-                            device=device)
+                            auto_shift_neg_factor=auto_neg_factor(settings.n_clusters), device=device)
         return cls(features=features, train=train, n_clusters=settings.n_clusters, crf=settings.crf,
                    crf_resolution=settings.crf_resolution, alpha=settings.alpha, checkpoint=checkpoint,
                    device=device, n_jobs=max(1, int(n_jobs)))

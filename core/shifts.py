@@ -31,12 +31,22 @@ from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShiftEstimator", "PairStats", "pair_correlations", "NEG_ATTRACT_FACTOR"]
+__all__ = ["ShiftEstimator", "PairStats", "pair_correlations", "NEG_ATTRACT_FACTOR", "FEW_CLUSTERS",
+           "auto_neg_factor"]
 
 # Random pairs (an image with a random other image) attract this many times m partners per location: they are
 # what aligns the codes of a class across images that are not neighbours (other sequences, other lighting).
 # Chosen on CamVid train, confirmed on val (docs/shifts.md, "Random pairs attract more").
 NEG_ATTRACT_FACTOR = 6.0
+# ... in runs of at most this many clusters. A run with more clusters is over-clustered for a person to name, and
+# its random pairs attract m like the other kinds: there the finer distinctions count, and the extra attraction
+# cost the named clusters and the propagated maps on both CamVid splits (docs/shifts.md, "Few clusters or many").
+FEW_CLUSTERS = 32
+
+
+def auto_neg_factor(n_clusters: int) -> float:
+    """How many times m partners the random pairs attract in a run of ``n_clusters`` clusters."""
+    return NEG_ATTRACT_FACTOR if n_clusters <= FEW_CLUSTERS else 1.0
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,13 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 from core.correspondence import DEFAULT_THRESHOLD
 from core.evaluate import CORRECTION_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
 from core.pipeline import PipelineConfig, StegoPipeline
 from core.precision import PRECISIONS
+from core.shifts import auto_neg_factor
 from core.training import PAPER_SHIFTS
 from stego_app.cli_settings import add_settings_arguments, settings_from_args
 
@@ -99,6 +101,26 @@ def fit_pipeline(config: PipelineConfig, images: list[Path], cache: Path, progre
     return pipe
 
 
+def sweep_pipelines(pipe: StegoPipeline, sweep: Sequence[int], images: list[Path], cache: Path
+                    ) -> dict[int, StegoPipeline]:
+    """K -> the pipeline whose head a run of K clusters trains, for the K of the sweep whose head differs
+    from ``pipe``'s: with automatic shifts the random pairs attract more in runs of few clusters
+    (core.shifts.auto_neg_factor), so the over-clustered rows are scored on the head the app would train."""
+    tcfg = pipe.config.train
+    if tcfg.shift_neg is not None:
+        return {}                       # the random pairs' shift given: the factor changes nothing
+    by_factor = {tcfg.auto_shift_neg_factor: pipe}
+    out = {}
+    for K in sweep:
+        factor = auto_neg_factor(K)
+        if factor not in by_factor:
+            train = dataclasses.replace(tcfg, auto_shift_neg_factor=factor)
+            by_factor[factor] = fit_pipeline(dataclasses.replace(pipe.config, train=train), images, cache)
+        if by_factor[factor] is not pipe:
+            out[K] = by_factor[factor]
+    return out
+
+
 def run(args: argparse.Namespace) -> Report:
     """Fit and evaluate as described by parsed ``args``; write OUT.json / OUT.md; return the report."""
     from core.weights import default_cache_dir
@@ -144,7 +166,8 @@ def run(args: argparse.Namespace) -> Report:
         checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (), seed_weight=args.seed_weight,
         predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
-    report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks, compare=compare)
+    report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks,
+                      compare=compare, sweep_pipelines=sweep_pipelines(pipe, settings.sweep, fit_images, cache))
     report.write(Path(args.out))
     log.info("wrote %s.json and %s.md", args.out, args.out)
     return report

@@ -114,6 +114,35 @@ def test_evaluate_on_the_pipelines_own_corpus_reuses_its_features(tmp_path):
         evaluate(pipe, images, masks, EvalSettings(n_classes=3, class_names=("a",)))
 
 
+def test_over_clustered_rows_use_the_head_a_run_of_that_many_clusters_trains(tmp_path, monkeypatch):
+    """With automatic shifts a run of few clusters trains another head than a run of many (core.shifts):
+    the evaluation scores each K on the head the app would train for it."""
+    import dataclasses
+
+    import core.shifts
+
+    pipe, images, masks = _fitted(tmp_path)
+    assert pipe.config.train.auto_shift_neg_factor == core.shifts.NEG_ATTRACT_FACTOR
+    many = evaluate_cli.fit_pipeline(dataclasses.replace(pipe.config, train=dataclasses.replace(
+        pipe.config.train, auto_shift_neg_factor=1.0)), images, tmp_path / "cache")
+    settings = EvalSettings(n_classes=3, ignore_index=9, k_multiples=(1, 2), crf=False, propagate=False, n_jobs=1)
+    mixed = evaluate(pipe, images, masks, settings, sweep_pipelines={6: many}).results
+    alone = {name: evaluate(p, images, masks, settings).results for name, p in (("few", pipe), ("many", many))}
+    assert mixed["stego"].miou == alone["few"]["stego"].miou                      # K = C: the pipeline's head
+    assert mixed["named_stego_k3"] == alone["few"]["named_stego_k3"]
+    assert mixed["named_stego_k6"] == alone["many"]["named_stego_k6"]   # K = 6: the other
+    assert alone["many"]["named_stego_k6"] != alone["few"]["named_stego_k6"]   # (the two heads do differ)
+
+    # the command fits that head by itself when a K of the sweep is "many" (here above 4 clusters)
+    monkeypatch.setattr(core.shifts, "FEW_CLUSTERS", 4)
+    report = evaluate_cli.run(_args(tmp_path / "cli", k_multiples="1,2", no_propagation=True, no_probes=True))
+    heads = report.meta["sweep_heads"]
+    assert list(heads) == ["6"] and heads["6"]["auto_shift_neg_factor"] == 1.0
+    assert heads["6"]["shifts"]["neg"] > report.meta["shifts"]["auto"]["neg"]     # random pairs attract fewer
+    assert heads["6"]["shifts"]["self"] == report.meta["shifts"]["auto"]["self"]
+    assert "Over-clustered rows on their own head" in (tmp_path / "cli" / "out" / "eval.md").read_text()
+
+
 def test_propagated_rows_can_predict_on_features_at_another_resolution(tmp_path):
     pipe, images, masks = _fitted(tmp_path)
     before = set((tmp_path / "cache" / "features").iterdir())
