@@ -17,13 +17,14 @@ This module imports torch only inside ``Propagator``'s methods, so worker proces
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -120,6 +121,26 @@ def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *,
     labels = np.where((cls >= 0) & (conf >= min_confidence), cls, -1).astype(np.int64)
     weights = np.where(labels >= 0, conf, 0.0).astype(np.float32)
     return labels, weights
+
+
+@contextlib.contextmanager
+def single_cpu_thread(device) -> Iterator[None]:
+    """Train on one CPU thread, restoring the count after. The classifier's matrices are small (a batch of
+    1024 tokens): a second OpenMP thread gains little on an idle CPU and costs much on a shared one, where
+    each of the thousands of small parallel regions waits for both threads to be scheduled. Refining the
+    Demo run on this 2-core machine beside other work: 75 s of training on two threads, 27 s on one; with
+    two browser pages open on the app, 415 s and 73 s (docs/DESIGN.md, "Threads")."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Propagator:
@@ -355,37 +376,38 @@ class Propagator:
 
         device = torch.device(self.device if self.device != "auto" else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
-        net = self._build(C).to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=int(self.steps), pct_start=0.1)
-        gen = torch.Generator().manual_seed(self.seed + r)
-        mean_t, scale_t = torch.from_numpy(self.mean_).to(device), torch.from_numpy(self.scale_).to(device)
-        cw_t = torch.from_numpy(cw.astype(np.float32)).to(device)
-        yt, wt = torch.from_numpy(y), torch.from_numpy(sample_w)
-        n = y.shape[0]
-        bs = min(int(self.batch_size), n)
-        net.train()
-        running = 0.0
-        for step in range(1, int(self.steps) + 1):
-            idx = torch.randint(0, n, (bs,), generator=gen).sort().values  # sorted: faster gather
-            xb = (torch.from_numpy(X[idx.numpy()].astype(np.float32)).to(device) - mean_t) / scale_t
-            yb, wb = yt[idx].to(device), wt[idx].to(device)
-            loss_tok = torch.nn.functional.cross_entropy(net(xb), yb, reduction="none",
-                                                         label_smoothing=float(self.label_smoothing))
-            loss = (loss_tok * wb * cw_t[yb]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach())
-            if step % 50 == 0 or step == self.steps:
-                k = 50 if step % 50 == 0 else step % 50
-                self.history_.append(running / k)
-                running = 0.0
-                if progress is not None:
-                    progress(r * int(self.steps) + step, int(self.rounds) * int(self.steps), self.history_[-1])
-                if cancel is not None and cancel():
-                    raise Cancelled(f"propagation training cancelled at step {step} of round {r + 1}")
+        with single_cpu_thread(device):     # see single_cpu_thread
+            net = self._build(C).to(device)
+            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=int(self.steps), pct_start=0.1)
+            gen = torch.Generator().manual_seed(self.seed + r)
+            mean_t, scale_t = torch.from_numpy(self.mean_).to(device), torch.from_numpy(self.scale_).to(device)
+            cw_t = torch.from_numpy(cw.astype(np.float32)).to(device)
+            yt, wt = torch.from_numpy(y), torch.from_numpy(sample_w)
+            n = y.shape[0]
+            bs = min(int(self.batch_size), n)
+            net.train()
+            running = 0.0
+            for step in range(1, int(self.steps) + 1):
+                idx = torch.randint(0, n, (bs,), generator=gen).sort().values  # sorted: faster gather
+                xb = (torch.from_numpy(X[idx.numpy()].astype(np.float32)).to(device) - mean_t) / scale_t
+                yb, wb = yt[idx].to(device), wt[idx].to(device)
+                loss_tok = torch.nn.functional.cross_entropy(net(xb), yb, reduction="none",
+                                                             label_smoothing=float(self.label_smoothing))
+                loss = (loss_tok * wb * cw_t[yb]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += float(loss.detach())
+                if step % 50 == 0 or step == self.steps:
+                    k = 50 if step % 50 == 0 else step % 50
+                    self.history_.append(running / k)
+                    running = 0.0
+                    if progress is not None:
+                        progress(r * int(self.steps) + step, int(self.rounds) * int(self.steps), self.history_[-1])
+                    if cancel is not None and cancel():
+                        raise Cancelled(f"propagation training cancelled at step {step} of round {r + 1}")
         net.eval()
         self.net_ = net.cpu()
         self.n_features_in_ = C
