@@ -126,10 +126,9 @@ def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *,
 @contextlib.contextmanager
 def single_cpu_thread(device) -> Iterator[None]:
     """Train on one CPU thread, restoring the count after. The classifier's matrices are small (a batch of
-    1024 tokens): a second OpenMP thread gains little on an idle CPU and costs much on a shared one, where
-    each of the thousands of small parallel regions waits for both threads to be scheduled. Refining the
-    Demo run on this 2-core machine beside other work: 75 s of training on two threads, 27 s on one; with
-    two browser pages open on the app, 415 s and 73 s (docs/DESIGN.md, "Threads")."""
+    1024 tokens): a second OpenMP thread gains a third on an idle CPU and costs several times that on a
+    shared one, where each of the thousands of small parallel regions waits for both threads to be
+    scheduled (docs/DESIGN.md, "Threads")."""
     import torch
 
     if getattr(device, "type", str(device)) != "cpu":
