@@ -1,7 +1,7 @@
 """Names shared by core and the app, torch-free so the app can import them without the ML stack."""
 from __future__ import annotations
 
-__all__ = ["STAGES", "CROP_MODES", "PRECISIONS", "FIND_THRESHOLD", "REFINE_OPTIONS"]
+__all__ = ["STAGES", "CROP_MODES", "PRECISIONS", "FIND_THRESHOLD", "REFINE_OPTIONS", "FEW_CLUSTERS"]
 
 # Pipeline stages in the order StegoPipeline.fit runs them ("crf" only with CRF on).
 STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segments", "crf")
@@ -13,6 +13,10 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # CamVid train (bench/results/find_train_s0_sweep.md): at 0.6 one click on a pole covered a
 # third of the corpus; 0.9 keeps what looks alike and gave the best pseudo-labels; confirmed on val.
 FIND_THRESHOLD: float = 0.9
+# Automatic shifts: runs of at most this many clusters (about the classes) let the random pairs attract more
+# (core.shifts.auto_neg_factor); a run with more is over-clustered for a person to name. Chosen on CamVid train,
+# confirmed on val (docs/shifts.md, "Few clusters or many").
+FEW_CLUSTERS: int = 32
 # Refine with names, what a person may set when starting it: field -> (label, help); the Clusters tab and
 # `app.py label RUN refine` are built from it (defaults: core.refinement.RefineConfig).
 REFINE_OPTIONS: dict[str, tuple[str, str]] = {

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from core.clustering import DEFAULT_ALPHA
-from core.constants import CROP_MODES
+from core.constants import CROP_MODES, FEW_CLUSTERS
 
 __all__ = ["Spec", "RunSettings", "SettingsError", "DEFAULTS", "GROUPS", "specs", "spec", "check",
            "auto_steps", "AUTO_STEPS_PER_ITEM", "AUTO_STEPS_MIN", "AUTO_STEPS_MAX", "AUTO_STEPS_HELP"]
@@ -134,7 +134,9 @@ class RunSettings:
     shift_knn: float | None = _setting(None, label="Shift (KNN)", minimum=-1, maximum=1, group="loss",
                                        help="correlation shift of the KNN pairs", auto="from feature statistics")
     shift_neg: float | None = _setting(None, label="Shift (negative)", minimum=-1, maximum=1, group="loss",
-                                       help="correlation shift of the random pairs", auto="from feature statistics")
+                                       help="correlation shift of the random pairs",
+                                       auto=f"from feature statistics (attracting more in runs of at most "
+                                            f"{FEW_CLUSTERS} clusters)")
     weight_self: float = _setting(0.67, label="Weight (self)", minimum=0, maximum=100, group="loss",
                                   help="loss weight of the self pairs")
     weight_knn: float = _setting(0.25, label="Weight (KNN)", minimum=0, maximum=100, group="loss",

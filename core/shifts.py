@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.constants import FEW_CLUSTERS
 from core.head import PAIR_KINDS, centred_feature_correlation
 from core.tokens import TokenFeatures
 
@@ -38,14 +39,12 @@ __all__ = ["ShiftEstimator", "PairStats", "pair_correlations", "NEG_ATTRACT_FACT
 # what aligns the codes of a class across images that are not neighbours (other sequences, other lighting).
 # Chosen on CamVid train, confirmed on val (docs/shifts.md, "Random pairs attract more").
 NEG_ATTRACT_FACTOR = 6.0
-# ... in runs of at most this many clusters. A run with more clusters is over-clustered for a person to name, and
-# its random pairs attract m like the other kinds: there the finer distinctions count, and the extra attraction
-# cost the named clusters and the propagated maps on both CamVid splits (docs/shifts.md, "Few clusters or many").
-FEW_CLUSTERS = 32
 
 
 def auto_neg_factor(n_clusters: int) -> float:
-    """How many times m partners the random pairs attract in a run of ``n_clusters`` clusters."""
+    """How many times m partners the random pairs attract in a run of ``n_clusters`` clusters: NEG_ATTRACT_FACTOR
+    up to FEW_CLUSTERS, 1 above. An over-clustered run, named by a person, keeps the finer distinctions; the
+    extra attraction cost its named clusters and propagated maps on both CamVid splits (docs/shifts.md)."""
     return NEG_ATTRACT_FACTOR if n_clusters <= FEW_CLUSTERS else 1.0
 
 
