@@ -213,22 +213,26 @@ def _dependency_ids(app, trigger: str) -> set[int]:
         {dep["id"] for dep in config["dependencies"] if any(t[1] == trigger for t in dep.get("targets", []))}
 
 
+def _fn_index(route) -> int | None:
+    """The event a queued Gradio request (a route of **/queue/join) is for."""
+    import json
+
+    try:
+        return json.loads(route.request.post_data or "{}").get("fn_index")
+    except ValueError:
+        return None
+
+
 def test_nothing_is_pressed_before_the_page_has_loaded_its_project(browser, app, db):
     """A click landing before the page's first load answered used to reach the server without a
     project and was refused ("create or choose a project with images first") although the project
     showed a moment later. Now nothing can be pressed until that load is in."""
-    import json
-
     loads = _dependency_ids(app, "load")
     assert loads
     held = []
 
     def hold_load(route):
-        try:
-            body = json.loads(route.request.post_data or "{}")
-        except ValueError:
-            body = {}
-        if body.get("fn_index") in loads and not held:
+        if _fn_index(route) in loads and not held:
             held.append(route)               # answered below, when the test lets it go
         else:
             route.continue_()
@@ -277,12 +281,7 @@ def test_two_tabs_stale_edit_refused_and_changes_picked_up(browser, app, db):
         blocked = {"on": True}
 
         def hold_ticks(route):        # tab B does not poll for now: it keeps showing what it showed
-            import json
-            try:
-                body = json.loads(route.request.post_data or "{}")
-            except ValueError:
-                body = {}
-            if blocked["on"] and body.get("fn_index") in ticks:
+            if blocked["on"] and _fn_index(route) in ticks:
                 route.abort()
             else:
                 route.continue_()

@@ -131,17 +131,6 @@ class ExploreTab:
             return gr.skip()
         return gr.update(value=ids[i])
 
-    @guard
-    def on_confirm(self, run_id, image_id, checked):
-        run_id = H.as_id(run_id, "run")
-        image_id = H.as_id(image_id, "image")
-        if run_id is None or image_id is None:
-            raise UserError("choose an image first")
-        annotations.confirm_image(self.ctx, run_id, int(image_id), bool(checked))
-        n = annotations.confirmed_count(self.ctx, run_id)
-        gr.Info(f"{'Checked' if checked else 'Unchecked'}; {n} image{'s' if n != 1 else ''} checked in this run.")
-        return self.correction_views(run_id, int(image_id))
-
     @staticmethod
     def _chosen(run_id, image_id) -> tuple[int, int]:
         run_id = H.as_id(run_id, "run")
@@ -149,6 +138,14 @@ class ExploreTab:
         if run_id is None or image_id is None:
             raise UserError("choose an image first")
         return run_id, int(image_id)
+
+    @guard
+    def on_confirm(self, run_id, image_id, checked):
+        run_id, image_id = self._chosen(run_id, image_id)
+        annotations.confirm_image(self.ctx, run_id, image_id, bool(checked))
+        n = annotations.confirmed_count(self.ctx, run_id)
+        gr.Info(f"{'Checked' if checked else 'Unchecked'}; {n} image{'s' if n != 1 else ''} checked in this run.")
+        return self.correction_views(run_id, image_id)
 
     @guard
     def on_forget_ask(self, run_id, image_id):
