@@ -247,7 +247,8 @@ def _cluster_log_probs_direct(codes: np.ndarray, centroids: np.ndarray, out_hw: 
 
 
 def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int = 0,
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  average_flips: bool = False) -> np.ndarray:
     """Up to ``max_tokens`` token rows drawn evenly over items (float32).
 
     Each item contributes in proportion to its token count. ``transform`` (e.g. the
@@ -256,53 +257,67 @@ def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int 
     items at once). Memory is O(max_tokens) whatever the corpus size: with more items
     than ``max_tokens``, positions are drawn uniformly over all tokens instead of at least
     one per item (which would return one row per item).
+
+    ``average_flips``: where the features hold flipped copies (``has_flip``), each row is the mean
+    of the transformed token and its flipped copy, the vectors a flip-averaging run assigns to
+    clusters (``core.pipeline.item_codes``), so its clusters are fitted on what they are assigned.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     rng = np.random.default_rng(seed)
     n = len(features)
     sizes = np.fromiter((h * w for h, w in (features.grid(i) for i in range(n))), dtype=np.int64, count=n)
+    views = (False, True) if average_flips and getattr(features, "has_flip", False) else (False,)
+
+    def rows(i: int, pos) -> list[np.ndarray]:
+        return [np.asarray(features.tokens(i, flipped=f)[pos], dtype=np.float32) if f else
+                np.asarray(features.tokens(i)[pos], dtype=np.float32) for f in views]
+
+    def mapped(xs: list[np.ndarray]) -> np.ndarray:
+        ys = [transform(x) if transform is not None else x for x in xs]
+        return ys[0] if len(ys) == 1 else 0.5 * (ys[0] + ys[1])
+
     if n > max_tokens:
-        return _sample_uniform(features, sizes, max_tokens, rng, transform)
+        return _sample_uniform(sizes, max_tokens, rng, rows, mapped)
     frac = min(1.0, max_tokens / max(int(sizes.sum()), 1))
     parts = []
     for i in range(n):
         t = int(min(sizes[i], max(1, round(sizes[i] * frac))))
         pos = np.sort(rng.choice(sizes[i], size=t, replace=False)) if t < sizes[i] else slice(None)
-        x = np.asarray(features.tokens(i)[pos], dtype=np.float32)
-        parts.append(transform(x) if transform is not None else x)
+        parts.append(mapped(rows(i, pos)))
     return np.concatenate(parts)
 
 
-def _sample_uniform(features: TokenFeatures, sizes: np.ndarray, max_tokens: int, rng: np.random.Generator,
-                    transform: Callable[[np.ndarray], np.ndarray] | None, block: int = 16_384) -> np.ndarray:
-    """``max_tokens`` distinct token positions uniform over the whole corpus, read item by item."""
+def _sample_uniform(sizes: np.ndarray, max_tokens: int, rng: np.random.Generator,
+                    rows: Callable[[int, np.ndarray], list[np.ndarray]],
+                    mapped: Callable[[list[np.ndarray]], np.ndarray], block: int = 16_384) -> np.ndarray:
+    """``max_tokens`` distinct token positions uniform over the whole corpus, read item by item
+    (``rows(i, pos)``: the item's views at those positions; ``mapped``: the views to one row each)."""
     ends = np.cumsum(sizes)
     picks = np.sort(rng.choice(int(ends[-1]), size=max_tokens, replace=False))
     items = np.searchsorted(ends, picks, side="right")
     local = picks - (ends[items] - sizes[items])
     bounds = np.flatnonzero(np.diff(items)) + 1
     out: np.ndarray | None = None
-    pending: list[np.ndarray] = []
+    pending: list[list[np.ndarray]] = []    # per item read: its views
     filled = 0
 
     def flush() -> None:
         nonlocal out, filled
-        x = np.concatenate(pending)
+        y = mapped([np.concatenate(v) for v in zip(*pending)])
         pending.clear()
-        y = transform(x) if transform is not None else x
         if out is None:
             out = np.empty((max_tokens, y.shape[1]), dtype=np.float32)
         out[filled:filled + len(y)] = y
         filled += len(y)
 
-    rows = 0
+    count = 0
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(picks)]):
-        pending.append(np.asarray(features.tokens(int(items[lo]))[local[lo:hi]], dtype=np.float32))
-        rows += hi - lo
-        if rows >= block:
+        pending.append(rows(int(items[lo]), local[lo:hi]))
+        count += hi - lo
+        if count >= block:
             flush()
-            rows = 0
+            count = 0
     if pending:
         flush()
     return out

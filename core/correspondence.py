@@ -82,7 +82,7 @@ class CorrespondenceIndex:
         root.mkdir(parents=True, exist_ok=True)
         for name in ("meta.json",):
             (root / name).unlink(missing_ok=True)      # incomplete until meta.json is written last
-        sample = sample_tokens(features, FIT_SAMPLES, seed=seed).astype(np.float64)
+        sample = sample_tokens(features, FIT_SAMPLES, seed=seed, average_flips=True).astype(np.float64)
         mean = sample.mean(axis=0)
         centred = sample - mean
         k = int(min(dim, centred.shape[1], max(1, centred.shape[0] - 1)))

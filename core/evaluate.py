@@ -56,7 +56,7 @@ from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, major
                           with_void)
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
-                              cluster_probabilities, pseudo_labels, with_found)
+                              cluster_probabilities, flip_averaged_log_proba, pseudo_labels, with_found)
 from core.refinement import RefineConfig
 from core.settings import SettingsError, check
 from core.training import encode_tokens
@@ -304,6 +304,7 @@ class _Concat:
     def __init__(self, parts: Sequence):
         self.parts = list(parts)
         self.embed_dim = self.parts[0].embed_dim
+        self.has_flip = all(getattr(p, "has_flip", False) for p in self.parts)
         self._starts = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
@@ -486,7 +487,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     sweep_heads = {K: (sweep_pipelines or {}).get(K, pipeline).head for K in sorted(set(settings.sweep) | {C})}
     head_of = sweep_heads.__getitem__          # the head whose codes the rows at K cluster
     n_samples = settings.kmeans_samples or cfg.cluster_samples
-    raw_x = sample_tokens(fit_store, n_samples, seed=seed)
+    raw_x = sample_tokens(fit_store, n_samples, seed=seed, average_flips=True)
     code_x: dict[int, np.ndarray] = {}         # id(head) -> sampled codes
     centroids: dict[tuple[str, int], np.ndarray] = {}
     for K in sorted(set(settings.sweep) | {C}):
@@ -498,7 +499,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         else:
             if id(h) not in code_x:
                 code_x[id(h)] = sample_tokens(fit_store, n_samples, seed=seed,
-                                              transform=lambda t, h=h: encode_tokens(h, t))
+                                              transform=lambda t, h=h: encode_tokens(h, t), average_flips=True)
             centroids[("stego", K)] = CosineKMeans(K, n_init=n_init, seed=seed).fit(code_x[id(h)]).centroids_
         report("clustering", 0.5)
     del raw_x, code_x
@@ -508,7 +509,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
             pipe = compare[key[1:]]
             compare_centroids[key] = pipe.centroids if pipe.config.n_clusters == C else CosineKMeans(
                 C, n_init=settings.kmeans_n_init or cfg.cluster_n_init, seed=seed).fit(
-                sample_tokens(fit_store, n_samples, seed=seed, transform=enc[key])).centroids_
+                sample_tokens(fit_store, n_samples, seed=seed, transform=enc[key], average_flips=True)).centroids_
     timings["clustering"] = time.perf_counter() - t
 
     probes = {}
@@ -651,7 +652,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 if settings.predict_dense and props:
                     raw, (h, w) = dense_item(pipeline.backbone(), images[i], store.grid(i), dense_precision)
                 else:
-                    raw = np.asarray(predict_store.tokens(i))
+                    raw = None                          # each propagator reads the item (and its flip) itself
                     h, w = predict_store.grid(i)
                 for K in settings.sweep:
                     if settings.crf:
@@ -662,7 +663,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         (("checked", n, K), f"propagated_checked{n}{found_tag}_k{K}") for n in checked]
                     for key, row in rows:
                         if key in props:
-                            lp = props[key].predict_log_proba(raw).reshape(h, w, -1)
+                            lp = (props[key].predict_log_proba(raw) if raw is not None else
+                                  flip_averaged_log_proba(props[key], predict_store, i)).reshape(h, w, -1)
                             tags2.append((i, row))
                             yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side,
                                               params=prop_crf)
@@ -782,8 +784,9 @@ def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, sett
     kind = settings.propagate_from
 
     def labels_of(i: int) -> tuple[np.ndarray, np.ndarray]:       # read twice per item, as the app does
-        x = np.asarray(corpus.tokens(i), dtype=np.float32)
-        v = encode_tokens(head, x) if kind == "stego" else x
+        # the vectors the clusters were named on (flip-averaged where stored), as the app's codes_of
+        v = item_codes(head, corpus, i) if kind == "stego" else _raw(corpus, i)
+        v = v.reshape(-1, v.shape[-1])
         lab, wt = pseudo_labels(cluster_probabilities(v, centroids, settings.pseudo_alpha), names,
                                 min_confidence=settings.min_confidence)
         found = found_of(i) if found_of is not None else None

@@ -435,7 +435,7 @@ class StegoPipeline:
         cfg = self.config
         head = self.head
         X = sample_tokens(store, cfg.cluster_samples, seed=cfg.train.seed,
-                          transform=lambda t: encode_tokens(head, t))
+                          transform=lambda t: encode_tokens(head, t), average_flips=True)
         report("clustering", 0.3, {"samples": int(X.shape[0])})
         km = CosineKMeans(cfg.n_clusters, n_init=cfg.cluster_n_init, seed=cfg.train.seed).fit(X)
         return km.centroids_

@@ -34,7 +34,8 @@ from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Propagator", "pseudo_labels", "with_found", "cluster_probabilities", "ClassMapJob", "ClassMap", "class_map",
+__all__ = ["Propagator", "pseudo_labels", "with_found", "flip_averaged_log_proba", "cluster_probabilities",
+           "ClassMapJob", "ClassMap", "class_map",
            "LABEL_PASSES",
            "DEFAULT_PSEUDO_ALPHA", "DEFAULT_MIN_CONFIDENCE", "PROPAGATOR_DEFAULTS"]
 
@@ -85,6 +86,15 @@ def with_found(labels: np.ndarray, weights: np.ndarray, found: np.ndarray, hit: 
     lab = np.where(take, found, np.where(hit, -1, labels))
     wt = np.where(take, 1.0, np.where(hit, 0.0, weights)).astype(np.float32)
     return lab, wt, int(take.sum())
+
+
+def flip_averaged_log_proba(prop: Propagator, features: TokenFeatures, i: int) -> np.ndarray:
+    """(T, n_classes) log-probabilities of item i's tokens; where the features hold flipped copies
+    (``has_flip``), the mean in probability of the image's and its mirror's predictions."""
+    lp = prop.predict_log_proba(np.asarray(features.tokens(i)))
+    if getattr(features, "has_flip", False):
+        lp = np.logaddexp(lp, prop.predict_log_proba(np.asarray(features.tokens(i, flipped=True)))) - np.log(2.0)
+    return lp
 
 
 def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *,

@@ -37,6 +37,7 @@ from core.propagation import (
     Propagator,
     class_map,
     cluster_probabilities,
+    flip_averaged_log_proba,
     pseudo_labels,
     with_found,
 )
@@ -270,7 +271,6 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
         prop.save(model_path)
     lut = np.asarray(space.class_to_cluster, dtype=np.int64)
     todo = [i for i in range(n) if not (out_dir / f"{i:06d}.png").is_file()]
-    flip = bool(getattr(features, "has_flip", False)) and not config.dense
     precision = str((getattr(features, "meta", None) or {}).get("precision", "float32"))
     t0 = time.perf_counter()
 
@@ -281,11 +281,9 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
             h, w = features.grid(i)
             if config.dense:
                 tokens, (h, w) = dense_item(backbone, image_paths[i], (h, w), precision)
+                lp = prop.predict_log_proba(tokens)
             else:
-                tokens = np.asarray(features.tokens(i))
-            lp = prop.predict_log_proba(tokens)
-            if flip:
-                lp = np.logaddexp(lp, prop.predict_log_proba(np.asarray(features.tokens(i, flipped=True)))) - np.log(2.0)
+                lp = flip_averaged_log_proba(prop, features, i)
             yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
                               crf=config.crf, crf_resolution=config.crf_resolution)
 

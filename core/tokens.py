@@ -33,6 +33,7 @@ class ArrayFeatures:
             raise ValueError("every feature map must be (h, w, C) with the same C")
         self._maps = [np.asarray(m) for m in maps]
         self._flipped = None if flipped is None else [np.asarray(m) for m in flipped]
+        self.has_flip = flipped is not None
         self._images = list(range(len(maps))) if image_indices is None else list(image_indices)
         self.embed_dim = dims.pop()
 

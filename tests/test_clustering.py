@@ -102,3 +102,20 @@ def test_sample_tokens_is_proportional_and_capped():
     assert (half[:, 0] == 9).sum() == 50  # the big item contributes in proportion to its size
     coded = sample_tokens(feats, max_tokens=80, seed=1, transform=lambda x: x[:, :1] * 2)
     np.testing.assert_array_equal(coded[:, 0], half[:, 0] * 2)
+
+
+@pytest.mark.parametrize("n_items, budget", [(4, 10_000), (4, 30), (300, 100)])
+def test_a_flip_averaging_corpus_is_clustered_on_the_vectors_it_assigns(n_items, budget):
+    """A run that averages each image with its mirror assigns the mean of the two views' codes;
+    its clusters must be fitted on those means, not on one view (the sampled rows k-means fits)."""
+    rng = np.random.default_rng(0)
+    maps = [rng.normal(size=(3, 4, 2)).astype(np.float32) for _ in range(n_items)]
+    feats = ArrayFeatures(maps, flipped=[3 * m for m in maps])      # the mirror's tokens: 3x the image's
+    square = lambda x: x ** 2                                       # noqa: E731  (a non-linear "head")
+    one_view = sample_tokens(feats, budget, seed=2, transform=square)
+    averaged = sample_tokens(feats, budget, seed=2, transform=square, average_flips=True)
+    assert len(averaged) == len(one_view)
+    np.testing.assert_allclose(averaged, 0.5 * (one_view + 9 * one_view), rtol=1e-6)   # mean of x^2 and (3x)^2
+    plain = ArrayFeatures(maps)                                     # no mirror stored: nothing to average
+    np.testing.assert_array_equal(sample_tokens(plain, budget, seed=2, transform=square, average_flips=True),
+                                  one_view)

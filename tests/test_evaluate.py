@@ -277,3 +277,24 @@ def test_checked_images_teach_the_propagator_a_class_no_cluster_is_named_after()
         checked_items(4, 4)
     with pytest.raises(ValueError, match="positive"):
         EvalSettings(n_classes=3, checked=(0,)).validate()
+
+
+def test_a_flip_averaging_evaluation_predicts_each_image_with_its_mirror_as_refine_does(tmp_path, monkeypatch):
+    """With --flip the propagated rows score what Refine with names makes of such a run: each scored
+    image's prediction averaged with its mirror's (and the fitting corpus, scored images included,
+    labelled from the flip-averaged codes the clusters were named on)."""
+    import core.evaluate as ev
+
+    calls = []
+    real = ev.flip_averaged_log_proba
+
+    def spy(prop, features, i):
+        calls.append(bool(getattr(features, "has_flip", False)))
+        return real(prop, features, i)
+
+    monkeypatch.setattr(ev, "flip_averaged_log_proba", spy)
+    report = evaluate_cli.run(_args(tmp_path, flip=True, k_multiples="2", no_probes=True, no_crf=True,
+                                    propagation='{"steps": 20, "batch_size": 64, "hidden": 16}'))
+    assert report.meta["flip"] is True
+    assert calls == [True] * 4                     # the 4 scored images, each with its mirror
+    assert 0.0 <= report.results["propagated_k6"].miou <= 1.0
