@@ -148,14 +148,15 @@ def markdown(meta: dict, rows: list[dict], ks: list[int], split: str) -> str:
             cells.append(" / ".join(f"{a:.1f}" for a in v) + (f" ({np.mean(v):.1f})" if len(v) > 1 else ""))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     raw = {r["seed"]: r["miou"] for r in rows if r["method"] == "kmeans_raw" and r["k"] == ks[0]}
-    lines += ["", f"Ratio to raw k-means at K = {ks[0]} (per seed):", ""]
+    if raw:
+        lines += ["", f"Ratio to raw k-means at K = {ks[0]} (per seed):", ""]
     for m in methods:
         rs = [r["miou"] / raw[r["seed"]] for r in rows
               if r["method"] == m != "kmeans_raw" and r["k"] == ks[0] and r["seed"] in raw]
         if rs:
             lines.append(f"- {m}: " + ", ".join(f"{v:.2f}x" for v in rs))
     if all("per_class" in r for r in rows):
-        lines += ["", "Per-class IoU at K = C (first seed):", "",
+        lines += ["", f"Per-class IoU at K = {ks[0]} (first seed):", "",
                   "| method | " + " | ".join(NAMES) + " |", "| --- |" + " --- |" * C]
         for m in methods:
             r = next(r for r in rows if r["method"] == m and r["k"] == ks[0])

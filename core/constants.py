@@ -13,8 +13,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # CamVid train (bench/results/find_train_s0_sweep.md): at 0.6 one click on a pole covered a
 # third of the corpus; 0.9 keeps what looks alike and gave the best pseudo-labels; confirmed on val.
 FIND_THRESHOLD: float = 0.9
-# Automatic shifts: runs of at most this many clusters (about the classes) let the random pairs attract more
-# (core.shifts.auto_neg_factor); a run with more is over-clustered for a person to name. Chosen on CamVid train,
+# Automatic shifts: runs of at most this many clusters (about the classes) let the random pairs attract more, runs
+# with more (over-clustered for a person to name) fewer (core.shifts.auto_neg_factor). Chosen on CamVid train,
 # confirmed on val (docs/shifts.md, "Few clusters or many").
 FEW_CLUSTERS: int = 32
 # Refine with names, what a person may set when starting it: field -> (label, help); the Clusters tab and

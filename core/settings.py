@@ -137,7 +137,7 @@ class RunSettings:
     shift_neg: float | None = _setting(None, label="Shift (negative)", minimum=-1, maximum=1, group="loss",
                                        help="correlation shift of the random pairs",
                                        auto=f"from feature statistics (attracting more in runs of at most "
-                                            f"{FEW_CLUSTERS} clusters)")
+                                            f"{FEW_CLUSTERS} clusters, fewer above)")
     weight_self: float = _setting(0.67, label="Weight (self)", minimum=0, maximum=100, group="loss",
                                   help="loss weight of the self pairs")
     weight_knn: float = _setting(0.25, label="Weight (KNN)", minimum=0, maximum=100, group="loss",

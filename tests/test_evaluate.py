@@ -137,7 +137,7 @@ def test_over_clustered_rows_use_the_head_a_run_of_that_many_clusters_trains(tmp
     monkeypatch.setattr(core.shifts, "FEW_CLUSTERS", 4)
     report = evaluate_cli.run(_args(tmp_path / "cli", k_multiples="1,2", no_propagation=True, no_probes=True))
     heads = report.meta["sweep_heads"]
-    assert list(heads) == ["6"] and heads["6"]["auto_shift_neg_factor"] == 1.0
+    assert list(heads) == ["6"] and heads["6"]["auto_shift_neg_factor"] == core.shifts.NEG_ATTRACT_FACTOR_MANY
     assert heads["6"]["shifts"]["neg"] > report.meta["shifts"]["auto"]["neg"]     # random pairs attract fewer
     assert heads["6"]["shifts"]["self"] == report.meta["shifts"]["auto"]["self"]
     assert "Over-clustered rows on their own head" in (tmp_path / "cli" / "out" / "eval.md").read_text()

@@ -3,7 +3,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from core.clustering import CosineKMeans
-from core.shifts import FEW_CLUSTERS, NEG_ATTRACT_FACTOR, ShiftEstimator, auto_neg_factor, pair_correlations
+from core.shifts import (FEW_CLUSTERS, NEG_ATTRACT_FACTOR, NEG_ATTRACT_FACTOR_MANY, ShiftEstimator, auto_neg_factor,
+                         pair_correlations)
 from core.tokens import ArrayFeatures
 from core.training import PAPER_SHIFTS, StegoTrainer, TrainConfig
 from tests.conftest import make_planted_corpus
@@ -36,15 +37,15 @@ def test_shift_attracts_the_requested_share_of_pairs(planted_corpus):
     assert trained.shifts == ShiftEstimator(neg_factor=2.0, batch_size=8).fit(features, knn).shifts_
 
 
-def test_a_run_of_many_clusters_lets_random_pairs_attract_no_more_than_the_others():
+def test_a_run_of_many_clusters_lets_random_pairs_attract_fewer_than_the_others():
     """Few clusters (about the classes): random pairs attract more, aligning a class across images; a run
     over-clustered for a person to name keeps the finer distinctions (docs/shifts.md, "Few clusters or many")."""
     from core.pipeline import PipelineConfig
     from core.settings import RunSettings
 
     assert auto_neg_factor(11) == auto_neg_factor(FEW_CLUSTERS) == NEG_ATTRACT_FACTOR > 1.0
-    assert auto_neg_factor(FEW_CLUSTERS + 1) == auto_neg_factor(88) == 1.0
-    for k, factor in ((11, NEG_ATTRACT_FACTOR), (88, 1.0)):
+    assert auto_neg_factor(FEW_CLUSTERS + 1) == auto_neg_factor(88) == NEG_ATTRACT_FACTOR_MANY < 1.0
+    for k, factor in ((11, NEG_ATTRACT_FACTOR), (88, NEG_ATTRACT_FACTOR_MANY)):
         cfg = PipelineConfig.from_settings(RunSettings(n_clusters=k, steps=10), backbone="test_tiny")
         assert cfg.train.auto_shift_neg_factor == factor, k
 
