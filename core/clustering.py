@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from core.tokens import TokenFeatures
+from core.tokens import TokenFeatures, mean_of_views, token_views
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +267,12 @@ def sample_tokens(features: TokenFeatures, max_tokens: int = 100_000, seed: int 
     rng = np.random.default_rng(seed)
     n = len(features)
     sizes = np.fromiter((h * w for h, w in (features.grid(i) for i in range(n))), dtype=np.int64, count=n)
-    views = (False, True) if average_flips and getattr(features, "has_flip", False) else (False,)
 
     def rows(i: int, pos) -> list[np.ndarray]:
-        return [np.asarray(features.tokens(i, flipped=f)[pos], dtype=np.float32) if f else
-                np.asarray(features.tokens(i)[pos], dtype=np.float32) for f in views]
+        return token_views(features, i, pos, flips=average_flips)
 
     def mapped(xs: list[np.ndarray]) -> np.ndarray:
-        ys = [transform(x) if transform is not None else x for x in xs]
-        return ys[0] if len(ys) == 1 else 0.5 * (ys[0] + ys[1])
+        return mean_of_views([transform(x) if transform is not None else x for x in xs])
 
     if n > max_tokens:
         return _sample_uniform(sizes, max_tokens, rng, rows, mapped)

@@ -29,7 +29,7 @@ import numpy as np
 from core.atomic import atomic_save_npy, atomic_write_json
 from core.constants import FIND_THRESHOLD
 from core.errors import Cancelled
-from core.tokens import TokenFeatures
+from core.tokens import TokenFeatures, mean_of_views, token_views
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class CorrespondenceIndex:
                 del out
                 tmp.unlink(missing_ok=True)
                 raise Cancelled(f"building the correspondence index cancelled at item {i}")
-            t = np.asarray(features.tokens(i), dtype=np.float32)
-            if flip:
-                t = 0.5 * (t + np.asarray(features.tokens(i, flipped=True), dtype=np.float32))
+            t = mean_of_views(token_views(features, i))
             out[offsets[i]:offsets[i] + sizes[i]] = _unit((t - mean32) @ components.T).astype(np.float16)
             if progress is not None:
                 progress(i + 1, n)

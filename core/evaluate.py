@@ -56,9 +56,10 @@ from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, major
                           with_void)
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
-                              cluster_probabilities, flip_averaged_log_proba, pseudo_labels, with_found)
+                              cluster_probabilities, pseudo_labels, views_log_proba, with_found)
 from core.refinement import RefineConfig
 from core.settings import SettingsError, check
+from core.tokens import mean_of_views, token_views
 from core.training import encode_tokens
 
 log = logging.getLogger(__name__)
@@ -352,10 +353,7 @@ class _Subset:
 def _raw(store, i: int) -> np.ndarray:
     """(h, w, C) float32 raw features of item i (flip-averaged when stored)."""
     h, w = store.grid(i)
-    x = np.asarray(store.tokens(i), dtype=np.float32)
-    if getattr(store, "has_flip", False):
-        x = 0.5 * (x + np.asarray(store.tokens(i, flipped=True), dtype=np.float32))
-    return x.reshape(h, w, -1)
+    return mean_of_views(token_views(store, i)).reshape(h, w, -1)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -651,8 +649,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 codes = _codes_by_head(store, i, [head_of(K) for K in settings.sweep]) if settings.crf else None
                 if settings.predict_dense and props:
                     raw, (h, w) = dense_item(pipeline.backbone(), images[i], store.grid(i), dense_precision)
+                    views = [raw]
                 else:
-                    raw = None                          # each propagator reads the item (and its flip) itself
+                    views = token_views(predict_store, i) if props else []   # the image and, where stored, its mirror
                     h, w = predict_store.grid(i)
                 for K in settings.sweep:
                     if settings.crf:
@@ -663,8 +662,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                         (("checked", n, K), f"propagated_checked{n}{found_tag}_k{K}") for n in checked]
                     for key, row in rows:
                         if key in props:
-                            lp = (props[key].predict_log_proba(raw) if raw is not None else
-                                  flip_averaged_log_proba(props[key], predict_store, i)).reshape(h, w, -1)
+                            lp = views_log_proba(props[key], views).reshape(h, w, -1)
                             tags2.append((i, row))
                             yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side,
                                               params=prop_crf)

@@ -36,6 +36,7 @@ from core.precision import resolve_precision
 from core.rundir import RunDir
 from core.settings import DEFAULTS, RunSettings, SettingsError, auto_steps, check
 from core.shifts import auto_neg_factor
+from core.tokens import mean_of_views, token_views
 from core.training import LEGACY_DEFAULTS, StegoTrainer, TrainConfig, encode_tokens
 
 log = logging.getLogger(__name__)
@@ -157,10 +158,7 @@ def peak_rss_mb() -> float:
 def item_codes(head: SegmentationHead, store: FeatureStore, i: int) -> np.ndarray:
     """(h, w, D) codes of item i; averaged with the codes of the flipped image when stored."""
     h, w = store.grid(i)
-    codes = encode_tokens(head, np.asarray(store.tokens(i)))
-    if getattr(store, "has_flip", False):
-        codes = 0.5 * (codes + encode_tokens(head, np.asarray(store.tokens(i, flipped=True))))
-    return codes.reshape(h, w, -1)
+    return mean_of_views([encode_tokens(head, v) for v in token_views(store, i)]).reshape(h, w, -1)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from core.tokens import TokenFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Propagator", "pseudo_labels", "with_found", "flip_averaged_log_proba", "cluster_probabilities",
+__all__ = ["Propagator", "pseudo_labels", "with_found", "views_log_proba", "cluster_probabilities",
            "ClassMapJob", "ClassMap", "class_map",
            "LABEL_PASSES",
            "DEFAULT_PSEUDO_ALPHA", "DEFAULT_MIN_CONFIDENCE", "PROPAGATOR_DEFAULTS"]
@@ -88,13 +88,11 @@ def with_found(labels: np.ndarray, weights: np.ndarray, found: np.ndarray, hit: 
     return lab, wt, int(take.sum())
 
 
-def flip_averaged_log_proba(prop: Propagator, features: TokenFeatures, i: int) -> np.ndarray:
-    """(T, n_classes) log-probabilities of item i's tokens; where the features hold flipped copies
-    (``has_flip``), the mean in probability of the image's and its mirror's predictions."""
-    lp = prop.predict_log_proba(np.asarray(features.tokens(i)))
-    if getattr(features, "has_flip", False):
-        lp = np.logaddexp(lp, prop.predict_log_proba(np.asarray(features.tokens(i, flipped=True)))) - np.log(2.0)
-    return lp
+def views_log_proba(prop: Propagator, views: Sequence[np.ndarray]) -> np.ndarray:
+    """(T, n_classes) log-probabilities of an item's token views (``core.tokens.token_views``); with an
+    image and its mirror, the mean in probability of the two predictions."""
+    lps = [prop.predict_log_proba(v) for v in views]
+    return lps[0] if len(lps) == 1 else np.logaddexp(lps[0], lps[1]) - np.log(2.0)
 
 
 def pseudo_labels(cluster_probs: np.ndarray, cluster_to_class: np.ndarray, *,

@@ -37,12 +37,12 @@ from core.propagation import (
     Propagator,
     class_map,
     cluster_probabilities,
-    flip_averaged_log_proba,
     pseudo_labels,
+    views_log_proba,
     with_found,
 )
 from core.rundir import write_label_png
-from core.tokens import TokenFeatures
+from core.tokens import TokenFeatures, token_views
 
 if TYPE_CHECKING:
     from core.backbones import Backbone
@@ -281,9 +281,10 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
             h, w = features.grid(i)
             if config.dense:
                 tokens, (h, w) = dense_item(backbone, image_paths[i], (h, w), precision)
-                lp = prop.predict_log_proba(tokens)
+                views = [tokens]
             else:
-                lp = flip_averaged_log_proba(prop, features, i)
+                views = token_views(features, i)
+            lp = views_log_proba(prop, views)
             yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
                               crf=config.crf, crf_resolution=config.crf_resolution)
 

@@ -21,6 +21,18 @@ class TokenFeatures(Protocol):
     def image_index(self, i: int) -> int: ...
 
 
+def token_views(features: TokenFeatures, i: int, pos=slice(None), flips: bool = True) -> list[np.ndarray]:
+    """Item i's (T, C) float32 tokens at ``pos``, then its mirror's where ``flips`` and the features hold
+    flipped copies (``has_flip``): the views a flip-averaging run averages."""
+    views = (False, True) if flips and getattr(features, "has_flip", False) else (False,)
+    return [np.asarray(features.tokens(i, flipped=f)[pos], dtype=np.float32) for f in views]
+
+
+def mean_of_views(views: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean of an item's views (one view is returned as it is)."""
+    return views[0] if len(views) == 1 else 0.5 * (views[0] + views[1])
+
+
 class ArrayFeatures:
     """TokenFeatures held in memory: one (h, w, C) array per item (tests, small corpora)."""
 

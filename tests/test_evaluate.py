@@ -286,13 +286,13 @@ def test_a_flip_averaging_evaluation_predicts_each_image_with_its_mirror_as_refi
     import core.evaluate as ev
 
     calls = []
-    real = ev.flip_averaged_log_proba
+    real = ev.views_log_proba
 
-    def spy(prop, features, i):
-        calls.append(bool(getattr(features, "has_flip", False)))
-        return real(prop, features, i)
+    def spy(prop, views):
+        calls.append(len(views) == 2)           # the image and its mirror
+        return real(prop, views)
 
-    monkeypatch.setattr(ev, "flip_averaged_log_proba", spy)
+    monkeypatch.setattr(ev, "views_log_proba", spy)
     report = evaluate_cli.run(_args(tmp_path, flip=True, k_multiples="2", no_probes=True, no_crf=True,
                                     propagation='{"steps": 20, "batch_size": 64, "hidden": 16}'))
     assert report.meta["flip"] is True
