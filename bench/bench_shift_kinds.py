@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--no-raw", action="store_true", help="skip the raw k-means rows")
     ap.add_argument("--k-multiples", default="1,4,8")
+    ap.add_argument("--code-dims", default=None,
+                    help="comma-separated code dimensions of the heads, each trained per factor and seed "
+                         "(default: the app's)")
     ap.add_argument("--data", type=Path, default=CAMVID)
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "shift_kinds")
@@ -82,6 +85,7 @@ def main() -> None:
     cache = Path(args.cache_dir or default_cache_dir())
     factors = [float(v) for v in args.neg_factors.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    dims = [int(v) for v in args.code_dims.split(",")] if args.code_dims else [DEFAULTS.code_dim]
     backbone = create_backbone("dinov2_vits14", cache_dir=cache)
     fcfg = FeatureConfig(backbone="dinov2_vits14", resolution=DEFAULTS.resolution)
     data = {}
@@ -112,15 +116,17 @@ def main() -> None:
         if not args.no_raw:
             score_all("kmeans_raw", lambda x: x, seed)
         for factor in factors:
-            cfg = TrainConfig(steps=args.steps, seed=seed, auto_shift_neg_factor=factor)
-            t0 = time.perf_counter()
-            trainer = StegoTrainer(cfg).fit(train_store, knn)
-            secs = round(time.perf_counter() - t0, 1)
-            score_all(f"stego[neg x{factor:g}]", trainer.encode, seed, shifts=trainer.shifts, train_s=secs)
+            for dim in dims:
+                cfg = TrainConfig(code_dim=dim, steps=args.steps, seed=seed, auto_shift_neg_factor=factor)
+                t0 = time.perf_counter()
+                trainer = StegoTrainer(cfg).fit(train_store, knn)
+                secs = round(time.perf_counter() - t0, 1)
+                label = f"neg x{factor:g}" + ("" if dims == [DEFAULTS.code_dim] else f", code dim {dim}")
+                score_all(f"stego[{label}]", trainer.encode, seed, shifts=trainer.shifts, train_s=secs)
 
     meta = {"fit": "CamVid train (367 frames)", "backbone": f"dinov2_vits14 ({backbone.weights_source})",
             "resolution": DEFAULTS.resolution, "steps": args.steps, "level": "token (majority label per token)",
-            "seeds": seeds}
+            "seeds": seeds, "code_dims": dims}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = "\n".join(markdown(meta, [r for r in rows if r["split"] == split], ks, split) for split in SPLITS)
@@ -136,7 +142,8 @@ ROLE = {"train": "choosing split (fitted and scored on train, labels used only t
 def markdown(meta: dict, rows: list[dict], ks: list[int], split: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     seeds = list(dict.fromkeys(r["seed"] for r in rows))
-    lines = [f"# Random pairs attracting F x m partners, CamVid {split}: {ROLE[split]}", "",
+    lines = [f"# STEGO heads at token level (random pairs attracting F x m partners), CamVid {split}: "
+             f"{ROLE[split]}", "",
              "; ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "mIoU per seed (mean); K = C Hungarian, K > C each cluster named by its majority class.", "",
              "| method | " + " | ".join(f"K={k}" for k in ks) + " |",

@@ -1,7 +1,8 @@
 """Names shared by core and the app, torch-free so the app can import them without the ML stack."""
 from __future__ import annotations
 
-__all__ = ["STAGES", "CROP_MODES", "PRECISIONS", "FIND_THRESHOLD", "REFINE_OPTIONS", "FEW_CLUSTERS"]
+__all__ = ["STAGES", "CROP_MODES", "PRECISIONS", "FIND_THRESHOLD", "REFINE_OPTIONS", "FEW_CLUSTERS",
+           "TO_CORRECT_COUNT"]
 
 # Pipeline stages in the order StegoPipeline.fit runs them ("crf" only with CRF on).
 STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segments", "crf")
@@ -17,6 +18,8 @@ FIND_THRESHOLD: float = 0.9
 # with more (over-clustered for a person to name) fewer (core.shifts.auto_neg_factor). Chosen on CamVid train,
 # confirmed on val (docs/shifts.md, "Few clusters or many").
 FEW_CLUSTERS: int = 32
+# Images to correct first (core.selection, stego_app.to_correct): how many `app.py label RUN to-correct` lists.
+TO_CORRECT_COUNT: int = 10
 # Refine with names, what a person may set when starting it: field -> (label, help); the Clusters tab and
 # `app.py label RUN refine` are built from it (defaults: core.refinement.RefineConfig).
 REFINE_OPTIONS: dict[str, tuple[str, str]] = {

@@ -22,8 +22,8 @@ pipeline's own corpus):
   scored token that class fills most, whose correspondence region (``core.correspondence``,
   similarity >= ``find_threshold``) is named that class and labels the propagator's tokens, as
   a found cluster does in the app; with ``checked`` (numbers N), also the same after the stand-in
-  person **checked N images**: N scored images spread evenly over the scored list (chosen without
-  looking at labels) take their true labels as seeds at the app's weight of corrected images, as
+  person **checked N images**: N scored images picked without looking at labels
+  (``checked_pick``, ``core.selection``: as the app suggests them, or spread evenly) take their true labels as seeds at the app's weight of corrected images, as
   masks corrected in an annotation tool and imported do; those rows are scored on the other images only.
 
 Every score comes from confusion matrices accumulated image by image, so memory does not grow
@@ -58,6 +58,7 @@ from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
                               cluster_probabilities, pseudo_labels, views_log_proba, with_found)
 from core.refinement import RefineConfig
+from core.selection import DEFAULT_PICK, PICKS, even_items, image_pooled, pick_images
 from core.settings import SettingsError, check
 from core.tokens import mean_of_views, token_views
 from core.training import encode_tokens
@@ -98,6 +99,7 @@ class EvalSettings:
     find_clicks: int = 1                     # clicks per class left unnamed, each in another scored image
     find_threshold: float = DEFAULT_THRESHOLD
     checked: tuple[int, ...] = ()            # checked-image rows: N scored images with true labels as seeds
+    checked_pick: str = DEFAULT_PICK         # how the N images are picked (CHECKED_PICKS)
     seed_weight: float = CORRECTION_WEIGHT         # loss weight of their tokens (the app's for corrected images)
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
@@ -128,6 +130,8 @@ class EvalSettings:
             raise ValueError(f"seed_weight must be > 1 (it marks seeds), got {self.seed_weight}")
         if any(n < 1 for n in self.checked):
             raise ValueError(f"checked must be positive numbers of images, got {self.checked}")
+        if self.checked_pick not in CHECKED_PICKS:
+            raise ValueError(f"checked_pick must be one of {CHECKED_PICKS}, got {self.checked_pick!r}")
         if self.predict_resolution is not None and not self.propagate:
             raise ValueError("predict_resolution changes the propagated rows: it needs propagate=True")
         if self.predict_dense and not self.propagate:
@@ -227,9 +231,10 @@ class Report:
                          if m.get("predict_resolution") else "")
                       + ("; the propagated rows predict on a token grid twice as dense (four views shifted by a "
                          "quarter patch, core.dense)" if m.get("predict_dense") else "") + ".", "",
-                      *([f"Checked images: {', '.join(map(str, chk['counts']))} scored images spread evenly over "
-                         f"the list take their true labels as seeds (weight {chk['seed_weight']}); those rows are "
-                         "scored on the other images.", ""] if (chk := m.get("checked")) else []),
+                      *([f"Checked images: {', '.join(map(str, chk['counts']))} scored images "
+                         f"{PICK_WORDS[chk.get('pick', 'even')]} take their true labels as seeds (weight "
+                         f"{chk['seed_weight']}); those rows are scored on the other images.", ""]
+                        if (chk := m.get("checked")) else []),
                       *([f"Click-to-find stand-in: {find['clicks_per_class']} click(s) per class left unnamed, "
                          f"similarity >= {find['threshold']}; each click is one more naming action.", ""]
                         if (find := m.get("click_to_find")) and "clicks_per_class" in find else []),
@@ -292,11 +297,8 @@ def pipeline_features(pipeline: StegoPipeline) -> tuple[FeatureStore, list[Path]
     """The whole-image feature store of a fitted pipeline's corpus, and the corpus's image paths."""
     rd = pipeline.dir
     if not rd.state_json.is_file() or not rd.images_json.is_file():
-        raise FileNotFoundError(f"{rd.path} holds no fitted run: call StegoPipeline.fit first")
-    state = rd.read_json(rd.state_json)
-    if "stores" not in state:
-        raise FileNotFoundError(f"{rd.path}: the run has not finished its features stage")
-    return FeatureStore.open(Path(state["stores"]["infer"])), [Path(p) for p in rd.read_json(rd.images_json)]
+        raise FileNotFoundError(f"{rd.root} holds no fitted run: call StegoPipeline.fit first")
+    return rd.infer_store(), [Path(p) for p in rd.read_json(rd.images_json)]
 
 
 class _Concat:
@@ -348,6 +350,9 @@ class _Subset:
 
     def image_sizes(self) -> np.ndarray:
         return self.store.image_sizes()[[self.store.image_index(j) for j in self.items]]
+
+    def pooled(self) -> np.ndarray:
+        return self.store.pooled()[self.items]
 
 
 def _raw(store, i: int) -> np.ndarray:
@@ -402,13 +407,31 @@ def _label(base: str) -> str:
             + (" + CRF" if crf else " (no CRF)"))
 
 
-def checked_items(n_items: int, n_checked: int) -> list[int]:
-    """``n_checked`` items spread evenly over ``n_items`` (the centres of equal bins): the images a
-    person checks without knowing their labels."""
+CHECKED_PICKS = (*PICKS, "random")           # random: a baseline, images picked at random (settings.seed)
+PICK_WORDS = {"even": "spread evenly over the list", "random": "picked at random",
+              "representative": "picked as the app suggests them (the most typical image of each of N groups "
+                                "of similar images, core.selection)"}
+
+
+def _check_count(n_items: int, n_checked: int) -> None:
     if not 1 <= n_checked < n_items:
         raise ValueError(f"can check 1 to {n_items - 1} of the {n_items} scored images "
                          f"(some must stay to be scored), got {n_checked}")
-    return [(2 * j + 1) * n_items // (2 * n_checked) for j in range(n_checked)]
+
+
+def checked_items(n_items: int, n_checked: int, how: str = "even", pooled: np.ndarray | None = None,
+                  seed: int = 0) -> list[int]:
+    """The ``n_checked`` scored items a person checks, picked without their labels as the app
+    suggests them (``core.selection``: ``even`` over the list, or ``representative`` of the
+    ``pooled`` (n_items, C) image features)."""
+    _check_count(n_items, n_checked)
+    if how == "even":
+        return even_items(n_items, n_checked)
+    if how == "random":
+        return sorted(np.random.default_rng(seed).choice(n_items, size=n_checked, replace=False).tolist())
+    if pooled is None:
+        raise ValueError(f"picking checked images {how!r} needs the images' pooled features")
+    return pick_images(pooled, n_checked, how, seed=seed)
 
 
 def _train_probe(store, masks: Sequence[Path], settings: EvalSettings, encode=None, dim: int | None = None
@@ -451,7 +474,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
     if len(images) != len(masks) or not images:
         raise ValueError(f"need one mask per image, got {len(images)} images and {len(masks)} masks")
     for n in settings.checked:
-        checked_items(len(images), n)            # fails now, not after the features and clusters
+        _check_count(len(images), n)             # fails now, not after the features and clusters
     def report(stage: str, frac: float) -> None:
         log.info("%s %.0f %%", stage, 100 * frac)
         if progress is not None:
@@ -614,7 +637,8 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 if settings.checked:                 # the index's maps are needed after it is removed
                     found_fns[K] = None if found_of is None else _materialised(found_of, len(corpus))
         timings["click_to_find"] = time.perf_counter() - t
-    checked = {n: checked_items(len(store), n) for n in settings.checked}
+    pooled = image_pooled(store) if settings.checked and settings.checked_pick == "representative" else None
+    checked = {n: checked_items(len(store), n, settings.checked_pick, pooled, seed=seed) for n in settings.checked}
     if checked:
         t = time.perf_counter()
         for n, chosen in checked.items():
@@ -723,7 +747,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
         "click_to_find": ({"threshold": settings.find_threshold, "clicks_per_class": settings.find_clicks,
                            "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
-        "checked": ({"counts": sorted(checked), "seed_weight": settings.seed_weight,
+        "checked": ({"counts": sorted(checked), "seed_weight": settings.seed_weight, "pick": settings.checked_pick,
                      "images": {str(n): [str(images[i].name) for i in v] for n, v in checked.items()}}
                     if checked else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in

@@ -26,7 +26,7 @@ import numpy as np
 
 from core.atomic import atomic_write_bytes
 
-__all__ = ["RunDir", "SEGMENT_KINDS", "SegmentsMissing", "segment_kind", "write_label_png"]
+__all__ = ["RunDir", "SEGMENT_KINDS", "SegmentsMissing", "FeaturesMissing", "segment_kind", "write_label_png"]
 
 SEGMENT_KINDS: dict[str, str] = {"plain": "segments", "crf": "segments_crf", "refined": "segments_refined"}
 
@@ -54,6 +54,10 @@ class SegmentsMissing(FileNotFoundError):
     def __init__(self, path: Path):
         super().__init__(f"the segment map {path.name} of this run is missing ({path.parent})")
         self.path = path
+
+
+class FeaturesMissing(FileNotFoundError):
+    """The cached whole-image features of a run are gone (cache cleared) or never finished."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,17 @@ class RunDir:
         return json.loads(Path(path).read_text())
 
     # ---------------------------------------------------------------- segment maps
+    def infer_store(self):
+        """The run's whole-image feature store (``core.features.FeatureStore``, one item per image in
+        the run's order); ``FeaturesMissing`` when its features stage has not finished or the cache
+        was cleared."""
+        from core.features import FeatureStore
+
+        try:
+            return FeatureStore.open(Path(self.read_json(self.state_json)["stores"]["infer"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FeaturesMissing(f"the cached features of {self.root} are gone or unfinished ({exc})") from None
+
     def segments_dir(self, kind: str = "plain") -> Path:
         try:
             return self.root / SEGMENT_KINDS[kind]

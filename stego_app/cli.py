@@ -6,7 +6,7 @@
     python app.py run --project P [--clusters K --steps N ...] | --resume RUN_ID
     python app.py status [RUN_ID] [--project P] [--json]
     python app.py label RUN_ID list|name|rename|merge|unmerge|ignore|colour|kind|confirm|import-corrections|corrections|forget-corrections ...
-    python app.py label RUN_ID groups|name-group|suggest|find|refine ...
+    python app.py label RUN_ID groups|name-group|suggest|to-correct|find|refine ...
     python app.py export RUN_ID [--style masks|polygons] [--include-images] [--label-studio] [--no-refined] ...
     python app.py evaluate ...
 
@@ -26,7 +26,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from core.constants import FIND_THRESHOLD, REFINE_OPTIONS
+from core.constants import FIND_THRESHOLD, REFINE_OPTIONS, TO_CORRECT_COUNT
 from stego_app import cli_images
 from stego_app.config import AppConfig, parse_auth
 from stego_app.errors import UserError
@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
-    """label RUN groups | name-group | suggest | find | refine (stego_app.groups, found, refinement)."""
+    """label RUN groups | name-group | suggest | to-correct | find | refine (stego_app.groups, to_correct, found,
+    refinement)."""
     a = acts.add_parser("groups", parents=[common], help="clusters in groups of similar ones, naming progress")
     a.add_argument("--groups", type=int, default=None, dest="n_groups", help="number of groups (default ~K/4)")
     a.add_argument("--json", action="store_true")
@@ -181,6 +182,11 @@ def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
     a.add_argument("--threshold", type=float, default=None, help=f"cosine similarity (default {FIND_THRESHOLD})")
     a.add_argument("--name", help="name it (an existing label's name adds it to that label)")
     a.add_argument("--dry-run", action="store_true", help="only report the best matches")
+    a = acts.add_parser("to-correct", parents=[common],
+                        help="the images to correct first in an annotation tool (one typical image of each "
+                             "kind of scene, most useful first)")
+    a.add_argument("-n", type=int, default=TO_CORRECT_COUNT, help=f"how many (default {TO_CORRECT_COUNT})")
+    a.add_argument("--json", action="store_true")
     a = acts.add_parser("refine", parents=[common],
                         help="refine with names: propagate the names to every pixel (waits)")
     a.add_argument("--resume", type=int, metavar="REFINEMENT_ID", help="resume a stopped refinement")
@@ -191,7 +197,7 @@ def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
 
 
 def _label_groups(ctx, args: argparse.Namespace) -> int:
-    from stego_app import found, groups, refinement
+    from stego_app import found, groups, refinement, to_correct
 
     act, rid = args.action, args.run_id
     if act == "groups":
@@ -227,6 +233,16 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
             _out("no suggestions: every cluster is named or ignored")
         for k, s in enumerate(sugg, 1):
             _out(f"{k:>3}. {s.text}")
+        return EXIT_OK
+    if act == "to-correct":
+        picked = to_correct.images_to_correct(ctx, rid, args.n)
+        if args.json:
+            _out(json.dumps(_plain(picked), indent=2))
+            return EXIT_OK
+        for p in picked:
+            _out(f"{p.rank:>3}. image {p.image_id:<6} {p.name}")
+        _out(f"correct these in your annotation tool (export them with: app.py export {rid} --to-correct "
+             f"{len(picked)}), then import them with: app.py label {rid} import-corrections FILE")
         return EXIT_OK
     if act == "find":
         threshold = found.DEFAULT_THRESHOLD if args.threshold is None else args.threshold
@@ -266,7 +282,7 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
     return EXIT_RUN_FAILED if info.status == "failed" else EXIT_RUN_STOPPED
 
 
-GROUP_ACTIONS = ("groups", "name-group", "suggest", "find", "refine")
+GROUP_ACTIONS = ("groups", "name-group", "suggest", "to-correct", "find", "refine")
 
 
 def _with_default_command(argv: list[str]) -> list[str]:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Sequence
 
 from core.correspondence import DEFAULT_THRESHOLD
-from core.evaluate import CORRECTION_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
+from core.evaluate import CHECKED_PICKS, CORRECTION_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
 from core.pipeline import PipelineConfig, StegoPipeline
 from core.precision import PRECISIONS
+from core.selection import DEFAULT_PICK
 from core.shifts import auto_neg_factor
 from core.training import PAPER_SHIFTS
 from stego_app.cli_settings import add_settings_arguments, settings_from_args
@@ -76,8 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--find-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"similarity threshold of those finds (default {DEFAULT_THRESHOLD}, the app's)")
     e.add_argument("--checked", default=None, metavar="N[,N...]",
-                   help="also propagate after a person checked N scored images (spread evenly; their true "
-                        "labels become seeds, as images marked checked in Explore); scored on the others")
+                   help="also propagate after a person checked N scored images (their true labels become "
+                        "seeds, as corrected images imported from an annotation tool); scored on the others")
+    e.add_argument("--checked-pick", choices=CHECKED_PICKS, default=DEFAULT_PICK,
+                   help=f"how those N images are picked (default {DEFAULT_PICK}, as the app suggests them; "
+                        "even: spread evenly over the list; random: at random, from --seed)")
     e.add_argument("--seed-weight", type=float, default=CORRECTION_WEIGHT,
                    help=f"loss weight of the checked images' tokens (default {CORRECTION_WEIGHT}, the app's)")
     e.add_argument("--predict-resolution", type=int, default=None,
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> Report:
         propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
         find_missing=args.find_missing, find_clicks=args.find_clicks, find_threshold=args.find_threshold,
         checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (), seed_weight=args.seed_weight,
-        predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
+        checked_pick=args.checked_pick, predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks,
                       compare=compare, sweep_pipelines=sweep_pipelines(pipe, settings.sweep, fit_images, cache))

@@ -36,7 +36,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from core.rundir import RunDir
-from stego_app import coco, corrections, masks, polygons, refinement, segmaps
+from stego_app import coco, corrections, masks, polygons, refinement, segmaps, to_correct
 from stego_app import label_studio as ls_files
 from stego_app.db import as_utc
 from stego_app.processes import hostname, owner_tag, pid_alive, split_owner
@@ -106,6 +106,9 @@ class ExportOptions:
                                  "include unnamed clusters")
     refined: bool = _opt(True, "use the maps refined with names (propagation) when the run has them for "
                          "every image; off = the discovered segments", "maps refined with names")
+    to_correct: int = _opt(0, "only the N images to correct first: the most typical image of each of N groups "
+                           "of similar images, most useful first (0 = every image). Correct them in your "
+                           "annotation tool and import them back (Refine with names)", "images to correct first")
     removed_images: bool = _opt(False, "also the images removed from the project after the run (the run "
                                 "keeps them; by default an export leaves them out)", "images removed since the run")
 
@@ -126,6 +129,9 @@ class ExportOptions:
         if self.ls_regions not in ls_files.REGION_KINDS:
             raise UserError(f"Label Studio regions {self.ls_regions!r} must be one of "
                             f"{', '.join(ls_files.REGION_KINDS)}")
+        if isinstance(self.to_correct, bool) or not isinstance(self.to_correct, int) or self.to_correct < 0:
+            raise UserError(f"images to correct first {self.to_correct!r} must be a whole number >= 0 "
+                            "(0 = export every image)")
         if not isinstance(self.ls_image_prefix, str) or any(c in self.ls_image_prefix for c in "\n\r\t"):
             raise UserError("the Label Studio image URL prefix must be one line of text")
 
@@ -191,6 +197,7 @@ class ExportInfo:
     label_studio_config: Path | None = None
     manifest_path: Path | None = None
     refined_used: bool = False       # refined (propagated) maps were exported
+    to_correct_images: tuple[str, ...] = ()   # with to_correct: the file names exported, most useful first
 
     @property
     def maps_used(self) -> str:
@@ -250,7 +257,8 @@ def _info(row: Export) -> ExportInfo:
                       warnings=_warnings(row.options or {}) if row.status == EXPORT_DONE else (),
                       images_dir=paths["images"], label_studio_tasks=paths["ls_tasks"],
                       label_studio_config=paths["ls_config"], manifest_path=paths["manifest"],
-                      refined_used=bool((row.options or {}).get("refined_used", False)))
+                      refined_used=bool((row.options or {}).get("refined_used", False)),
+                      to_correct_images=tuple((row.options or {}).get("to_correct_images") or ()))
 
 
 def get_export(ctx, export_id: int) -> ExportInfo:
@@ -378,6 +386,8 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     if not items:
         raise UserError("no image of this run is confirmed yet" if options.confirmed_only
                         else "the run has no images")
+    if options.to_correct:
+        items = [items[j] for j in to_correct.pick(run_dir, [it.position for it in items], options.to_correct)]
     for it in items:
         if not RunDir(run_dir).segment_path(it.position, "plain").is_file():
             raise UserError(f"run {run_id} has no segment map for image {it.name!r}; "
@@ -407,7 +417,8 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     stale = refinement.stale_reasons(refined_meta.get("mapping_version") if refined_used else None,
                                      mapping_version, pending)
     recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing, "renamed": renamed,
-                "refined_used": refined_used, "stale": list(stale)}
+                "refined_used": refined_used, "stale": list(stale),
+                "to_correct_images": [it.file_name for it in items] if options.to_correct else None}
     with ctx.db.write() as s:
         row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
                      mapping_version=mapping_version, n_categories=len(plan.categories))

@@ -11,7 +11,6 @@ cluster maps (stego_app.segmaps); removing it restores the maps underneath.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from sqlalchemy import select
 
 from core.atomic import atomic_write_bytes, atomic_write_json
 from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
-from core.rundir import RunDir
+from core.rundir import FeaturesMissing, RunDir
 from stego_app import edit_versions, segmaps
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
@@ -75,15 +74,12 @@ def _run_and_position(ctx, run_id: int, image_id: int):
         return Path(run.run_dir), int(row[0]), row[1].name, Path(row[1].path), (row[1].height, row[1].width)
 
 
-def _infer_store(run_dir: Path):
-    from core.features import FeatureStore
-
+def infer_store(run_dir: Path):
+    """The run's cached whole-image features, or a UserError that says what to do."""
     try:
-        state = json.loads(RunDir(run_dir).state_json.read_text())
-        return FeatureStore.open(Path(state["stores"]["infer"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"the cached features of this run are gone ({exc}); resume or re-run discovery "
-                        "to extract them again") from None
+        return RunDir(run_dir).infer_store()
+    except FeaturesMissing as exc:
+        raise UserError(f"{exc}; resume or re-run discovery to extract them again") from None
 
 
 def _run_dir(ctx, run_id: int) -> Path:
@@ -103,7 +99,7 @@ def ensure_index(ctx, run_id: int, progress=None) -> CorrespondenceIndex:
     with _BUILD_LOCK:
         index = segmaps.correspondence_index(run_dir)
         if index is None:
-            store = _infer_store(run_dir)
+            store = infer_store(run_dir)
             CorrespondenceIndex.build(store, RunDir(run_dir).correspondence_dir, source=str(store.root), progress=progress)
             index = segmaps.correspondence_index(run_dir)
     return index

@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 
 from core.atomic import atomic_write_json
 from core.refinement import SPACE, ClassSpace, RefineConfig
-from core.rundir import RunDir
+from core.rundir import FeaturesMissing, RunDir
 from stego_app import corrections, jobs, segmaps
 from stego_app.db import as_utc, lock_for_update
 from stego_app.errors import NotFound, UserError
@@ -431,7 +431,6 @@ def execute(db, config, ref_id: int, cancel_event: threading.Event, stopping: th
 
 
 def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
-    from core.features import FeatureStore
     from core.metrics import downsample_labels
     from core.pipeline import StegoPipeline, item_codes
     from core.refinement import refine
@@ -445,11 +444,10 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     space = class_space(clusters)
     pipe = StegoPipeline.load(run_dir)
     rd = RunDir(run_dir)
-    state = json.loads(rd.state_json.read_text())
     try:
-        store = FeatureStore.open(Path(state["stores"]["infer"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"the cached features of run {run_id} are gone ({exc}); resume the run first") from None
+        store = rd.infer_store()
+    except FeaturesMissing as exc:
+        raise UserError(f"run {run_id}: {exc}; resume the run first") from None
     settings = RefineConfig.from_dict({**params, "crf_resolution": pipe.config.crf_short_side,
                                        "n_jobs": max(1, int(getattr(config, "pipeline_jobs", 1) or 1)),
                                        "device": _device(config)})

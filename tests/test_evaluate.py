@@ -47,7 +47,8 @@ def _args(tmp_path, **over):
 
 def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2", find_missing=True,
-                                    checked="1", propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
+                                    checked="1",
+                                    propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
     res = report.results
     hungarian = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
                  "linear_probe_raw", "linear_probe_codes"}
@@ -70,8 +71,10 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
         named_classes = {n for n in res[f"named_stego_k{k}"].names if n >= 0}
         assert {f["class"] for f in finds} == {0, 1, 2} - named_classes
         assert res[f"propagated_found_k{k}"].naming_actions == res[f"propagated_k{k}"].naming_actions + len(finds)
-    # one checked image (of the 4 scored: the centre of the list), on top of the finds; not scored itself
-    assert report.meta["checked"]["images"] == {"1": ["s02.png"]} and report.meta["checked"]["seed_weight"] > 1
+    # one checked image (of the 4 scored), on top of the finds; not scored itself
+    # (picked as the app suggests images to correct: the most typical of the 4 scored images)
+    assert report.meta["checked"]["pick"] == "representative" and report.meta["checked"]["seed_weight"] > 1
+    assert report.meta["checked"]["images"]["1"][0] in {f"s{i:02d}.png" for i in range(4)}
     assert res["propagated_checked1_found_crf_k6"].checked_images == 1
     assert res["propagated_checked1_found_k6"].naming_actions == res["propagated_found_k6"].naming_actions
     # with the Clusters tab's groups the same names never take more actions
@@ -271,10 +274,20 @@ def test_checked_images_teach_the_propagator_a_class_no_cluster_is_named_after()
     hit = seeded.predict_log_proba(x).argmax(1)
     assert (before[truth == 2] == 2).mean() < 0.5                          # naming alone never taught class 2
     assert (hit[truth == 2] == 2).mean() > 0.9 and (hit == truth).mean() >= 0.85   # 0.56 without the seeds
-    # which images a person checks: spread evenly, never all of them
-    assert checked_items(101, 5) == [10, 30, 50, 70, 90] and checked_items(4, 1) == [2]
+    # which images a person checks: as the app suggests them, spread evenly, or at random; never all
+    assert checked_items(101, 5, "even") == [10, 30, 50, 70, 90] and checked_items(4, 1, "even") == [2]
+    kind = np.repeat([0, 1, 2], (6, 3, 1))
+    pooled = np.eye(3, 8)[kind] + rng.normal(0, 0.05, (10, 8))
+    assert kind[checked_items(10, 3, "representative", pooled)].tolist() == [0, 1, 2]   # one of each, largest first
+    with pytest.raises(ValueError, match="pooled features"):
+        checked_items(10, 3, "representative")     # needs the images' features
+    drawn = checked_items(101, 5, "random", seed=1)
+    assert drawn == checked_items(101, 5, "random", seed=1) != checked_items(101, 5, "random", seed=2)
+    assert len(set(drawn)) == 5 and all(0 <= i < 101 for i in drawn)
     with pytest.raises(ValueError, match="some must stay to be scored"):
         checked_items(4, 4)
+    with pytest.raises(ValueError, match="checked_pick"):
+        EvalSettings(n_classes=3, checked=(1,), checked_pick="best").validate()
     with pytest.raises(ValueError, match="positive"):
         EvalSettings(n_classes=3, checked=(0,)).validate()
 

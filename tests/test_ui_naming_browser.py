@@ -29,6 +29,7 @@ from tests.test_ui_browser import (
     close_toasts,
     expect,
     field,
+    open_accordion,
     scene,
     shoot,
     tab,
@@ -76,6 +77,15 @@ def settle(page) -> None:
 def labelled(db):
     return {i: name for i, name in db('SELECT c."index", l.name FROM clusters c LEFT JOIN labels l '
                                       'ON c.label_id = l.id WHERE c.run_id = 1')}
+
+
+def download_coco(page, target) -> dict:
+    """Download the shown export to ``target`` and return its COCO instances JSON."""
+    with page.expect_download() as dl:
+        page.locator("#btn-download").click()
+    dl.value.save_as(target)
+    with zipfile.ZipFile(target) as zf:
+        return json.loads(zf.read("annotations/instances_default.json"))
 
 
 def focus_index(page) -> int:
@@ -214,12 +224,8 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, shots, tmp_path):
     summary = page.locator("#export-summary")
     expect(summary).to_contain_text("Segment maps used: refined", timeout=120_000)
     expect(summary).to_contain_text("made before the latest naming changes")   # a cluster was found since
-    with page.expect_download() as dl:
-        page.locator("#btn-download").click()
     target = tmp_path / "export.zip"
-    dl.value.save_as(target)
-    with zipfile.ZipFile(target) as zf:
-        coco = json.loads(zf.read("annotations/instances_default.json"))
+    coco = download_coco(page, target)
     assert coco["info"]["maps"] == "refined"
     assert {"sky", "road", "grass"} <= {c["name"] for c in coco["categories"]}
     options = json.loads(db("SELECT options FROM exports ORDER BY id DESC LIMIT 1")[0][0])
@@ -265,3 +271,26 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, shots, tmp_path):
     expect(page.locator("#forget-confirm")).to_be_hidden()
     assert db("SELECT COUNT(DISTINCT image_id) FROM corrections WHERE run_id = 1")[0][0] == 11
     assert db("SELECT COUNT(*) FROM run_images WHERE run_id = 1 AND confirmed")[0][0] == 12
+
+
+def test_08_export_only_the_images_to_correct_first(page, db, app, tmp_path):
+    close_toasts(page)
+    tab(page, "Export")
+    open_accordion(page, "export-more")
+    page.locator("#export-to_correct input").fill("3")
+    page.locator("#btn-export").click()
+    summary = page.locator("#export-summary")
+    expect(summary).to_contain_text("3 images to correct first, most useful first", timeout=120_000)
+    expect(summary).to_contain_text("Import corrected annotations")
+    names = [i["file_name"] for i in download_coco(page, tmp_path / "to_correct.zip")["images"]]
+    # the same three, in the same order, as the command line lists
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "label", "1", "to-correct", "-n", "3", "--json",
+                           "--data-dir", str(app.data_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert names == [p["name"] for p in json.loads(proc.stdout)] and len(set(names)) == 3
+    for name in names:
+        expect(summary).to_contain_text(name)
+    options = json.loads(db("SELECT options FROM exports ORDER BY id DESC LIMIT 1")[0][0])
+    assert options["to_correct"] == 3 and options["to_correct_images"] == names

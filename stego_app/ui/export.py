@@ -15,7 +15,7 @@ from stego_app.ui.common import guard, progress_cb
 
 
 _EXTRA = ("include_images", "label_studio", "ls_regions", "ls_image_prefix", "tolerance", "stuff_iscrowd",
-          "removed_images")
+          "to_correct", "removed_images")
 
 
 _STYLE_CHOICE = {"masks": "stuff", "polygons": "instance"}   # ExportOptions.style -> the radio's value
@@ -54,7 +54,8 @@ class ExportTab:
                                        value=d.refined, elem_id="export-refined")
         # the newer options, built from ExportOptions' own labels and help texts
         self.extra: dict[str, Any] = {}
-        with gr.Accordion("More formats and options (images, Label Studio, polygons, iscrowd)", open=False):
+        with gr.Accordion("More formats and options (images, Label Studio, polygons, iscrowd, "
+                          "images to correct first)", open=False, elem_id="export-more"):
             for name, default, meta in export_svc.option_fields():
                 if name not in _EXTRA:
                     continue
@@ -64,7 +65,7 @@ class ExportTab:
                 elif meta.get("choices"):
                     self.extra[name] = gr.Radio(choices=list(meta["choices"]), **kw)
                 elif isinstance(default, (int, float)):
-                    self.extra[name] = gr.Number(minimum=0, **kw)
+                    self.extra[name] = gr.Number(minimum=0, precision=0 if isinstance(default, int) else None, **kw)
                 else:
                     self.extra[name] = gr.Textbox(**kw)
         self.export_btn = gr.Button("Export COCO", variant="primary", elem_id="btn-export")
@@ -119,6 +120,8 @@ class ExportTab:
         for name, value in zip(self.extra, extra):
             if name == "stuff_iscrowd":
                 value = int(value)
+            elif name == "to_correct":
+                value = int(value or 0)
             wanted[name] = value
         options = _dataclass_from(export_svc.ExportOptions, wanted)
         info = export_svc.export_run(self.ctx, run_id, options, progress=progress_cb(progress, "Exporting"))

@@ -424,6 +424,12 @@ def export_summary(info: Any) -> str:
     maps = getattr(info, "maps_used", None)
     if maps:
         text += f" Segment maps used: **{maps}**" + (" (propagated from the names)." if maps == "refined" else ".")
+    picked = list(getattr(info, "to_correct_images", None) or [])
+    if picked:
+        text += (f"\n\nThe {count(len(picked), 'image')} to correct first, most useful first: "
+                 + ", ".join(esc(name) for name in picked)
+                 + ". Correct them in your annotation tool, then import them in Clusters → *Import corrected "
+                   "annotations* and refine with names.")
     warnings = list(getattr(info, "warnings", None) or [])
     for w in warnings:
         text += f"\n\n- ⚠ {w}"
