@@ -108,7 +108,8 @@ class ExportOptions:
                          "every image; off = the discovered segments", "maps refined with names")
     to_correct: int = _opt(0, "only the N images to correct first: the most typical image of each of N groups "
                            "of similar images, most useful first (0 = every image). Correct them in your "
-                           "annotation tool and import them back (Refine with names)", "images to correct first")
+                           "annotation tool and import them back (Clusters → Import corrected annotations)",
+                           "images to correct first")
     removed_images: bool = _opt(False, "also the images removed from the project after the run (the run "
                                 "keeps them; by default an export leaves them out)", "images removed since the run")
 

@@ -380,9 +380,9 @@ class RefinePanel:
                         "tool), export them as COCO (from Label Studio also its JSON export) and import the file "
                         "here: those images become checked, and "
                         "the next refinement learns from them and keeps them as drawn. Categories are matched "
-                        "to this run's label names, images to their file names. Which images? Export → *images "
-                        "to correct first* exports the few that stand for the rest (one typical image of each "
-                        "kind of scene).")
+                        "to this run's label names, images to their file names. Which images? Export → *More "
+                        "formats and options* → *images to correct first* exports the few that stand for the "
+                        "rest (one typical image of each kind of scene).")
             corr_file = gr.File(label="COCO instances .json, the tool's .zip, or Label Studio JSON",
                                 file_types=[".json", ".zip"], file_count="single", elem_id="corrections-file", height=140)
             corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections")
