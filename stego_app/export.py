@@ -42,9 +42,10 @@ from stego_app.db import as_utc
 from stego_app.processes import hostname, owner_tag, pid_alive, split_owner
 from stego_app.errors import NotFound, UserError
 from stego_app.export_files import copy_image, export_file_names, png_name
+from stego_app.labels.mapping import get_done_run
 from stego_app.labels.views import read_segments
 from stego_app.masks import UNNAMED_CATEGORY_BASE, CategoryPlan, ClusterEntry, Region
-from stego_app.models import IMAGE_REMOVED, RUN_DONE, Cluster, Export, Image, Label, Project, Run, RunImage, utcnow
+from stego_app.models import IMAGE_REMOVED, Cluster, Export, Image, Label, Project, Run, RunImage, utcnow
 from stego_app.render import hex_to_rgb
 
 log = logging.getLogger(__name__)
@@ -295,11 +296,7 @@ class _Item:
 def _load_snapshot(ctx, run_id: int, options: ExportOptions):
     """Everything the export reads from the database, in one read transaction."""
     with ctx.db.read() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id} does not exist")
-        if run.status != RUN_DONE:
-            raise UserError(f"run {run_id} is {run.status}; only finished runs can be exported")
+        run = get_done_run(s, run_id, needs="only finished runs can be exported")
         project = s.get(Project, run.project_id)
         rows = s.execute(select(Cluster, Label).outerjoin(Label, Cluster.label_id == Label.id)
                          .where(Cluster.run_id == run_id).order_by(Cluster.index)).all()

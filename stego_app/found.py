@@ -26,7 +26,7 @@ from stego_app import edit_versions, segmaps
 from stego_app.db import lock_for_update
 from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping
-from stego_app.models import RUN_DONE, Cluster, Image, Run, RunImage
+from stego_app.models import Cluster, Image, Run, RunImage
 from stego_app.render import palette_colour
 from stego_app.thumbnails import load_rgb_fit
 
@@ -62,11 +62,7 @@ class Correspondence:
 
 def _run_and_position(ctx, run_id: int, image_id: int):
     with ctx.db.read() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id} does not exist")
-        if run.status != RUN_DONE:
-            raise UserError(f"run {run_id} is {run.status}; click-to-find works on finished runs")
+        run = mapping.get_done_run(s, run_id, needs="click-to-find works on finished runs")
         row = s.execute(select(RunImage.position, Image).join(Image, RunImage.image_id == Image.id)
                         .where(RunImage.run_id == run_id, RunImage.image_id == image_id)).first()
         if row is None:

@@ -16,9 +16,10 @@ from sqlalchemy import select
 
 from core.constants import TO_CORRECT_COUNT
 from core.selection import DEFAULT_PICK, image_pooled, pick_images
-from stego_app.errors import NotFound, UserError
+from stego_app.errors import UserError
 from stego_app.found import infer_store
-from stego_app.models import RUN_DONE, Image, Run, RunImage
+from stego_app.labels.mapping import get_done_run
+from stego_app.models import Image, RunImage
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,7 @@ def images_to_correct(ctx, run_id: int, n: int = TO_CORRECT_COUNT) -> list[Image
     """The ``n`` images of a finished run to correct first (fewer when the run has fewer)."""
     check_count(n)
     with ctx.db.read() as s:
-        run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id} does not exist")
-        if run.status != RUN_DONE:
-            raise UserError(f"run {run_id} is {run.status}; images to correct are picked from a finished run")
+        run = get_done_run(s, run_id, needs="images to correct are picked from a finished run")
         rows = s.execute(select(RunImage.position, Image.id, Image.name).join(Image, RunImage.image_id == Image.id)
                          .where(RunImage.run_id == run_id).order_by(RunImage.position)).all()
         run_dir = Path(run.run_dir)

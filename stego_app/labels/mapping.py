@@ -80,12 +80,13 @@ class Mapping:
         return dict(out)
 
 
-def get_done_run(s, run_id: int, lock: bool = False) -> Run:
+def get_done_run(s, run_id: int, lock: bool = False, needs: str = "clusters can be named once it is done") -> Run:
+    """The finished run ``run_id``; NotFound, or a UserError ending with ``needs`` (what waits for it)."""
     run = lock_for_update(s, Run, run_id) if lock else s.get(Run, run_id)
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
     if run.status != RUN_DONE:
-        raise UserError(f"run {run_id} is {run.status}; clusters can be named once it is done")
+        raise UserError(f"run {run_id} is {run.status}; {needs}")
     return run
 
 
