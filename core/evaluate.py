@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,9 +53,11 @@ from core.dense import dense_item
 from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map
 from core.features import FeatureStore, extract_features
 from core.hierarchy import ClusterHierarchy
+from core.images import load_image
 from core.metrics import (ConfusionMatrix, LinearProbe, downsample_labels, majority_names, named_scores,
                           with_void)
 from core.pipeline import StegoPipeline, item_codes, peak_rss_mb
+from core.pixel_head import PixelHead
 from core.propagation import (DEFAULT_MIN_CONFIDENCE, DEFAULT_PSEUDO_ALPHA, ClassMapJob, Propagator, class_map,
                               cluster_probabilities, pseudo_labels, views_log_proba, with_found)
 from core.refinement import RefineConfig
@@ -100,6 +103,8 @@ class EvalSettings:
     find_threshold: float = DEFAULT_THRESHOLD
     checked: tuple[int, ...] = ()            # checked-image rows: N scored images with true labels as seeds
     checked_pick: str = DEFAULT_PICK         # how the N images are picked (CHECKED_PICKS)
+    checked_batches: bool = False            # counts are successive batches (each adds the next batch)
+    pixel_head_weights: tuple[float, ...] = ()   # checked rows also with a core.pixel_head, added at each weight
     seed_weight: float = CORRECTION_WEIGHT         # loss weight of their tokens (the app's for corrected images)
     predict_resolution: int | None = None    # short side of the features the propagated rows predict on
     predict_dense: bool = False              # propagated rows predict on a grid twice as dense (core.dense)
@@ -130,6 +135,9 @@ class EvalSettings:
             raise ValueError(f"seed_weight must be > 1 (it marks seeds), got {self.seed_weight}")
         if any(n < 1 for n in self.checked):
             raise ValueError(f"checked must be positive numbers of images, got {self.checked}")
+        if self.pixel_head_weights and (not self.checked or min(self.pixel_head_weights) <= 0):
+            raise ValueError("pixel_head_weights add to the checked rows: they need checked counts and "
+                             f"weights > 0, got {self.pixel_head_weights}")
         if self.checked_pick not in CHECKED_PICKS:
             raise ValueError(f"checked_pick must be one of {CHECKED_PICKS}, got {self.checked_pick!r}")
         if self.predict_resolution is not None and not self.propagate:
@@ -233,7 +241,10 @@ class Report:
                          "quarter patch, core.dense)" if m.get("predict_dense") else "") + ".", "",
                       *([f"Checked images: {', '.join(map(str, chk['counts']))} scored images "
                          f"{PICK_WORDS[chk.get('pick', 'even')]} take their true labels as seeds (weight "
-                         f"{chk['seed_weight']}); those rows are scored on the other images.", ""]
+                         f"{chk['seed_weight']}); those rows are scored on the other images."
+                         + (" The counts are successive batches, as the app gives them after each import: "
+                            "each larger count keeps the smaller count's images and adds the next batch."
+                            if chk.get("batches") else ""), ""]
                         if (chk := m.get("checked")) else []),
                       *([f"Click-to-find stand-in: {find['clicks_per_class']} click(s) per class left unnamed, "
                          f"similarity >= {find['threshold']}; each click is one more naming action.", ""]
@@ -400,11 +411,10 @@ def _label(base: str) -> str:
     """The report label of a row name without its ``_k{K}``."""
     if not base.startswith("propagated_checked"):
         return LABELS[base]
-    crf = base.endswith("_crf")
-    n, found = base[len("propagated_checked"):].removesuffix("_crf"), "_found" in base
-    n = n.removesuffix("_found")
+    n, found, px, crf = re.fullmatch(r"(\d+)(_found)?(?:_px([\d.]+))?(_crf)?", base[len("propagated_checked"):]
+                                     ).groups()
     return (f"propagated with {'click-to-find and ' if found else ''}{n} checked images"
-            + (" + CRF" if crf else " (no CRF)"))
+            + (f" and their pixel head (weight {px})" if px else "") + (" + CRF" if crf else " (no CRF)"))
 
 
 CHECKED_PICKS = (*PICKS, "random")           # random: a baseline, images picked at random (settings.seed)
@@ -420,18 +430,36 @@ def _check_count(n_items: int, n_checked: int) -> None:
 
 
 def checked_items(n_items: int, n_checked: int, how: str = "even", pooled: np.ndarray | None = None,
-                  seed: int = 0) -> list[int]:
+                  seed: int = 0, done: Sequence[int] = ()) -> list[int]:
     """The ``n_checked`` scored items a person checks, picked without their labels as the app
     suggests them (``core.selection``: ``even`` over the list, or ``representative`` of the
-    ``pooled`` (n_items, C) image features)."""
-    _check_count(n_items, n_checked)
+    ``pooled`` (n_items, C) image features), or at ``random``; ``done`` items (checked in an
+    earlier batch) are not picked again."""
+    _check_count(n_items, n_checked + len(set(done)))
     if how == "even":
-        return even_items(n_items, n_checked)
+        return even_items(n_items, n_checked, done)
     if how == "random":
-        return sorted(np.random.default_rng(seed).choice(n_items, size=n_checked, replace=False).tolist())
+        left = np.setdiff1d(np.arange(n_items), np.asarray(list(done), np.int64))
+        return sorted(np.random.default_rng(seed).choice(left, size=n_checked, replace=False).tolist())
     if pooled is None:
         raise ValueError(f"picking checked images {how!r} needs the images' pooled features")
-    return pick_images(pooled, n_checked, how, seed=seed)
+    return pick_images(pooled, n_checked, how, seed=seed, done=done)
+
+
+def checked_sets(n_items: int, counts: Sequence[int], how: str, pooled: np.ndarray | None, seed: int = 0,
+                 batches: bool = False) -> dict[int, list[int]]:
+    """Per count N, the N items checked. Without ``batches`` each N is picked afresh; with it the
+    counts are successive batches as the app gives them (each larger N keeps the previous N's
+    items, which count as corrected, and adds the next batch)."""
+    out: dict[int, list[int]] = {}
+    prev: list[int] = []
+    for n in sorted(set(counts)):
+        if batches and prev:
+            out[n] = sorted(prev + checked_items(n_items, n - len(prev), how, pooled, seed=seed, done=prev))
+        else:
+            out[n] = checked_items(n_items, n, how, pooled, seed=seed)
+        prev = out[n]
+    return out
 
 
 def _train_probe(store, masks: Sequence[Path], settings: EvalSettings, encode=None, dim: int | None = None
@@ -638,7 +666,9 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                     found_fns[K] = None if found_of is None else _materialised(found_of, len(corpus))
         timings["click_to_find"] = time.perf_counter() - t
     pooled = image_pooled(store) if settings.checked and settings.checked_pick == "representative" else None
-    checked = {n: checked_items(len(store), n, settings.checked_pick, pooled, seed=seed) for n in settings.checked}
+    pixel_heads: dict[int, PixelHead] = {}
+    checked = checked_sets(len(store), settings.checked, settings.checked_pick, pooled, seed=seed,
+                           batches=settings.checked_batches)
     if checked:
         t = time.perf_counter()
         for n, chosen in checked.items():
@@ -648,8 +678,13 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                 props[("checked", n, K)] = _fit_propagator(corpus, head_of(K), centroids[(kind, K)],
                                                            names[(kind, K)], settings, found_of=found_fns.get(K),
                                                            seeds=seeds)
+        if settings.pixel_head_weights:
+            for n, chosen in checked.items():
+                pixel_heads[n] = PixelHead(C, seed=seed).fit(
+                    (np.asarray(store.tokens(i), np.float32).reshape(*store.grid(i), -1),
+                     load_image(images[i]), _pixel_targets(load_mask(masks[i]), C)) for i in chosen)
         timings["checked_images"] = time.perf_counter() - t
-    checked_sets = {n: set(v) for n, v in checked.items()}
+    not_scored = {n: set(v) for n, v in checked.items()}
     found_tag = "_found" if settings.find_missing else ""
     predict_store = store        # the features the propagators predict on
     if props and settings.predict_resolution not in (None, cfg.features.resolution):
@@ -690,10 +725,18 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                             tags2.append((i, row))
                             yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf, crf_resolution=crf_side,
                                               params=prop_crf)
+                            if isinstance(key, tuple) and key[0] == "checked" and key[1] in pixel_heads:
+                                ph = pixel_heads[key[1]].arrays_
+                                projected = ph.project(np.asarray(views[0], np.float32).reshape(h, w, -1))
+                                for pw in settings.pixel_head_weights:
+                                    tags2.append((i, row.replace(f"{found_tag}_k", f"{found_tag}_px{pw:g}_k")))
+                                    yield ClassMapJob(lp, size, str(images[i]), crf=settings.crf,
+                                                      crf_resolution=crf_side, params=prop_crf, pixel=projected,
+                                                      pixel_arrays=ph, pixel_weight=float(pw))
 
         for res in ordered_map(class_map, jobs2(), settings.n_jobs):
             i, name = tags2.popleft()
-            if name.startswith("propagated_checked") and i in checked_sets[int(
+            if name.startswith("propagated_checked") and i in not_scored[int(
                     name[len("propagated_checked"):].split("_")[0])]:
                 continue                                # a checked image is not scored
             if i not in mask_cache:
@@ -748,6 +791,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                            "finds": {str(k): v for k, v in finds.items()}}
                           if settings.find_missing else None),
         "checked": ({"counts": sorted(checked), "seed_weight": settings.seed_weight, "pick": settings.checked_pick,
+                     "batches": settings.checked_batches, "pixel_head_weights": list(settings.pixel_head_weights),
                      "images": {str(n): [str(images[i].name) for i in v] for n, v in checked.items()}}
                     if checked else None),
         "shifts": {"auto" if not key else key[1:]: _shifts(p) for key, p in
@@ -791,6 +835,12 @@ def _materialised(found_of: Callable[[int], np.ndarray], n_items: int) -> Callab
     """``found_of`` read once per item and kept (token classes: small), so it outlives its index."""
     maps = [np.asarray(found_of(i)).copy() for i in range(n_items)]
     return lambda i: maps[i]
+
+
+def _pixel_targets(mask: np.ndarray, n_classes: int) -> np.ndarray:
+    """A label mask as pixel-head targets: classes 0..n_classes-1, everything else -1."""
+    m = np.asarray(mask).astype(np.int64)
+    return np.where(m < n_classes, m, -1)
 
 
 def _fit_propagator(corpus, head, centroids: np.ndarray, names: np.ndarray, settings: EvalSettings,

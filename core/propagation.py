@@ -24,13 +24,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
 from core.crf import CRFParams, crf_marginals, crf_size
 from core.errors import Cancelled
 from core.tokens import TokenFeatures
+
+if TYPE_CHECKING:
+    from core.pixel_head import PixelHeadArrays
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +497,9 @@ class ClassMapJob:
     crf: bool = False
     crf_resolution: int | None = None # short side the CRF runs at (core.crf.crf_size); None = full size
     params: CRFParams = CRFParams()
+    pixel: np.ndarray | None = None   # (h, w, hidden) core.pixel_head projection of the image's tokens
+    pixel_arrays: "PixelHeadArrays | None" = None
+    pixel_weight: float = 1.0         # the pixel head's log-probabilities are added with this weight
 
 
 @dataclass(frozen=True)
@@ -513,31 +519,46 @@ def _upsampled_log_probs(log_probs: np.ndarray, hw: tuple[int, int]) -> np.ndarr
     return np.ascontiguousarray(np.moveaxis(up, -1, 0))
 
 
+def _with_pixel(lp: np.ndarray, job: ClassMapJob, image: np.ndarray) -> np.ndarray:
+    """``lp`` (n, H, W) with the job's pixel head on ``image`` (H, W, 3) added (core.pixel_head.combine)."""
+    if job.pixel is None:
+        return lp
+    from core.pixel_head import combine, pixel_log_proba
+
+    return combine(lp, pixel_log_proba(job.pixel, image, job.pixel_arrays), job.pixel_arrays.taught,
+                   job.pixel_weight)
+
+
 def class_map(job: ClassMapJob) -> ClassMap:
     """Run one ClassMapJob (module-level, torch-free: worker processes can run it)."""
     H, W = (int(v) for v in job.size)
     lp = _upsampled_log_probs(job.log_probs, (H, W))
-    dtype = np.uint8 if lp.shape[0] <= 256 else np.uint16
-    labels = lp.argmax(axis=0).astype(dtype)
-    conf = np.exp(lp.max(axis=0)).astype(np.float16)
-    refined = None
-    if job.crf:
+    image = None
+    if job.crf or job.pixel is not None:
         if job.image_path is None:
-            raise ValueError("a CRF job needs the image path")
-        from PIL import Image
-
-        from core.clustering import upsample_bilinear
+            raise ValueError("a CRF or pixel-head job needs the image path")
         from core.images import load_image
 
         image = load_image(job.image_path)
         if image.shape[:2] != (H, W):
             raise ValueError(f"{job.image_path} is {image.shape[:2]}, expected {(H, W)}; "
                              "did the file change since its features were extracted?")
+        lp = _with_pixel(lp, job, image)
+    dtype = np.uint8 if lp.shape[0] <= 256 else np.uint16
+    labels = lp.argmax(axis=0).astype(dtype)
+    conf = np.exp(lp.max(axis=0)).astype(np.float16)
+    refined = None
+    if job.crf:
+        from PIL import Image
+
+        from core.clustering import upsample_bilinear
+
         h, w = crf_size(H, W, job.crf_resolution)
         if (h, w) == (H, W):
             refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
         else:
             small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-            q = crf_marginals(small, _upsampled_log_probs(job.log_probs, (h, w)), job.params)
+            q = crf_marginals(small, _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small),
+                              job.params)
             refined = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(axis=-1).astype(dtype)
     return ClassMap(labels, refined, conf)

@@ -6,9 +6,11 @@ Given a finished run (features, head, centroids) and the current cluster -> clas
 person checked, weighted higher; found regions: their tokens), predicts every item, refines
 with the dense CRF and writes one PNG per image into ``out_dir``, in *cluster-index space*
 (class c is written as ``space.class_to_cluster[c]``), so a cluster -> label mapping applies
-to the refined maps as it does to the raw ones.
+to the refined maps as it does to the raw ones. A person's corrected images also train a pixel
+head (core.pixel_head: colour + upsampled feature per pixel), whose log-probabilities are added
+to the propagated ones, so what the corrections drew finer than a token is learnt too.
 
-Resumable: the trained classifier (``propagator.pt``) and the class space (``space.json``)
+Resumable: the trained classifiers (``propagator.pt``, ``pixel_head.npz``) and the class space (``space.json``)
 are kept in ``out_dir``; a second call with the same ``out_dir`` skips training and the
 images whose PNG exists. Cancellation raises core.errors.Cancelled.
 """
@@ -28,6 +30,8 @@ from core.atomic import atomic_write_json
 from core.crf import ordered_map
 from core.dense import dense_item
 from core.errors import Cancelled
+from core.images import load_image
+from core.pixel_head import DEFAULT_PIXEL_HEAD_WEIGHT, PixelHead, PixelHeadArrays
 from core.propagation import (
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_PSEUDO_ALPHA,
@@ -54,6 +58,7 @@ __all__ = ["RefineConfig", "ClassSpace", "refine", "STAGES"]
 STAGES = ("pseudo-labels", "training", "maps")
 STAGE_SPAN = {"pseudo-labels": (0.0, 0.05), "training": (0.05, 0.6), "maps": (0.6, 1.0)}
 MODEL = "propagator.pt"
+PIXEL_HEAD = "pixel_head.npz"
 SPACE = "space.json"
 
 Progress = Callable[[str, float, dict], None]
@@ -76,6 +81,7 @@ class RefineConfig:
     crf: bool = True
     crf_resolution: int | None = None  # short side the CRF runs at (None = full image size)
     dense: bool = False               # predict on a token grid twice as dense (core.dense; 4 backbone passes per image)
+    pixel_head_weight: float = DEFAULT_PIXEL_HEAD_WEIGHT  # corrected images' pixel head (core.pixel_head); 0 = off
     seed: int = 0
     n_jobs: int = 2
     device: str = "cpu"
@@ -85,6 +91,8 @@ class RefineConfig:
             raise ValueError(f"seed_weight must be > 1 (it marks seeds), got {self.seed_weight}")
         if self.correction_weight <= 1.0:
             raise ValueError(f"correction_weight must be > 1 (it marks seeds), got {self.correction_weight}")
+        if self.pixel_head_weight < 0:
+            raise ValueError(f"pixel_head_weight must be >= 0 (0 = no pixel head), got {self.pixel_head_weight}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
         self.propagator(2)._validate()
@@ -207,6 +215,37 @@ class _LabelSource:
         return {"pseudo_tokens": int(total[0]), "seed_tokens": int(total[1]), "found_tokens": int(total[2])}
 
 
+def _pixel_head(features: TokenFeatures, space: ClassSpace, image_paths: Sequence[Path],
+                overrides: dict[int, np.ndarray], path: Path, config: RefineConfig, check: Callable[[], bool]
+                ) -> tuple[PixelHeadArrays, int] | None:
+    """The pixel head of the corrected images (core.pixel_head) and how many images taught it:
+    loaded from ``path`` when a resumed refinement saved one, else trained on the corrected
+    pixels and saved; None when switched off or no corrected image has a learnt class."""
+    if config.pixel_head_weight <= 0 or not overrides:
+        return None
+    c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
+    targets = {}
+    for i in sorted(overrides):
+        fixed = np.asarray(overrides[i], dtype=np.int64)
+        target = np.where((fixed >= 0) & (fixed < len(c2c)), c2c[np.clip(fixed, 0, len(c2c) - 1)], -1)
+        if (target >= 0).any():                  # corrected pixels of a class the names still carry
+            targets[i] = target
+    if not targets:
+        return None
+    if path.is_file():
+        return PixelHeadArrays.load(path), len(targets)
+
+    def examples():
+        for i, target in targets.items():
+            if check():
+                raise Cancelled(f"refinement cancelled while reading the corrected image {i}")
+            yield (np.asarray(features.tokens(i), np.float32).reshape(*features.grid(i), -1),
+                   load_image(image_paths[i]), target)
+    head = PixelHead(space.n_classes, seed=config.seed).fit(examples())
+    head.arrays_.save(path)
+    return head.arrays_, len(targets)
+
+
 def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centroids: np.ndarray,
            space: ClassSpace, image_paths: Sequence[Path], sizes: Sequence[tuple[int, int]], out_dir: Path,
            config: RefineConfig | None = None, found_of: Callable[[int], np.ndarray | None] | None = None,
@@ -269,6 +308,9 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
         timings["training"] = round(time.perf_counter() - t1, 3)
         stats = source.stats
         prop.save(model_path)
+    pixel = _pixel_head(features, space, image_paths, overrides or {}, out_dir / PIXEL_HEAD, config, check)
+    if pixel is not None:
+        stats["pixel_head_images"] = pixel[1]
     lut = np.asarray(space.class_to_cluster, dtype=np.int64)
     todo = [i for i in range(n) if not (out_dir / f"{i:06d}.png").is_file()]
     precision = str((getattr(features, "meta", None) or {}).get("precision", "float32"))
@@ -285,8 +327,11 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
             else:
                 views = token_views(features, i)
             lp = views_log_proba(prop, views)
+            extra = {} if pixel is None else dict(
+                pixel=pixel[0].project(np.asarray(views[0], np.float32).reshape(h, w, -1)), pixel_arrays=pixel[0],
+                pixel_weight=config.pixel_head_weight)
             yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
-                              crf=config.crf, crf_resolution=config.crf_resolution)
+                              crf=config.crf, crf_resolution=config.crf_resolution, **extra)
 
     done = n - len(todo)
     for i, res in zip(todo, ordered_map(class_map, jobs(), config.n_jobs)):

@@ -183,8 +183,9 @@ def _add_group_actions(acts, common: argparse.ArgumentParser) -> None:
     a.add_argument("--name", help="name it (an existing label's name adds it to that label)")
     a.add_argument("--dry-run", action="store_true", help="only report the best matches")
     a = acts.add_parser("to-correct", parents=[common],
-                        help="the images to correct first in an annotation tool (one typical image of each "
-                             "kind of scene, most useful first)")
+                        help="the images to correct next in an annotation tool (one typical image of each "
+                             "kind of scene, most useful first; images whose corrections are imported are "
+                             "left out, so asking again after an import gives the next batch)")
     a.add_argument("-n", type=int, default=TO_CORRECT_COUNT, help=f"how many (default {TO_CORRECT_COUNT})")
     a.add_argument("--json", action="store_true")
     a = acts.add_parser("refine", parents=[common],
@@ -241,6 +242,8 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
             return EXIT_OK
         for p in picked:
             _out(f"{p.rank:>3}. image {p.image_id:<6} {p.name}")
+        if done := len(to_correct.corrected_ids(ctx, rid)):
+            _out(f"{done} image(s) whose corrections are already imported are left out: this is the next batch")
         _out(f"correct these in your annotation tool (export them with: app.py export {rid} --to-correct "
              f"{len(picked)}), then import them with: app.py label {rid} import-corrections FILE")
         return EXIT_OK

@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--checked-pick", choices=CHECKED_PICKS, default=DEFAULT_PICK,
                    help=f"how those N images are picked (default {DEFAULT_PICK}, as the app suggests them; "
                         "even: spread evenly over the list; random: at random, from --seed)")
+    e.add_argument("--checked-batches", action="store_true",
+                   help="take the --checked counts as successive batches, as the app gives them after each "
+                        "import (5,10: the first 5, then the next 5 that leave those out); default: each "
+                        "count picked afresh")
+    e.add_argument("--pixel-head-weights", default=None, metavar="W[,W...]",
+                   help="the checked rows also with a pixel head (core.pixel_head: colour + upsampled feature, "
+                        "trained on the checked images' pixels), its log-probabilities added at each weight")
     e.add_argument("--seed-weight", type=float, default=CORRECTION_WEIGHT,
                    help=f"loss weight of the checked images' tokens (default {CORRECTION_WEIGHT}, the app's)")
     e.add_argument("--predict-resolution", type=int, default=None,
@@ -168,7 +175,9 @@ def run(args: argparse.Namespace) -> Report:
         propagation_crf=json.loads(args.propagation_crf), n_jobs=args.jobs,
         find_missing=args.find_missing, find_clicks=args.find_clicks, find_threshold=args.find_threshold,
         checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (), seed_weight=args.seed_weight,
-        checked_pick=args.checked_pick, predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
+        checked_pick=args.checked_pick, checked_batches=args.checked_batches,
+        pixel_head_weights=tuple(float(v) for v in args.pixel_head_weights.split(",")) if args.pixel_head_weights
+        else (), predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks,
                       compare=compare, sweep_pipelines=sweep_pipelines(pipe, settings.sweep, fit_images, cache))

@@ -108,8 +108,10 @@ class ExportOptions:
     refined: bool = _opt(True, "use the maps refined with names (propagation) when the run has them for "
                          "every image; off = the discovered segments", "maps refined with names")
     to_correct: int = _opt(0, "only the N images to correct first: the most typical image of each of N groups "
-                           "of similar images, most useful first (0 = every image). Correct them in your "
-                           "annotation tool and import them back (Clusters → Import corrected annotations)",
+                           "of similar images, most useful first (0 = every image). Images whose corrections "
+                           "are already imported are left out, so asking again gives the next batch. Correct "
+                           "them in your annotation tool and import them back (Clusters → Import corrected "
+                           "annotations)",
                            "images to correct first")
     removed_images: bool = _opt(False, "also the images removed from the project after the run (the run "
                                 "keeps them; by default an export leaves them out)", "images removed since the run")
@@ -200,6 +202,7 @@ class ExportInfo:
     manifest_path: Path | None = None
     refined_used: bool = False       # refined (propagated) maps were exported
     to_correct_images: tuple[str, ...] = ()   # with to_correct: the file names exported, most useful first
+    to_correct_done: int = 0         # with to_correct: images left out because their corrections are imported
 
     @property
     def maps_used(self) -> str:
@@ -260,7 +263,8 @@ def _info(row: Export) -> ExportInfo:
                       images_dir=paths["images"], label_studio_tasks=paths["ls_tasks"],
                       label_studio_config=paths["ls_config"], manifest_path=paths["manifest"],
                       refined_used=bool((row.options or {}).get("refined_used", False)),
-                      to_correct_images=tuple((row.options or {}).get("to_correct_images") or ()))
+                      to_correct_images=tuple((row.options or {}).get("to_correct_images") or ()),
+                      to_correct_done=int((row.options or {}).get("to_correct_done") or 0))
 
 
 def get_export(ctx, export_id: int) -> ExportInfo:
@@ -384,8 +388,13 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
     if not items:
         raise UserError("no image of this run is confirmed yet" if options.confirmed_only
                         else "the run has no images")
+    already_corrected = 0
     if options.to_correct:
-        items = [items[j] for j in to_correct.pick(run_dir, [it.position for it in items], options.to_correct)]
+        corrected = to_correct.corrected_ids(ctx, run_id)
+        done = [j for j, it in enumerate(items) if it.image_id in corrected]
+        already_corrected = len(done)
+        items = [items[j] for j in to_correct.pick(run_dir, [it.position for it in items], options.to_correct,
+                                                   done=done)]
     for it in items:
         if not RunDir(run_dir).segment_path(it.position, "plain").is_file():
             raise UserError(f"run {run_id} has no segment map for image {it.name!r}; "
@@ -416,7 +425,8 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
                                      mapping_version, pending)
     recorded = {**options.to_dict(), "crf_used": crf_used, "crf_missing": crf_missing, "renamed": renamed,
                 "refined_used": refined_used, "stale": list(stale),
-                "to_correct_images": [it.file_name for it in items] if options.to_correct else None}
+                "to_correct_images": [it.file_name for it in items] if options.to_correct else None,
+                "to_correct_done": already_corrected if options.to_correct else None}
     with ctx.db.write() as s:
         row = Export(run_id=run_id, status=EXPORT_RUNNING, options=recorded, owner=export_owner(),
                      mapping_version=mapping_version, n_categories=len(plan.categories))

@@ -5,6 +5,7 @@ from PIL import Image
 
 from core.clustering import CosineKMeans
 from core.errors import Cancelled
+from core.pixel_head import DEFAULT_PIXEL_HEAD_WEIGHT
 from core.refinement import ClassSpace, RefineConfig, refine
 from tests.conftest import make_planted_corpus
 
@@ -20,6 +21,51 @@ def _setup(tmp_path):
     # name clusters after their majority class, two of them only (the rest stay their own classes)
     major = [int(np.bincount(flat[pred == c], minlength=3).argmax()) for c in range(6)]
     return feats, truth, km, major
+
+
+def _images(tmp_path, truth, line: dict[int, int] | None = None):
+    """One 24x24 image per item, a colour per class (4 px per token), and in each image of
+    ``line`` (item -> column) a one-pixel-wide red line that no token shows."""
+    colours = np.array([(60, 150, 60), (90, 90, 200), (200, 200, 200)], np.uint8)
+    paths = []
+    for i, t in enumerate(truth):
+        rgb = colours[np.kron(t, np.ones((4, 4), np.int64))]
+        if line and i in line:
+            rgb[:, line[i]] = (230, 20, 20)
+        paths.append(tmp_path / f"img_{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    return paths
+
+
+def test_a_corrected_images_thin_line_is_drawn_in_the_other_images(tmp_path):
+    feats, truth, km, major = _setup(tmp_path)
+    space = ClassSpace(cluster_to_class=tuple(major), class_to_cluster=tuple(major.index(c) for c in range(3)))
+    codes = lambda i: np.asarray(feats.tokens(i), np.float32)          # noqa: E731
+    lines = {i: 5 + 2 * i for i in range(len(feats))}                   # a red line in every image
+    paths = _images(tmp_path, truth, lines)
+    # the person corrected images 0 (classes 0 and 1) and 1 (1 and 2) whole, and drew their lines as class 2
+    fixed = {}
+    for i in (0, 1):
+        fixed[i] = np.asarray(space.class_to_cluster)[np.kron(truth[i], np.ones((4, 4), np.int64))]
+        fixed[i][:, lines[i]] = space.class_to_cluster[2]
+    under = {i: truth[i][0, lines[i] // 4] for i in range(len(feats)) if i not in fixed}   # the class each line crosses
+    crossing = [i for i, c in under.items() if c != 2]   # lines over another class
+
+    def maps(out, weight):
+        refine(feats, codes, km.centroids_, space, paths, [(24, 24)] * len(feats), out,
+               RefineConfig(**CFG, pixel_head_weight=weight), overrides=fixed)
+        return {i: np.asarray(Image.open(out / f"{i:06d}.png")) for i in under}
+
+    def line_share(m, items):
+        return np.mean([(m[i][:, lines[i]] == space.class_to_cluster[2]).mean() for i in items])
+
+    with_head, plain = maps(tmp_path / "with", DEFAULT_PIXEL_HEAD_WEIGHT), maps(tmp_path / "without", 0.0)
+    assert (tmp_path / "with" / "pixel_head.npz").is_file() and not (tmp_path / "without" / "pixel_head.npz").exists()
+    assert line_share(with_head, crossing) > 0.9 and line_share(plain, crossing) < 0.2   # drawn one pixel wide
+    assert np.mean([(np.delete(with_head[i], lines[i], 1) == np.delete(plain[i], lines[i], 1)).mean()
+                    for i in under]) > 0.95                                 # and the rest is as it was
+    with pytest.raises(ValueError, match="pixel_head_weight must be >= 0"):
+        RefineConfig(pixel_head_weight=-1).validate()
 
 
 def test_refine_propagates_names_and_resumes(tmp_path):
@@ -92,8 +138,9 @@ def test_a_corrected_images_seeds_weigh_more_than_a_checked_ones_and_its_pixels_
     fixed = np.full((24, 24), -1)
     fixed[:8, :8] = major.index(2)
     out = tmp_path / "maps"
-    refine(feats, codes, km.centroids_, space, [tmp_path / f"{i}.png" for i in range(len(feats))],
-           [(24, 24)] * len(feats), out, cfg, seeds=seeds, overrides={1: fixed})
+    paths = _images(tmp_path, truth)
+    refine(feats, codes, km.centroids_, space, paths, [(24, 24)] * len(feats), out, cfg, seeds=seeds,
+           overrides={1: fixed})
     drawn = np.asarray(Image.open(out / "000001.png"))
     assert np.all(drawn[:8, :8] == major.index(2))
     with pytest.raises(ValueError, match="correction_weight must be > 1"):

@@ -47,14 +47,15 @@ def _args(tmp_path, **over):
 
 def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2", find_missing=True,
-                                    checked="1",
+                                    checked="1,2", checked_batches=True, pixel_head_weights="0.5",
                                     propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
     res = report.results
     hungarian = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
                  "linear_probe_raw", "linear_probe_codes"}
     named = {f"{m}_k{k}" for m in ("named_raw", "named_stego", "named_stego_crf", "propagated", "propagated_crf",
-                                   "propagated_found", "propagated_found_crf", "propagated_checked1_found",
-                                   "propagated_checked1_found_crf") for k in (3, 6)}
+                                   "propagated_found", "propagated_found_crf") for k in (3, 6)}
+    named |= {f"propagated_checked{n}_found{px}{crf}_k{k}" for n in (1, 2) for px in ("", "_px0.5")
+              for crf in ("", "_crf") for k in (3, 6)}
     assert set(res) == hungarian | named
     for name, r in res.items():
         assert 0.0 <= r.miou <= 1.0 and 0.0 <= r.accuracy <= 1.0, name
@@ -77,6 +78,10 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     assert report.meta["checked"]["images"]["1"][0] in {f"s{i:02d}.png" for i in range(4)}
     assert res["propagated_checked1_found_crf_k6"].checked_images == 1
     assert res["propagated_checked1_found_k6"].naming_actions == res["propagated_found_k6"].naming_actions
+    # in batches, as the app gives them after an import: the second count keeps the first's image
+    chk = report.meta["checked"]
+    assert chk["batches"] and set(chk["images"]["1"]) < set(chk["images"]["2"]) and len(chk["images"]["2"]) == 2
+    assert chk["pixel_head_weights"] == [0.5] and res["propagated_checked2_found_px0.5_crf_k6"].checked_images == 2
     # with the Clusters tab's groups the same names never take more actions
     assert 1 <= res["named_raw_k6"].group_actions <= res["named_raw_k6"].naming_actions
     assert report.meta["shifts"]["paper_shifts"] == {"self": 0.18, "knn": 0.12, "neg": 0.46}
@@ -87,7 +92,9 @@ def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| STEGO + CRF |" in md and "k-means on raw backbone features" in md and "test_tiny" in md
     assert "| propagated + CRF | 6 |" in md
-    assert "| propagated with click-to-find and 1 checked images + CRF | 6 |" in md and "Checked images: 1" in md
+    assert "| propagated with click-to-find and 1 checked images + CRF | 6 |" in md and "Checked images: 1, 2" in md
+    assert "| propagated with click-to-find and 2 checked images and their pixel head (weight 0.5) + CRF | 6 |" in md
+    assert "successive batches" in md
 
 
 def _fitted(tmp_path):
@@ -253,7 +260,7 @@ def test_click_to_find_stand_in_keeps_the_fullest_token_of_several_images_per_cl
 
 
 def test_checked_images_teach_the_propagator_a_class_no_cluster_is_named_after():
-    from core.evaluate import _fit_propagator, checked_items
+    from core.evaluate import _fit_propagator, checked_items, checked_sets
     from core.tokens import ArrayFeatures
 
     # three directions = three classes; the clusters are named 0 and 1 only (class 2 merged away)
@@ -286,6 +293,13 @@ def test_checked_images_teach_the_propagator_a_class_no_cluster_is_named_after()
     assert len(set(drawn)) == 5 and all(0 <= i < 101 for i in drawn)
     with pytest.raises(ValueError, match="some must stay to be scored"):
         checked_items(4, 4)
+    # in batches, as the app gives them after each import: the larger count keeps the smaller's images
+    fresh = checked_sets(10, (1, 3), "representative", pooled)
+    batches = checked_sets(10, (3, 1), "representative", pooled, batches=True)
+    assert set(batches[1]) <= set(batches[3]) and kind[batches[3]].tolist() == [0, 1, 2]
+    assert fresh[1] == batches[1]
+    assert set(checked_sets(101, (2, 5), "random", None, seed=3, batches=True)[2]) <= \
+        set(checked_sets(101, (2, 5), "random", None, seed=3, batches=True)[5])
     with pytest.raises(ValueError, match="checked_pick"):
         EvalSettings(n_classes=3, checked=(1,), checked_pick="best").validate()
     with pytest.raises(ValueError, match="positive"):

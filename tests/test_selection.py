@@ -54,6 +54,25 @@ def test_picks_are_deterministic_and_validated():
         representative_items(x[0], 1)
 
 
+def test_the_next_batch_skips_corrected_images_and_covers_the_kinds_they_do_not():
+    x, kind = _kinds(sizes=(30, 12, 3, 8))
+    first = representative_items(x, 2)
+    assert [kind[i] for i in first] == [0, 1]
+    nxt = representative_items(x, 2, done=first)
+    assert not set(nxt) & set(first)
+    assert {kind[i] for i in nxt} == {2, 3}                  # the kinds the first batch left uncovered
+    assert [kind[i] for i in nxt] == [3, 2]                  # larger kind first
+    assert representative_items(x, 2, done=[]) == first      # no done images: the first batch as before
+    ev = even_items(10, 3, done=[4, 5])
+    assert not {4, 5} & set(ev) and len(set(ev)) == 3
+    every = pick_images(x, len(x) - 2, done=first)           # all that are left, once each
+    assert sorted(every) == sorted(set(range(len(x))) - set(first))
+    with pytest.raises(ValueError, match=r"1 to 51 of the 53 images \(2 are done\)"):
+        pick_images(x, 52, done=first)
+    with pytest.raises(ValueError, match="outside"):
+        pick_images(x, 1, done=[53])
+
+
 class _FiveCropStore:
     """Two images with two items each (as five-crop features give several items per image)."""
 

@@ -10,12 +10,14 @@ from PIL import Image as PILImage
 
 from core.rundir import RunDir
 from core.settings import RunSettings
-from stego_app import cli, ingest, projects, runs, to_correct
+from stego_app import cli, corrections, ingest, projects, runs, to_correct
 from stego_app.config import AppConfig
+from stego_app.coco import encode_rle
 from stego_app.context import create_context
 from stego_app.errors import UserError
 from stego_app.export import ExportOptions, export_run, list_exports
 from stego_app.labels import mapping
+from stego_app.models import RUN_CANCELLED, RUN_DONE, Run
 from stego_app.ui import formatting as H
 from tests.conftest import write_scene_images
 
@@ -97,3 +99,63 @@ def test_with_the_features_cache_cleared_it_says_what_to_do_and_records_no_expor
         assert export_run(ctx, run.id, ExportOptions()).n_images == 6      # a plain export still works
     finally:
         shutil.move(moved, store)
+
+
+def _corrected(export_json, tmp_path):
+    """The export as a person corrects it: every image painted all 'sky'."""
+    data = json.loads(export_json.read_text())
+    sky = next(c["id"] for c in data["categories"] if c["name"] == "sky")
+    data["annotations"] = [
+        {"id": k + 1, "image_id": im["id"], "category_id": sky, "iscrowd": 0, "area": im["width"] * im["height"],
+         "bbox": [0, 0, im["width"], im["height"]],
+         "segmentation": encode_rle(np.ones((im["height"], im["width"]), np.uint8))}
+        for k, im in enumerate(data["images"])]
+    path = tmp_path / f"corrected_{len(data['images'])}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_after_importing_a_batch_the_next_one_leaves_it_out(done, capsys, tmp_path):
+    ctx, run, root = done
+    first = to_correct.images_to_correct(ctx, run.id, 2)
+    exported = export_run(ctx, run.id, ExportOptions(to_correct=2, style="masks"))
+    corrections.import_corrections(ctx, run.id, _corrected(exported.json_path, tmp_path))
+    try:
+        assert set(corrections.corrected_images(ctx, run.id)) == {p.image_id for p in first}
+        nxt = to_correct.images_to_correct(ctx, run.id, 2)
+        assert len(nxt) == 2 and not {p.image_id for p in nxt} & {p.image_id for p in first}
+        info = export_run(ctx, run.id, ExportOptions(to_correct=2))
+        assert info.to_correct_images == tuple(p.name for p in nxt) and info.to_correct_done == 2
+        assert "2 images whose corrections are already imported were left out" in H.export_summary(info)
+        rest = to_correct.images_to_correct(ctx, run.id, 50)
+        assert len(rest) == 4 and not {p.image_id for p in rest} & {p.image_id for p in first}
+        assert cli.main(["label", str(run.id), "to-correct", "-n", "2", "--data-dir", str(root / "data")]) == 0
+        assert "2 image(s) whose corrections are already imported are left out" in capsys.readouterr().out
+        ex_all = export_run(ctx, run.id, ExportOptions(style="masks"))
+        corrections.import_corrections(ctx, run.id, _corrected(ex_all.json_path, tmp_path))
+        with pytest.raises(UserError, match="no image left to correct"):
+            to_correct.images_to_correct(ctx, run.id, 2)
+        with pytest.raises(UserError, match="no image left to correct"):
+            export_run(ctx, run.id, ExportOptions(to_correct=2))
+    finally:
+        for image_id in corrections.corrected_images(ctx, run.id):
+            corrections.remove_corrections(ctx, run.id, image_id)
+    assert to_correct.images_to_correct(ctx, run.id, 2) == first
+
+
+def test_a_run_that_is_not_finished_says_so_and_records_no_export(done):
+    ctx, run, _ = done
+    n_exports = len(list_exports(ctx, run.id))
+    with ctx.db.write() as s:
+        s.get(Run, run.id).status = RUN_CANCELLED
+    try:
+        with pytest.raises(UserError, match=f"run {run.id} is cancelled; images to correct are picked from a "
+                                            "finished run"):
+            to_correct.images_to_correct(ctx, run.id, 2)
+        with pytest.raises(UserError, match="only finished runs can be exported"):
+            export_run(ctx, run.id, ExportOptions(to_correct=2))
+        assert len(list_exports(ctx, run.id)) == n_exports
+    finally:
+        with ctx.db.write() as s:
+            s.get(Run, run.id).status = RUN_DONE
+    assert len(to_correct.images_to_correct(ctx, run.id, 2)) == 2

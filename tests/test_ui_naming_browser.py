@@ -273,24 +273,29 @@ def test_07_export_uses_the_refined_maps_and_says_so(page, db, shots, tmp_path):
     assert db("SELECT COUNT(*) FROM run_images WHERE run_id = 1 AND confirmed")[0][0] == 12
 
 
-def test_08_export_only_the_images_to_correct_first(page, db, app, tmp_path):
+def test_08_export_only_the_images_to_correct_next(page, db, app, tmp_path):
+    # 11 of the 12 images carry imported corrections (test 07): the next batch is the one left
     close_toasts(page)
     tab(page, "Export")
     open_accordion(page, "export-more")
     page.locator("#export-to_correct input").fill("3")
     page.locator("#btn-export").click()
     summary = page.locator("#export-summary")
-    expect(summary).to_contain_text("3 images to correct first, most useful first", timeout=120_000)
+    expect(summary).to_contain_text("1 image to correct first, most useful first", timeout=120_000)
+    expect(summary).to_contain_text("11 images whose corrections are already imported were left out")
     expect(summary).to_contain_text("Import corrected annotations")
     names = [i["file_name"] for i in download_coco(page, tmp_path / "to_correct.zip")["images"]]
-    # the same three, in the same order, as the command line lists
+    uncorrected = db("SELECT i.name FROM run_images r JOIN images i ON i.id = r.image_id WHERE r.run_id = 1 "
+                     "AND r.image_id NOT IN (SELECT image_id FROM corrections WHERE run_id = 1)")
+    assert names == [uncorrected[0][0]] and len(uncorrected) == 1
+    # the same, in the same order, as the command line lists
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "label", "1", "to-correct", "-n", "3", "--json",
                            "--data-dir", str(app.data_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert names == [p["name"] for p in json.loads(proc.stdout)] and len(set(names)) == 3
+    assert names == [p["name"] for p in json.loads(proc.stdout)]
     for name in names:
         expect(summary).to_contain_text(name)
     options = json.loads(db("SELECT options FROM exports ORDER BY id DESC LIMIT 1")[0][0])
-    assert options["to_correct"] == 3 and options["to_correct_images"] == names
+    assert options["to_correct"] == 3 and options["to_correct_images"] == names and options["to_correct_done"] == 11

@@ -430,6 +430,10 @@ def export_summary(info: Any) -> str:
                  + ", ".join(esc(name) for name in picked)
                  + ". Correct them in your annotation tool, then import them in Clusters → *Import corrected "
                    "annotations* and refine with names.")
+        done = int(getattr(info, "to_correct_done", 0) or 0)
+        if done:
+            text += (f" {count(done, 'image')} whose corrections are already imported "
+                     f"{'was' if done == 1 else 'were'} left out: this is the next batch.")
     warnings = list(getattr(info, "warnings", None) or [])
     for w in warnings:
         text += f"\n\n- ⚠ {w}"

@@ -359,7 +359,8 @@ class RefinePanel:
 
         defaults = RefineConfig()
         gr.Markdown("### Refine with names\nTrains a pixel classifier on the backbone features from the named "
-                    "clusters (and the images checked in Explore or corrected in your annotation tool), then "
+                    "clusters (and the images checked in Explore or corrected in your annotation tool; corrected "
+                    "images also teach it, pixel by pixel, details finer than the clusters), then "
                     "redraws every image with it. Overlays and exports use the refined maps once they are "
                     "ready; run it again after more naming.")
         status = gr.HTML(refine_html(None, None), elem_id="refine-status")
@@ -382,7 +383,8 @@ class RefinePanel:
                         "the next refinement learns from them and keeps them as drawn. Categories are matched "
                         "to this run's label names, images to their file names. Which images? Export → *More "
                         "formats and options* → *images to correct first* exports the few that stand for the "
-                        "rest (one typical image of each kind of scene).")
+                        "rest (one typical image of each kind of scene); after an import, the same export gives the "
+                        "next batch, leaving out the images corrected already.")
             corr_file = gr.File(label="COCO instances .json, the tool's .zip, or Label Studio JSON",
                                 file_types=[".json", ".zip"], file_count="single", elem_id="corrections-file", height=140)
             corr_btn = gr.Button("Import corrections", elem_id="btn-import-corrections")
