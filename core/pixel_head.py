@@ -23,7 +23,9 @@ from typing import Iterable
 
 import numpy as np
 
+from core.atomic import atomic_path
 from core.clustering import _resize_cols, _resize_rows, _taps
+from core.propagation import class_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,8 @@ class PixelHeadArrays:
 
     def save(self, path) -> None:
         """Write the arrays to ``path`` (.npz) atomically."""
-        import os
-        from pathlib import Path
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **{f: getattr(self, f) for f in self.__dataclass_fields__})
-        os.replace(tmp, path)
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, **{f: getattr(self, f) for f in self.__dataclass_fields__})
 
     @classmethod
     def load(cls, path) -> "PixelHeadArrays":
@@ -174,11 +171,8 @@ class PixelHead:
         X, RGB, y = np.concatenate(feats), np.concatenate(cols), np.concatenate(ys)
         mean, scale = X.mean(axis=0), X.std(axis=0) + 1e-6
         Xn = np.concatenate([(X - mean) / scale, RGB], axis=1).astype(np.float32)
-        counts = np.bincount(y, minlength=self.n_classes).astype(np.float64)
-        cw = np.zeros(self.n_classes)
-        seen = counts > 0
-        cw[seen] = (counts[seen].max() / counts[seen]) ** float(self.class_balance)
-        cw[seen] /= (cw[seen] * counts[seen]).sum() / counts[seen].sum()
+        counts = np.bincount(y, minlength=self.n_classes)
+        cw, seen = class_weights(counts, self.class_balance), counts > 0
         C = X.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)

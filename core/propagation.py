@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Propagator", "pseudo_labels", "with_found", "views_log_proba", "cluster_probabilities",
-           "ClassMapJob", "ClassMap", "class_map",
+           "ClassMapJob", "ClassMap", "class_map", "class_weights",
            "LABEL_PASSES",
            "DEFAULT_PSEUDO_ALPHA", "DEFAULT_MIN_CONFIDENCE", "PROPAGATOR_DEFAULTS"]
 
@@ -62,6 +62,17 @@ MAX_WEIGHT_KEY = 64 * WEIGHT_STEPS   # weights above 64 rank as equal
 
 def _weight_keys(weights: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(weights, np.float64) * WEIGHT_STEPS), 0, MAX_WEIGHT_KEY).astype(np.int64)
+
+
+def class_weights(counts: np.ndarray, class_balance: float) -> np.ndarray:
+    """Loss weight per class from its training count: (n_max / n_c) ** class_balance, scaled so
+    the mean weight over the training samples is 1; 0 for a class with no samples."""
+    counts = np.asarray(counts, dtype=np.float64)
+    cw = np.zeros(counts.shape[0])
+    seen = counts > 0
+    cw[seen] = (counts[seen].max() / counts[seen]) ** float(class_balance)
+    cw[seen] /= (cw[seen] * counts[seen]).sum() / counts[seen].sum()
+    return cw
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -376,10 +387,7 @@ class Propagator:
         self.mean_ = mean.astype(np.float32)
         self.scale_ = (np.sqrt(var / X.shape[0]) + 1e-6).astype(np.float32)
         counts = np.bincount(y, minlength=self.n_classes).astype(np.float64)
-        cw = np.zeros(self.n_classes)
-        seen = counts > 0
-        cw[seen] = (counts[seen].max() / counts[seen]) ** float(self.class_balance)
-        cw[seen] /= (cw[seen] * counts[seen]).sum() / counts[seen].sum()  # mean token weight 1
+        cw = class_weights(counts, self.class_balance)
         sample_w = np.where(w > 1.0, w, w if self.weighted else 1.0).astype(np.float32)
         self.class_counts_ = counts.astype(np.int64)
         self.n_train_tokens_ = int(y.shape[0])
