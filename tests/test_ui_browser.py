@@ -520,10 +520,13 @@ def test_05_explore_overlay_toggles_and_confirm(page, db, shots):
     opacity_box = page.locator("#opacity input[type=number]")
     opacity_box.fill("0.9")
     opacity_box.press("Enter")
+    # ticked while that redraw is still on its way: the redraw must not undo the tick
+    confirm = page.locator("#explore-confirm input")
+    confirm.click()
     expect(overlay).not_to_have_attribute("src", src_raw, timeout=20_000)
-
-    page.locator("#explore-confirm input").click()
     expect(page.locator(".toast-body").filter(has_text="1 image checked")).to_be_visible()
+    page.wait_for_timeout(1500)      # anything else still queued has landed by now
+    expect(confirm).to_be_checked()
     image_id = db("SELECT id FROM images WHERE name = 'street_3.png'")[0][0]
     assert db("SELECT confirmed FROM run_images WHERE run_id = 1 AND image_id = ?", image_id)[0][0] == 1
     page.locator("#explore-crf input").click()          # back to CRF for the screenshot

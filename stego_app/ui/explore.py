@@ -13,6 +13,9 @@ from stego_app.ui.common import GALLERY_PAGE, THUMB_SIZE, guard, page_views
 from stego_app.ui.naming import FindPanel
 
 
+VIEW_QUEUE = "explore-view"    # the Gradio concurrency group of everything that draws or changes the shown image
+
+
 class ExploreTab:
     """The Explore tab's components (built in the current gr.Tab) and handlers."""
 
@@ -58,6 +61,12 @@ class ExploreTab:
     @property
     def render_outputs(self) -> list:
         return [self.original_img, self.overlay_img, self.legend, self.confirm_cb] + self.correction_outputs
+
+    @property
+    def restyle_outputs(self) -> list:
+        """What a change of opacity, maps or shown clusters redraws. Not the "Checked" box: the image is
+        the same, and a redraw still on its way must not undo a tick made meanwhile."""
+        return [self.overlay_img, self.legend]
 
     @property
     def correction_outputs(self) -> list:
@@ -116,6 +125,13 @@ class ExploreTab:
         return self.render(run_id, image_id, op, use_crf, visible, indices)
 
     @guard
+    def on_restyle(self, run_id, image_id, op, use_crf, visible):
+        views_ = self.on_render(run_id, image_id, op, use_crf, visible)
+        if not isinstance(views_, dict):
+            return views_
+        return {c: views_[c] for c in self.restyle_outputs}
+
+    @guard
     def on_page(self, run_id, page):
         run_id = H.as_id(run_id, "run")
         if run_id is None:
@@ -145,7 +161,8 @@ class ExploreTab:
         annotations.confirm_image(self.ctx, run_id, image_id, bool(checked))
         n = annotations.confirmed_count(self.ctx, run_id)
         gr.Info(f"{'Checked' if checked else 'Unchecked'}; {n} image{'s' if n != 1 else ''} checked in this run.")
-        return self.correction_views(run_id, image_id)
+        # the box shows what is stored, whatever a drawing that landed meanwhile set it to
+        return {self.confirm_cb: gr.update(value=bool(checked)), **self.correction_views(run_id, image_id)}
 
     @guard
     def on_forget_ask(self, run_id, image_id):
@@ -168,20 +185,26 @@ class ExploreTab:
 
     def wire(self) -> None:
         run_dd = self.app.run_dd
+        # what draws or changes the shown image runs one at a time, in the order it was asked for: a
+        # slow drawing of the previous image cannot land over the next one, and a tick of "Checked"
+        # is stored after (so shown over) any drawing asked for before it
+        one_view = dict(concurrency_id=VIEW_QUEUE, concurrency_limit=1)
         self.page.input(self.on_page, [run_dd, self.page], [self.gallery, self.gallery_ids, self.page],
                         trigger_mode="always_last")
-        self.image_dd.change(self.on_render, [run_dd] + self.inputs, self.render_outputs)
+        self.image_dd.change(self.on_render, [run_dd] + self.inputs, self.render_outputs, **one_view)
         for control in (self.opacity, self.crf, self.shown):    # while dragging, only the last value renders
-            control.input(self.on_render, [run_dd] + self.inputs, self.render_outputs,
-                          trigger_mode="always_last", show_progress="hidden")
+            control.input(self.on_restyle, [run_dd] + self.inputs, self.restyle_outputs,
+                          trigger_mode="always_last", show_progress="hidden", **one_view)
         # the last thumbnail clicked wins (Gradio's default "once" drops a click made while the
         # previous one is still on its way, leaving the gallery and the image shown out of step)
         self.gallery.select(self.on_gallery_select, [self.gallery_ids], [self.image_dd], trigger_mode="always_last")
-        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb], self.correction_outputs)
+        self.confirm_cb.input(self.on_confirm, [run_dd, self.image_dd, self.confirm_cb],
+                              [self.confirm_cb] + self.correction_outputs, trigger_mode="multiple", **one_view)
         self.forget_btn.click(self.on_forget_ask, [run_dd, self.image_dd], [self.forget_row, self.forget_md])
-        self.forget_yes.click(self.on_forget, [run_dd, self.image_dd], self.correction_outputs)
+        self.forget_yes.click(self.on_forget, [run_dd, self.image_dd], self.correction_outputs, **one_view)
         self.forget_no.click(lambda: gr.update(visible=False), None, [self.forget_row])
         # opening the tab draws the image again: maps refined since it was drawn show up at once
-        self.tab.select(self.on_render, [run_dd] + self.inputs, self.render_outputs, show_progress="hidden")
+        self.tab.select(self.on_render, [run_dd] + self.inputs, self.render_outputs, show_progress="hidden",
+                        **one_view)
         self.finder.wire(guard, run_dd, self.image_dd, [self.original_img, self.overlay_img], self.inputs,
                          self.app.label_outputs, self.app.label_views, DISPLAY_MAX_SIDE)
