@@ -716,7 +716,7 @@ def evaluate(pipeline: StegoPipeline, images: Sequence[Path], masks: Sequence[Pa
                     if settings.crf:
                         lp = _class_log_probs(codes[id(head_of(K))], centroids[("stego", K)], names[("stego", K)], C, cfg.alpha)
                         tags2.append((i, f"named_stego_crf_k{K}"))
-                        yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side)
+                        yield ClassMapJob(lp, size, str(images[i]), crf=True, crf_resolution=crf_side, plain=False)
                     rows = [(K, f"propagated_k{K}"), (("found", K), f"propagated_found_k{K}")] + [
                         (("checked", n, K), f"propagated_checked{n}{found_tag}_k{K}") for n in checked]
                     for key, row in rows:

@@ -508,13 +508,14 @@ class ClassMapJob:
     pixel: np.ndarray | None = None   # (h, w, hidden) core.pixel_head projection of the image's tokens
     pixel_arrays: "PixelHeadArrays | None" = None
     pixel_weight: float = 1.0         # the pixel head's log-probabilities are added with this weight
+    plain: bool = True                # also the full-resolution labels without the CRF (with crf only)
 
 
 @dataclass(frozen=True)
 class ClassMap:
-    labels: np.ndarray                # (H, W) uint8/uint16 argmax of the upsampled probabilities
+    labels: np.ndarray | None         # (H, W) uint8/uint16 argmax of the upsampled probabilities
     labels_crf: np.ndarray | None     # (H, W) after the CRF, when asked
-    confidence: np.ndarray            # (H, W) float16 max probability (before the CRF)
+    confidence: np.ndarray | None     # (H, W) float16 max probability (before the CRF); None with labels
 
 
 def _upsampled_log_probs(log_probs: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -538,9 +539,12 @@ def _with_pixel(lp: np.ndarray, job: ClassMapJob, image: np.ndarray) -> np.ndarr
 
 
 def class_map(job: ClassMapJob) -> ClassMap:
-    """Run one ClassMapJob (module-level, torch-free: worker processes can run it)."""
+    """Run one ClassMapJob (module-level, torch-free: worker processes can run it).
+
+    With the CRF at a reduced resolution and ``plain`` off, the full-resolution probabilities
+    (and the pixel head on every full-resolution pixel) are never computed: only the CRF's labels
+    come back."""
     H, W = (int(v) for v in job.size)
-    lp = _upsampled_log_probs(job.log_probs, (H, W))
     image = None
     if job.crf or job.pixel is not None:
         if job.image_path is None:
@@ -551,17 +555,20 @@ def class_map(job: ClassMapJob) -> ClassMap:
         if image.shape[:2] != (H, W):
             raise ValueError(f"{job.image_path} is {image.shape[:2]}, expected {(H, W)}; "
                              "did the file change since its features were extracted?")
-        lp = _with_pixel(lp, job, image)
-    dtype = np.uint8 if lp.shape[0] <= 256 else np.uint16
-    labels = lp.argmax(axis=0).astype(dtype)
-    conf = np.exp(lp.max(axis=0)).astype(np.float16)
-    refined = None
+    h, w = crf_size(H, W, job.crf_resolution) if job.crf else (H, W)
+    dtype = np.uint8 if job.log_probs.shape[-1] <= 256 else np.uint16
+    labels = conf = lp = refined = None
+    if not job.crf or job.plain or (h, w) == (H, W):
+        lp = _upsampled_log_probs(job.log_probs, (H, W))
+        if image is not None:
+            lp = _with_pixel(lp, job, image)
+        labels = lp.argmax(axis=0).astype(dtype)
+        conf = np.exp(lp.max(axis=0)).astype(np.float16)
     if job.crf:
         from PIL import Image
 
         from core.clustering import upsample_bilinear
 
-        h, w = crf_size(H, W, job.crf_resolution)
         if (h, w) == (H, W):
             refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
         else:
@@ -569,4 +576,6 @@ def class_map(job: ClassMapJob) -> ClassMap:
             q = crf_marginals(small, _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small),
                               job.params)
             refined = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(axis=-1).astype(dtype)
+        if not job.plain:
+            labels = conf = None
     return ClassMap(labels, refined, conf)

@@ -331,11 +331,11 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
                 pixel=pixel[0].project(np.asarray(views[0], np.float32).reshape(h, w, -1)), pixel_arrays=pixel[0],
                 pixel_weight=config.pixel_head_weight)
             yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
-                              crf=config.crf, crf_resolution=config.crf_resolution, **extra)
+                              crf=config.crf, crf_resolution=config.crf_resolution, plain=not config.crf, **extra)
 
     done = n - len(todo)
     for i, res in zip(todo, ordered_map(class_map, jobs(), config.n_jobs)):
-        cls = res.labels_crf if res.labels_crf is not None else res.labels
+        cls = res.labels_crf if config.crf else res.labels
         out = lut[cls.astype(np.int64)]
         fixed = (overrides or {}).get(i)
         if fixed is not None:

@@ -171,6 +171,10 @@ def test_class_map_upsamples_and_refines_with_crf(tmp_path):
     assert res.labels.shape == (40, 60) and res.labels_crf.shape == (40, 60)
     assert (res.labels[:, :25] == 0).all() and (res.labels[:, 35:] == 1).all()
     assert (res.labels_crf[:, :28] == 0).all() and (res.labels_crf[:, 32:] == 1).all()
+    # only the CRF's labels asked for: the same labels, without the full-resolution plain map
+    only = class_map(ClassMapJob(lp, (40, 60), str(tmp_path / "im.png"), crf=True, crf_resolution=20, plain=False))
+    assert only.labels is None and only.confidence is None
+    np.testing.assert_array_equal(only.labels_crf, res.labels_crf)
 
 
 def test_cluster_probabilities_prefer_the_nearest_centroid():
