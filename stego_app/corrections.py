@@ -61,7 +61,18 @@ class CorrectionReport:
         done = (f"{len(self.images)} image{'' if one else 's'} corrected from {self.source} "
                 f"({self.annotations} annotation{'s' if self.annotations != 1 else ''}); "
                 f"{'it is' if one else 'they are'} checked now and Refine with names uses {'it' if one else 'them'}")
-        return "; ".join([done, *self.problems()]) + "."
+        return "; ".join([done, *self.problems(), *self.not_counted()]) + "."
+
+    def not_counted(self) -> list[str]:
+        """Images the file lists without any annotation: nothing tells a reviewed image with nothing
+        to draw from one never opened (CVAT exports every image of a task), so they stay uncorrected."""
+        k = self.without_annotations
+        if not k:
+            return []
+        return [f"{k} image{'s' if k != 1 else ''} in the file {'have' if k != 1 else 'has'} no annotation and "
+                f"{'are' if k != 1 else 'is'} not counted as corrected, so images to correct can offer "
+                f"{'them' if k != 1 else 'it'} again (draw at least one region of a named label on each "
+                "image you reviewed)"]
 
     def problems(self) -> list[str]:
         parts = []

@@ -71,6 +71,10 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert report.unknown_categories == {"Pole": 1} and report.unknown_images == ["elsewhere.jpg"]
     text = report.summary()
     assert "'Pole' (1 annotation)" in text and "it is checked now" in text and "name a cluster or find it" in text and "1 image(s) not in this run" in text
+    # the export's other images came back with no annotation: said, and not counted as corrected
+    others = len(runs.run_images(ctx, run.id)) - 1
+    assert report.without_annotations == others
+    assert f"{others} images in the file have no annotation and are not counted as corrected" in text
     assert set(corrections.corrected_images(ctx, run.id)) == {item.image_id}
     with ctx.db.read() as s:
         assert s.scalar(select(RunImage.confirmed).where(RunImage.run_id == run.id,
