@@ -17,7 +17,7 @@ from core.tokens import TokenFeatures, mean_of_views, token_views
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CosineKMeans", "bilinear_matrix", "upsample_bilinear", "cluster_log_probs",
+__all__ = ["CosineKMeans", "bilinear_matrix", "upsample_bilinear", "log_softmax_", "cluster_log_probs",
            "sample_tokens", "DEFAULT_ALPHA"]
 
 # Temperature on cosine similarities before the softmax (the paper's cluster probe uses 2).
@@ -142,6 +142,13 @@ class CosineKMeans:
         return self.fit(X).predict(X)
 
 
+def log_softmax_(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``x`` turned into log-probabilities along ``axis``, in place (returned for chaining)."""
+    x -= x.max(axis=axis, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=axis, keepdims=True))
+    return x
+
+
 def _taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices (i0, i1) and weight of i1 for 1-D bilinear resizing, half-pixel centres."""
     scale = n_in / n_out
@@ -230,9 +237,7 @@ def cluster_log_probs(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[in
     up = upsample_bilinear(dots, (H, W))                                 # (H, W, K)
     logits = np.moveaxis(up, -1, 0)                                      # (K, H, W) view
     logits = logits * (alpha / np.sqrt(_upsampled_sq_norms(codes, H, W))).astype(np.float32)
-    logits -= logits.max(axis=0, keepdims=True)
-    logits -= np.log(np.exp(logits).sum(axis=0, keepdims=True))
-    return np.ascontiguousarray(logits, dtype=np.float32)
+    return np.ascontiguousarray(log_softmax_(logits, axis=0), dtype=np.float32)
 
 
 def _cluster_log_probs_direct(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, int],
@@ -240,9 +245,7 @@ def _cluster_log_probs_direct(codes: np.ndarray, centroids: np.ndarray, out_hw: 
     """Reference implementation of cluster_log_probs (builds the full (H, W, D) map)."""
     up = upsample_bilinear(codes, out_hw)
     up /= np.maximum(np.linalg.norm(up, axis=-1, keepdims=True), 1e-12)
-    logits = alpha * (up @ _normalize(centroids).T)
-    logits -= logits.max(axis=-1, keepdims=True)
-    logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    logits = log_softmax_(alpha * (up @ _normalize(centroids).T))
     return np.moveaxis(logits, -1, 0).astype(np.float32)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from core.atomic import atomic_write_json, atomic_write_text
-from core.clustering import CosineKMeans, sample_tokens, upsample_bilinear
+from core.clustering import CosineKMeans, log_softmax_, sample_tokens, upsample_bilinear
 from core.correspondence import DEFAULT_THRESHOLD, CorrespondenceIndex
 from core.dense import dense_item
 from core.crf import ClusterMapJob, CRFParams, cluster_map, ordered_map
@@ -386,9 +386,7 @@ def _class_log_probs(vectors: np.ndarray, centroids: np.ndarray, names: np.ndarr
         sel = np.flatnonzero(names == c) if c < n_classes else np.flatnonzero(names < 0)
         if sel.size:
             out[..., c] = alpha * sims[..., sel].max(axis=-1)
-    out -= out.max(axis=-1, keepdims=True)
-    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
-    return out
+    return log_softmax_(out)
 
 
 LABELS = {

@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from core.atomic import atomic_path
-from core.clustering import _resize_cols, _resize_rows, _taps
+from core.clustering import _resize_cols, _resize_rows, _taps, log_softmax_
 from core.propagation import class_weights
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ def pixel_log_proba(projected: np.ndarray, rgb: np.ndarray, arrays: PixelHeadArr
         np.maximum(h, 0, out=h)
         z = h @ arrays.w2 + arrays.b2
         z[..., ~arrays.taught] = -np.inf         # a softmax over the taught classes only
-        z -= z.max(axis=-1, keepdims=True)
-        z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
-        out[:, r:r + step] = np.moveaxis(z, -1, 0)
+        out[:, r:r + step] = np.moveaxis(log_softmax_(z), -1, 0)
     return out
 
 

@@ -520,11 +520,9 @@ class ClassMap:
 
 def _upsampled_log_probs(log_probs: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(n, H, W) log_softmax of the bilinearly upsampled token logits."""
-    from core.clustering import upsample_bilinear
+    from core.clustering import log_softmax_, upsample_bilinear
 
-    up = upsample_bilinear(np.asarray(log_probs, dtype=np.float32), hw)  # (H, W, n)
-    up -= up.max(axis=-1, keepdims=True)
-    up -= np.log(np.exp(up).sum(axis=-1, keepdims=True))
+    up = log_softmax_(upsample_bilinear(np.asarray(log_probs, dtype=np.float32), hw))  # (H, W, n)
     return np.ascontiguousarray(np.moveaxis(up, -1, 0))
 
 
