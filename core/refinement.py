@@ -124,6 +124,13 @@ class ClassSpace:
     def n_classes(self) -> int:
         return len(self.class_to_cluster)
 
+    def classes_of(self, clusters: np.ndarray) -> np.ndarray:
+        """The class of each cluster index in ``clusters`` (any shape, int64); -1 where the index
+        is none (< 0), beyond the clusters, or of a cluster that is not learnt."""
+        c2c = np.asarray(self.cluster_to_class, dtype=np.int64)
+        x = np.asarray(clusters, dtype=np.int64)
+        return np.where((x >= 0) & (x < len(c2c)), c2c[np.clip(x, 0, len(c2c) - 1)], -1)
+
     def to_dict(self) -> dict:
         return {"cluster_to_class": list(self.cluster_to_class), "class_to_cluster": list(self.class_to_cluster),
                 "names": list(self.names)}
@@ -177,6 +184,7 @@ class _LabelSource:
         self.n, self.codes_of, self.centroids, self.config = n, codes_of, centroids, config
         self.corrected = corrected                 # items whose seeds are a person's corrected masks
         self.found_of, self.seeds, self.report, self.check = found_of, seeds, report, check
+        self.space = space
         self.c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
         self.counts = np.zeros((n, 3), np.int64)     # per item: labelled, seed and found tokens
         self.reads = 0
@@ -192,10 +200,10 @@ class _LabelSource:
         fnd = self.found_of(i)
         if fnd is not None:
             hit = fnd >= 0
-            lab, wt, found = with_found(lab, wt, np.where(hit, c2c[np.clip(fnd, 0, len(c2c) - 1)], -1), hit)
+            lab, wt, found = with_found(lab, wt, self.space.classes_of(fnd), hit)
         if i in self.seeds:
             seed = np.asarray(self.seeds[i]).ravel()
-            cls = np.where(seed >= 0, c2c[np.clip(seed, 0, len(c2c) - 1)], -1)
+            cls = self.space.classes_of(seed)
             has = cls >= 0
             lab = np.where(has, cls, lab)
             weight = self.config.correction_weight if i in self.corrected else self.config.seed_weight
@@ -223,11 +231,9 @@ def _pixel_head(features: TokenFeatures, space: ClassSpace, image_paths: Sequenc
     pixels and saved; None when switched off or no corrected image has a learnt class."""
     if config.pixel_head_weight <= 0 or not overrides:
         return None
-    c2c = np.asarray(space.cluster_to_class, dtype=np.int64)
     targets = {}
     for i in sorted(overrides):
-        fixed = np.asarray(overrides[i], dtype=np.int64)
-        target = np.where((fixed >= 0) & (fixed < len(c2c)), c2c[np.clip(fixed, 0, len(c2c) - 1)], -1)
+        target = space.classes_of(overrides[i])
         if (target >= 0).any():                  # corrected pixels of a class the names still carry
             targets[i] = target
     if not targets:
