@@ -390,11 +390,9 @@ def export_run(ctx, run_id: int, options: ExportOptions | None = None,
                         else "the run has no images")
     already_corrected = 0
     if options.to_correct:
-        corrected = to_correct.corrected_ids(ctx, run_id)
-        done = [j for j, it in enumerate(items) if it.image_id in corrected]
-        already_corrected = len(done)
-        items = [items[j] for j in to_correct.pick(run_dir, [it.position for it in items], options.to_correct,
-                                                   done=done)]
+        chosen, already_corrected = to_correct.pick_next(ctx, run_id, run_dir, [it.position for it in items],
+                                                         [it.image_id for it in items], options.to_correct)
+        items = [items[j] for j in chosen]
     for it in items:
         if not RunDir(run_dir).segment_path(it.position, "plain").is_file():
             raise UserError(f"run {run_id} has no segment map for image {it.name!r}; "

@@ -60,6 +60,15 @@ def corrected_ids(ctx, run_id: int) -> set[int]:
     return set(corrected_images(ctx, run_id))
 
 
+def pick_next(ctx, run_id: int, run_dir: Path, positions: Sequence[int], image_ids: Sequence[int],
+              n: int) -> tuple[list[int], int]:
+    """``pick`` for the run's images at ``positions`` (with their ``image_ids``), leaving out those
+    whose corrections are imported; also returns how many were left out."""
+    corrected = corrected_ids(ctx, run_id)
+    done = [j for j, image_id in enumerate(image_ids) if image_id in corrected]
+    return pick(run_dir, positions, n, done=done), len(done)
+
+
 def images_to_correct(ctx, run_id: int, n: int = TO_CORRECT_COUNT) -> list[ImageToCorrect]:
     """The ``n`` images of a finished run to correct next (fewer when fewer are left), leaving
     out the images whose corrections are already imported."""
@@ -69,6 +78,5 @@ def images_to_correct(ctx, run_id: int, n: int = TO_CORRECT_COUNT) -> list[Image
         rows = s.execute(select(RunImage.position, Image.id, Image.name).join(Image, RunImage.image_id == Image.id)
                          .where(RunImage.run_id == run_id).order_by(RunImage.position)).all()
         run_dir = Path(run.run_dir)
-    corrected = corrected_ids(ctx, run_id)
-    chosen = pick(run_dir, [r[0] for r in rows], n, done=[j for j, r in enumerate(rows) if r[1] in corrected])
+    chosen, _ = pick_next(ctx, run_id, run_dir, [r[0] for r in rows], [r[1] for r in rows], n)
     return [ImageToCorrect(k + 1, rows[j][1], rows[j][2], rows[j][0]) for k, j in enumerate(chosen)]
