@@ -535,6 +535,51 @@ def test_05_explore_overlay_toggles_and_confirm(page, db, shots):
     shoot(page, shots / "explore.png")
 
 
+def test_05b_two_tabs_in_explore_keep_their_own_image_and_ticks(page, browser, app, db):
+    """Explore's drawings share one queue across sessions: a second person's redraws and ticks
+    must neither land in the first person's page nor undo what either of them did."""
+    close_toasts(page)
+    other_ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        other = other_ctx.new_page()
+        other.set_default_timeout(30_000)
+        other.goto(app.url)
+        expect(field(other, "run-select")).to_have_value(re.compile(r"Run 1 · Finished"))
+        tab(other, "Explore")
+        other.locator("#explore-gallery .thumbnail-item").nth(5).click()
+        expect(field(other, "explore-image")).to_have_value("street_5.png")
+        other_confirm = other.locator("#explore-confirm input")
+        expect(other_confirm).not_to_be_checked()
+        expect(other.locator("#explore-overlay img")).to_be_visible()
+
+        # the first page redraws street_3 while the second ticks street_5, both at once
+        mine = page.locator("#explore-overlay img")
+        src_mine = mine.get_attribute("src")
+        opacity_box = page.locator("#opacity input[type=number]")
+        opacity_box.fill("0.3")
+        opacity_box.press("Enter")
+        other_confirm.click()
+        expect(mine).not_to_have_attribute("src", src_mine, timeout=20_000)
+        expect(other.locator(".toast-body").filter(has_text="2 images checked")).to_be_visible()
+        page.wait_for_timeout(1500)
+        expect(field(page, "explore-image")).to_have_value("street_3.png")
+        expect(page.locator("#explore-confirm input")).to_be_checked()
+        expect(field(other, "explore-image")).to_have_value("street_5.png")
+        expect(other_confirm).to_be_checked()
+        assert page.locator(".toast-body").filter(has_text="2 images checked").count() == 0
+        confirmed = dict(db("SELECT i.name, r.confirmed FROM run_images r JOIN images i ON i.id = r.image_id "
+                            "WHERE r.run_id = 1 AND i.name IN ('street_3.png', 'street_5.png')"))
+        assert confirmed == {"street_3.png": 1, "street_5.png": 1}
+
+        other_confirm.click()                              # leave the run as test_05 left it
+        expect(other.locator(".toast-body").filter(has_text="1 image checked")).to_be_visible()
+        expect(page.locator("#explore-confirm input")).to_be_checked()
+    finally:
+        other_ctx.close()
+    opacity_box.fill("0.5")
+    opacity_box.press("Enter")
+
+
 def test_06_export_and_download_coco(page, db, shots, tmp_path):
     close_toasts(page)
     tab(page, "Export")
