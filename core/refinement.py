@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 
@@ -119,6 +119,10 @@ class ClassSpace:
     cluster_to_class: tuple[int, ...]
     class_to_cluster: tuple[int, ...]
     names: tuple[str, ...] = ()       # per class, for people (label name, "cluster 7", "ignored")
+    # how of_clusters laid the classes out, for people (not compared: a refinement saved before these
+    # counts existed resumes): the first n_labels are named labels, the next n_unnamed unnamed clusters
+    n_labels: int = field(default=0, compare=False)
+    n_unnamed: int = field(default=0, compare=False)
 
     @property
     def n_classes(self) -> int:
@@ -133,12 +137,12 @@ class ClassSpace:
 
     def to_dict(self) -> dict:
         return {"cluster_to_class": list(self.cluster_to_class), "class_to_cluster": list(self.class_to_cluster),
-                "names": list(self.names)}
+                "names": list(self.names), "n_labels": self.n_labels, "n_unnamed": self.n_unnamed}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassSpace":
         return cls(tuple(int(v) for v in d["cluster_to_class"]), tuple(int(v) for v in d["class_to_cluster"]),
-                   tuple(d.get("names", ())))
+                   tuple(d.get("names", ())), int(d.get("n_labels", 0)), int(d.get("n_unnamed", 0)))
 
     @classmethod
     def of_clusters(cls, clusters: Sequence[tuple[int, Hashable | None, bool]],
@@ -159,18 +163,20 @@ class ClassSpace:
                 c2c[i] = len(reps)
             reps.append(min(by_label[key]))
             names.append(label_name(key))
+        n_labels = len(reps)
         for i, key, ignored in clusters:
             if key is None and not ignored:
                 c2c[i] = len(reps)
                 reps.append(i)
                 names.append(f"cluster {i}")
+        n_unnamed = len(reps) - n_labels
         ignored = [i for i, _, ign in clusters if ign]
         if ignored:
             for i in ignored:
                 c2c[i] = len(reps)
             reps.append(min(ignored))
             names.append("ignored")
-        return cls(tuple(c2c), tuple(reps), tuple(names))
+        return cls(tuple(c2c), tuple(reps), tuple(names), n_labels, n_unnamed)
 
 
 class _LabelSource:

@@ -115,6 +115,21 @@ class RefinedState:
     n_classes: int | None
     dense: bool = False            # predicted on the finer token grid
     corrections_pending: int = 0   # checked images whose corrections are not in the maps yet
+    n_labels: int | None = None    # of the classes: named labels, then unnamed clusters (None: maps made
+    n_unnamed: int | None = None   # before the app recorded these counts)
+
+    @property
+    def classes_text(self) -> str:
+        """What the maps' classes are, in a person's words."""
+        if self.n_labels is None or self.n_unnamed is None:
+            return f"{self.n_classes} classes"
+        parts = [f"{self.n_labels} named label{'s' if self.n_labels != 1 else ''}"]
+        if self.n_unnamed:
+            parts.append(f"{self.n_unnamed} unnamed cluster{'s' if self.n_unnamed != 1 else ''} kept as "
+                         f"{'their own classes' if self.n_unnamed != 1 else 'its own class'}")
+        if (self.n_classes or 0) > self.n_labels + self.n_unnamed:
+            parts.append("the ignored clusters as one class")
+        return ", ".join(parts)
 
     @property
     def stale_reasons(self) -> tuple[str, ...]:
@@ -131,8 +146,8 @@ class RefinedState:
         reasons = " ".join(r[0].upper() + r[1:] + "." for r in self.stale_reasons)
         if not self.available:
             return " ".join(["No refined maps yet: name clusters, then refine with names.", reasons]).strip()
-        base = (f"Refined maps of job {self.refinement_id} ({self.n_classes} classes"
-                + (", finer maps" if self.dense else "") + ")")
+        base = (f"Refined maps of job {self.refinement_id} ({self.classes_text}"
+                + ("; finer maps" if self.dense else "") + ")")
         return f"{base}. {reasons}" if reasons else f"{base}: up to date with the names."
 
 
@@ -293,7 +308,8 @@ def refined_state(ctx, run_id: int) -> RefinedState:
     if meta is None:
         return RefinedState(False, None, None, version, None, corrections_pending=pending)
     return RefinedState(True, meta.get("refinement_id"), meta.get("mapping_version"), version, meta.get("n_classes"),
-                        bool((meta.get("settings") or {}).get("dense", False)), pending)
+                        bool((meta.get("settings") or {}).get("dense", False)), pending,
+                        meta.get("n_labels"), meta.get("n_unnamed"))
 
 
 def image_corrections(ctx, run_id: int, image_id: int | None = None) -> list[corrections.ImageCorrections]:
@@ -504,6 +520,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
                      [it[3] for it in items], out_dir, settings, found_of=found_of, seeds=seeds, overrides=overrides,
                      progress=report, cancel=cancelled, backbone=pipe.backbone() if settings.dense else None)
     meta = {"refinement_id": ref_id, "mapping_version": meta_version, "n_classes": space.n_classes,
+            "n_labels": space.n_labels, "n_unnamed": space.n_unnamed,
             "classes": [{"name": n, "cluster": c} for n, c in zip(space.names, space.class_to_cluster)],
             "seed_images": len(seeds), "corrected_images": len(overrides), "found_clusters": len(found_sims), "settings": settings.to_dict(),
             "created": time.time(), "inputs_read": started}

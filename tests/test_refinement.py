@@ -32,7 +32,23 @@ def test_class_space_labels_unnamed_and_ignored():
     assert space.cluster_to_class == (0, 2, 0, 3, 1)
     assert space.class_to_cluster == (0, 4, 1, 3)
     assert space.names == ("sky", "road", "cluster 1", "ignored")
-    assert ClassSpace.from_dict(space.to_dict()) == space
+    assert (space.n_labels, space.n_unnamed) == (2, 1)
+    back = ClassSpace.from_dict(space.to_dict())
+    assert back == space and (back.n_labels, back.n_unnamed) == (2, 1)
+    # a refinement saved before the counts were recorded still matches (it resumes)
+    old = {k: v for k, v in space.to_dict().items() if k not in ("n_labels", "n_unnamed")}
+    assert ClassSpace.from_dict(old) == space
+
+
+def test_the_refine_status_says_how_many_classes_are_names_and_how_many_unnamed_clusters():
+    state = refinement.RefinedState(True, 4, 2, 2, 77, n_labels=3, n_unnamed=73)
+    assert state.text == ("Refined maps of job 4 (3 named labels, 73 unnamed clusters kept as their own classes, "
+                          "the ignored clusters as one class): up to date with the names.")
+    one = refinement.RefinedState(True, 4, 2, 2, 2, dense=True, n_labels=1, n_unnamed=1)
+    assert one.text.startswith("Refined maps of job 4 (1 named label, 1 unnamed cluster kept as its own class; "
+                               "finer maps)")
+    older = refinement.RefinedState(True, 4, 2, 2, 77)        # maps made before the counts were recorded
+    assert older.text.startswith("Refined maps of job 4 (77 classes)")
 
 
 def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them(lab):
@@ -56,6 +72,8 @@ def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them
     state = refinement.refined_state(ctx, run.id)
     assert state.available and not state.stale and state.refinement_id == job.id
     assert state.n_classes == 2 + 2 + 1                       # ground, sky, clusters 3 and 4, ignored
+    assert "(2 named labels, 2 unnamed clusters kept as their own classes, the ignored clusters as one class)" \
+        in state.text
     allowed = {0, 2, 3, 4, 5}                                 # representatives: ground = #0 (not #1)
     for it in items:
         seg = views.read_segments(run.run_dir, it.position, crf=True, refined=True)
