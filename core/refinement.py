@@ -111,6 +111,10 @@ class RefineConfig:
         return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
 
+def _count(value) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class ClassSpace:
     """What the propagator learns: ``cluster_to_class`` (n_clusters,) int (-1 = not learnt) and,
@@ -120,9 +124,10 @@ class ClassSpace:
     class_to_cluster: tuple[int, ...]
     names: tuple[str, ...] = ()       # per class, for people (label name, "cluster 7", "ignored")
     # how of_clusters laid the classes out, for people (not compared: a refinement saved before these
-    # counts existed resumes): the first n_labels are named labels, the next n_unnamed unnamed clusters
-    n_labels: int = field(default=0, compare=False)
-    n_unnamed: int = field(default=0, compare=False)
+    # counts existed resumes): the first n_labels are named labels, the next n_unnamed unnamed clusters;
+    # None where the space was saved without them (unknown, not zero)
+    n_labels: int | None = field(default=None, compare=False)
+    n_unnamed: int | None = field(default=None, compare=False)
 
     @property
     def n_classes(self) -> int:
@@ -142,7 +147,7 @@ class ClassSpace:
     @classmethod
     def from_dict(cls, d: dict) -> "ClassSpace":
         return cls(tuple(int(v) for v in d["cluster_to_class"]), tuple(int(v) for v in d["class_to_cluster"]),
-                   tuple(d.get("names", ())), int(d.get("n_labels", 0)), int(d.get("n_unnamed", 0)))
+                   tuple(d.get("names", ())), _count(d.get("n_labels")), _count(d.get("n_unnamed")))
 
     @classmethod
     def of_clusters(cls, clusters: Sequence[tuple[int, Hashable | None, bool]],

@@ -264,7 +264,12 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
         info = refinement.resume_refinement(ctx, args.resume)
     else:
         params = {k: v for k, v in (("steps", args.steps), ("dense", args.dense)) if v is not None}
+        stopped = refinement.latest_refinement(ctx, rid)
         info = refinement.start_refinement(ctx, rid, params or None)
+        if stopped is not None and stopped.is_resumable:
+            _out(f"refinement {stopped.id} stopped ({stopped.status}) at {_pct(stopped.progress).strip()}; "
+                 f"this starts over as refinement {info.id} (app.py label {rid} refine --resume {stopped.id} "
+                 f"continues the stopped one, with the names it started with)")
     last = None
     try:
         while info.is_active:

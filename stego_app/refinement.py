@@ -121,7 +121,9 @@ class RefinedState:
     @property
     def classes_text(self) -> str:
         """What the maps' classes are, in a person's words."""
-        if self.n_labels is None or self.n_unnamed is None:
+        # unknown counts: maps made before they were recorded, or (0 labels: no refinement starts without
+        # a name) by a job resumed from such an older one under the version that first wrote them
+        if not self.n_labels or self.n_unnamed is None:
             return f"{self.n_classes} classes"
         parts = [f"{self.n_labels} named label{'s' if self.n_labels != 1 else ''}"]
         if self.n_unnamed:

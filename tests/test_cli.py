@@ -222,6 +222,18 @@ def test_groups_suggestions_find_and_refine_from_the_command_line(tmp_path, caps
 
     code, out, err = _main(capsys, "label", "1", "refine", "--steps", "40", "--dense", "--quiet", *data)
     assert code == 0 and "refinement 1: done" in out and "up to date" in out and "finer maps" in out, err
+
+    # Ctrl-C while a refinement runs stops it; the next plain refine says it starts over and how to resume
+    def interrupt(_seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=interrupt))
+    code, out, err = _main(capsys, "label", "1", "refine", "--steps", "100000", "--quiet", *data)
+    monkeypatch.undo()
+    assert code == 4 and "resume with: app.py label 1 refine --resume 2" in out and "refinement 2: cancelled" in out
+    monkeypatch.setenv("STEGO_PIPELINE_JOBS", "1")
+    code, out, err = _main(capsys, "label", "1", "refine", "--steps", "40", "--quiet", *data)
+    assert code == 0 and "refinement 2 stopped (cancelled)" in out and "starts over as refinement 3" in out
+    assert "refine --resume 2 continues" in out and "refinement 3: done" in out, err
     code, out, err = _main(capsys, "export", "1", *data)
     assert code == 0 and "refined maps" in out, err
     code, out, err = _main(capsys, "export", "1", "--no-refined", *data)

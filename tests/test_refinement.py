@@ -38,6 +38,7 @@ def test_class_space_labels_unnamed_and_ignored():
     # a refinement saved before the counts were recorded still matches (it resumes)
     old = {k: v for k, v in space.to_dict().items() if k not in ("n_labels", "n_unnamed")}
     assert ClassSpace.from_dict(old) == space
+    assert (ClassSpace.from_dict(old).n_labels, ClassSpace.from_dict(old).n_unnamed) == (None, None)  # unknown
 
 
 def test_the_refine_status_says_how_many_classes_are_names_and_how_many_unnamed_clusters():
@@ -49,6 +50,9 @@ def test_the_refine_status_says_how_many_classes_are_names_and_how_many_unnamed_
                                "finer maps)")
     older = refinement.RefinedState(True, 4, 2, 2, 77)        # maps made before the counts were recorded
     assert older.text.startswith("Refined maps of job 4 (77 classes)")
+    # maps a resumed older job wrote with counts of 0 (no refinement starts without a name)
+    zero = refinement.RefinedState(True, 6, 2, 2, 10, n_labels=0, n_unnamed=0)
+    assert zero.text.startswith("Refined maps of job 6 (10 classes)")
 
 
 def test_refine_writes_maps_used_by_overlays_and_exports_and_rerun_replaces_them(lab):
@@ -140,6 +144,38 @@ def test_cancel_and_resume_reuse_the_work_done(lab):
     assert resumed.status == "queued"
     refinement.cancel_refinement(ctx, job.id)
     assert refinement.wait_for_refinement(ctx, job.id, timeout=120).status == "cancelled"
+
+
+def test_a_refinement_stopped_under_an_older_version_resumes_without_inventing_class_counts(lab):
+    """A job stopped before the app recorded the class counts (its space.json lacks them) resumes
+    and says "(N classes)", not "0 named labels" (seen on a real job stopped under the older code)."""
+    import json
+    import time
+
+    from stego_app.models import Refinement
+
+    ctx, run = lab
+    if not any(c.label_name for c in mapping.list_clusters(ctx, run.id)):
+        mapping.name_cluster(ctx, run.id, 0, "ground")
+    job = refinement.start_refinement(ctx, run.id, dict(QUICK, steps=100_000))
+    space_json = RunDir(run.run_dir).refined_partial(job.id) / "space.json"
+    deadline = time.monotonic() + 120
+    while refinement.get_refinement(ctx, job.id).stage != "training" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refinement.cancel_refinement(ctx, job.id)
+    assert refinement.wait_for_refinement(ctx, job.id, timeout=120).status == "cancelled"
+    saved = json.loads(space_json.read_text())
+    n_classes = len(saved["class_to_cluster"])
+    space_json.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("n_labels", "n_unnamed")}))
+    with ctx.db.write() as s:                       # the older job, made short enough to finish here
+        row = s.get(Refinement, job.id)
+        row.params = dict(row.params, steps=QUICK["steps"])
+    done = refinement.wait_for_refinement(ctx, refinement.resume_refinement(ctx, job.id).id, timeout=300)
+    assert done.status == "done", done.error
+    state = refinement.refined_state(ctx, run.id)
+    assert state.refinement_id == job.id and not state.stale
+    assert f"Refined maps of job {job.id} ({n_classes} classes)" in state.text
+    assert "named label" not in state.text
 
 
 def test_an_image_gone_bad_fails_the_job_naming_the_users_file(tmp_path):
