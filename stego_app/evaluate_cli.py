@@ -20,6 +20,7 @@ from typing import Sequence
 from core.correspondence import DEFAULT_THRESHOLD
 from core.evaluate import CHECKED_PICKS, CORRECTION_WEIGHT, EvalSettings, Report, evaluate, pair_images_and_masks
 from core.pipeline import PipelineConfig, StegoPipeline
+from core.pixel_head import DEFAULT_PIXEL_HEAD_WEIGHT
 from core.precision import PRECISIONS
 from core.selection import DEFAULT_PICK
 from core.shifts import auto_neg_factor
@@ -86,9 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="take the --checked counts as successive batches, as the app gives them after each "
                         "import (5,10: the first 5, then the next 5 that leave those out); default: each "
                         "count picked afresh")
-    e.add_argument("--pixel-head-weights", default=None, metavar="W[,W...]",
+    e.add_argument("--pixel-head-weights", default=None, metavar="W[,W...]|none",
                    help="the checked rows also with a pixel head (core.pixel_head: colour + upsampled feature, "
-                        "trained on the checked images' pixels), its log-probabilities added at each weight")
+                        "trained on the checked images' pixels), its log-probabilities added at each weight "
+                        f"(default with --checked: {DEFAULT_PIXEL_HEAD_WEIGHT}, the app's; none: no such rows)")
     e.add_argument("--seed-weight", type=float, default=CORRECTION_WEIGHT,
                    help=f"loss weight of the checked images' tokens (default {CORRECTION_WEIGHT}, the app's)")
     e.add_argument("--predict-resolution", type=int, default=None,
@@ -132,6 +134,19 @@ def sweep_pipelines(pipe: StegoPipeline, sweep: Sequence[int], images: list[Path
     return out
 
 
+def pixel_head_weights(value: str | None, checked: bool) -> tuple[float, ...]:
+    """``--pixel-head-weights``: left out, the app's weight when there are checked rows (what *Refine
+    with names* does with corrected images); ``none``: no pixel-head rows."""
+    if value is None:
+        return (DEFAULT_PIXEL_HEAD_WEIGHT,) if checked else ()
+    if value.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--pixel-head-weights takes numbers separated by commas, or none; got {value!r}") from None
+
+
 def run(args: argparse.Namespace) -> Report:
     """Fit and evaluate as described by parsed ``args``; write OUT.json / OUT.md; return the report."""
     from core.weights import default_cache_dir
@@ -140,6 +155,7 @@ def run(args: argparse.Namespace) -> Report:
     images, masks = pair_images_and_masks(args.images, args.masks, args.max_images)
     if args.score_every < 1:
         raise ValueError("--score-every must be >= 1")
+    px_weights = pixel_head_weights(args.pixel_head_weights, bool(args.checked))
     if args.train_images is not None:
         if args.train_masks is None:
             raise ValueError("--train-images needs --train-masks (for the linear probes)")
@@ -176,8 +192,8 @@ def run(args: argparse.Namespace) -> Report:
         find_missing=args.find_missing, find_clicks=args.find_clicks, find_threshold=args.find_threshold,
         checked=tuple(int(v) for v in args.checked.split(",")) if args.checked else (), seed_weight=args.seed_weight,
         checked_pick=args.checked_pick, checked_batches=args.checked_batches,
-        pixel_head_weights=tuple(float(v) for v in args.pixel_head_weights.split(",")) if args.pixel_head_weights
-        else (), predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
+        pixel_head_weights=px_weights,
+        predict_resolution=args.predict_resolution, predict_dense=args.predict_dense,
         seed=settings.seed)
     report = evaluate(pipe, images[::args.score_every], masks[::args.score_every], settings, fit_masks=fit_masks,
                       compare=compare, sweep_pipelines=sweep_pipelines(pipe, settings.sweep, fit_images, cache))

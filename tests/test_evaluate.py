@@ -45,9 +45,20 @@ def _args(tmp_path, **over):
     return parser.parse_args(argv)
 
 
+def test_checked_rows_come_with_the_apps_pixel_head_unless_told_otherwise():
+    from core.pixel_head import DEFAULT_PIXEL_HEAD_WEIGHT
+
+    assert evaluate_cli.pixel_head_weights(None, checked=True) == (DEFAULT_PIXEL_HEAD_WEIGHT,)
+    assert evaluate_cli.pixel_head_weights(None, checked=False) == ()
+    assert evaluate_cli.pixel_head_weights("none", checked=True) == ()
+    assert evaluate_cli.pixel_head_weights("0.5,2", checked=True) == (0.5, 2.0)
+    with pytest.raises(ValueError, match="numbers separated by commas, or none"):
+        evaluate_cli.pixel_head_weights("half", checked=True)
+
+
 def test_evaluate_reports_every_method_in_json_and_markdown(tmp_path):
     report = evaluate_cli.run(_args(tmp_path, compare_paper_shifts=True, k_multiples="1,2", find_missing=True,
-                                    checked="1,2", checked_batches=True, pixel_head_weights="0.5",
+                                    checked="1,2", checked_batches=True,   # the pixel head's row: the app's default
                                     propagation='{"steps": 30, "batch_size": 64, "hidden": 16}'))
     res = report.results
     hungarian = {"kmeans_raw", "stego", "stego_crf", "stego_paper_shifts", "stego_crf_paper_shifts",
