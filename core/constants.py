@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = ["STAGES", "CROP_MODES", "PRECISIONS", "FIND_THRESHOLD", "REFINE_OPTIONS", "FEW_CLUSTERS",
-           "TO_CORRECT_COUNT"]
+           "TO_CORRECT_COUNT", "KEEP_PREDICTION", "NOT_NAMED"]
 
 # Pipeline stages in the order StegoPipeline.fit runs them ("crf" only with CRF on).
 STAGES: tuple[str, ...] = ("features", "knn", "training", "clustering", "segments", "crf")
@@ -27,3 +27,9 @@ REFINE_OPTIONS: dict[str, tuple[str, str]] = {
     "dense": ("Finer maps (slower)", "predict on a token grid twice as dense, so thin things (poles, signs, "
               "distant people) get tokens of their own; four extra backbone passes per image"),
 }
+# Values of a refinement's override maps (core.refinement.refine) besides cluster indices: no
+# correction at this pixel, the prediction stays; or a person left the pixel out of every named
+# label (a corrected image's uncovered pixels), so the prediction stays among the classes that
+# are not named labels.
+KEEP_PREDICTION = -1
+NOT_NAMED = -2

@@ -509,6 +509,8 @@ class ClassMapJob:
     pixel_arrays: "PixelHeadArrays | None" = None
     pixel_weight: float = 1.0         # the pixel head's log-probabilities are added with this weight
     plain: bool = True                # also the full-resolution labels without the CRF (with crf only)
+    ruled_out: np.ndarray | None = None   # (H, W) bool: pixels that are none of the first ruled_out_classes
+    ruled_out_classes: int = 0            # classes (a person's corrected image left those pixels out of them)
 
 
 @dataclass(frozen=True)
@@ -536,6 +538,27 @@ def _with_pixel(lp: np.ndarray, job: ClassMapJob, image: np.ndarray) -> np.ndarr
                    job.pixel_weight)
 
 
+RULED_OUT_LOG_PROB = -1e4   # a ruled-out class's log-probability: no CRF pairwise term brings it back
+
+
+def _without_ruled_out(lp: np.ndarray, job: ClassMapJob) -> np.ndarray:
+    """``lp`` (n, h, w) with the job's ruled-out classes made impossible at its ruled-out pixels
+    (the mask resized to (h, w) by nearest neighbour); unchanged when that would leave no class."""
+    k = int(job.ruled_out_classes)
+    if job.ruled_out is None or k <= 0 or k >= lp.shape[0]:
+        return lp
+    mask = np.asarray(job.ruled_out, dtype=bool)
+    h, w = lp.shape[1:]
+    if mask.shape != (h, w):
+        H, W = mask.shape
+        mask = mask[(np.arange(h) * H // h)[:, None], (np.arange(w) * W // w)[None, :]]
+    if not mask.any():
+        return lp
+    out = np.array(lp, dtype=np.float32, copy=True)
+    out[:k, mask] = RULED_OUT_LOG_PROB
+    return out
+
+
 def class_map(job: ClassMapJob) -> ClassMap:
     """Run one ClassMapJob (module-level, torch-free: worker processes can run it).
 
@@ -560,6 +583,7 @@ def class_map(job: ClassMapJob) -> ClassMap:
         lp = _upsampled_log_probs(job.log_probs, (H, W))
         if image is not None:
             lp = _with_pixel(lp, job, image)
+        lp = _without_ruled_out(lp, job)
         labels = lp.argmax(axis=0).astype(dtype)
         conf = np.exp(lp.max(axis=0)).astype(np.float16)
     if job.crf:
@@ -571,9 +595,12 @@ def class_map(job: ClassMapJob) -> ClassMap:
             refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
         else:
             small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-            q = crf_marginals(small, _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small),
-                              job.params)
-            refined = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(axis=-1).astype(dtype)
+            q = crf_marginals(small, _without_ruled_out(
+                _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small), job), job.params)
+            q = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W))      # (H, W, n)
+            if job.ruled_out is not None and 0 < job.ruled_out_classes < q.shape[-1]:
+                q[np.asarray(job.ruled_out, dtype=bool), :job.ruled_out_classes] = -1.0   # edges of the mask too
+            refined = q.argmax(axis=-1).astype(dtype)
         if not job.plain:
             labels = conf = None
     return ClassMap(labels, refined, conf)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Sequence
 import numpy as np
 
 from core.atomic import atomic_write_json
+from core.constants import NOT_NAMED
 from core.crf import ordered_map
 from core.dense import dense_item
 from core.errors import Cancelled
@@ -275,8 +276,10 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     ``codes_of(i)`` the (T, D) codes the clusters were made from, ``found_of(i)`` (T,) found
     cluster index per token (-1 = none), ``seeds`` item -> (T,) cluster index per token of a
     person-checked image (-1 = none), ``overrides`` item -> (H, W) cluster index per pixel of a
-    person's corrected masks (-1 = keep the prediction), written over the predicted map (those
-    items' seeds weigh ``config.correction_weight``, the others' ``config.seed_weight``).
+    person's corrected masks, written over the predicted map (those items' seeds weigh
+    ``config.correction_weight``, the others' ``config.seed_weight``); ``core.constants.KEEP_PREDICTION``
+    (-1) where the prediction stays, ``NOT_NAMED`` (-2) where it stays among the classes that are
+    not named labels (all but the first ``space.n_labels``: unnamed clusters, the ignored ones).
     Progress: (stage, fraction of the whole job, info).
     With ``config.dense`` the maps are predicted on tokens twice as dense, which ``backbone`` (the
     one ``features`` were made with) computes from each image (flip averaging is then left out).
@@ -347,6 +350,9 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
             extra = {} if pixel is None else dict(
                 pixel=pixel[0].project(np.asarray(views[0], np.float32).reshape(h, w, -1)), pixel_arrays=pixel[0],
                 pixel_weight=config.pixel_head_weight)
+            fixed = (overrides or {}).get(i)
+            if fixed is not None and space.n_labels and fixed.shape == (int(sizes[i][0]), int(sizes[i][1])):
+                extra.update(ruled_out=fixed == NOT_NAMED, ruled_out_classes=space.n_labels)
             yield ClassMapJob(lp.reshape(h, w, -1), (int(sizes[i][0]), int(sizes[i][1])), image_path=str(image_paths[i]),
                               crf=config.crf, crf_resolution=config.crf_resolution, plain=not config.crf, **extra)
 

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, func, select
 
+from core.constants import NOT_NAMED
+
 from stego_app import label_studio
 from stego_app.coco import decode_rle, encode_rle, polygons_to_mask
 from stego_app.db import as_utc
@@ -40,7 +42,6 @@ from stego_app.models import Cluster, Correction, Export, Image, Label, RunImage
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 512 * 1024 * 1024     # a COCO file larger than this is refused (read whole)
-KEEP = -1                              # a pixel no corrected mask covers: the prediction stays
 
 
 @dataclass
@@ -404,16 +405,20 @@ def fingerprint(s, run_id: int) -> tuple[int, str]:
 
 
 def correction_maps(s, run_id: int, label_cluster: dict[int, int]) -> dict[int, np.ndarray]:
-    """image id -> (H, W) int64 cluster index of each corrected pixel (KEEP elsewhere), for the
-    run's checked images with corrections. ``label_cluster``: label id -> the cluster index its
-    class is written as; a label no cluster carries any more is left out. An image's masks are
-    disjoint (``import_corrections`` gives each pixel to one label), so their order does not matter."""
+    """image id -> (H, W) int64 cluster index of each corrected pixel, for the run's checked images
+    with corrections; ``NOT_NAMED`` elsewhere: a pixel the person left out of every mask (a wrong
+    region deleted, or never a named label) is none of the named labels, so the refined map keeps an
+    unnamed or ignored cluster there and exports leave it out, as the person left it.
+    ``label_cluster``: label id -> the cluster index its class is written as; a label no cluster
+    carries any more is left out (its pixels are then none of the named labels either). An image's
+    masks are disjoint (``import_corrections`` gives each pixel to one label), so their order does
+    not matter."""
     rows = s.execute(_used(select(Correction), run_id)).scalars().all()
     out: dict[int, np.ndarray] = {}
     for c in rows:
         if c.label_id not in label_cluster:
             continue
         m = decode_rle(c.rle).astype(bool)
-        target = out.setdefault(c.image_id, np.full(m.shape, KEEP, dtype=np.int64))
+        target = out.setdefault(c.image_id, np.full(m.shape, NOT_NAMED, dtype=np.int64))
         target[m] = label_cluster[c.label_id]
     return out

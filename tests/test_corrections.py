@@ -91,7 +91,21 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     seg = views.read_segments(run.run_dir, item.position, crf=True, refined=True)
     tree_cluster = 3
     assert (seg[box] == tree_cluster).all()             # the person's rectangle is in the refined map as drawn
+    # what the person left out of every mask (here: their 'Pole', no such label) is no named label in the
+    # maps: it keeps an unnamed cluster (4 or 5), and the export gives the image back as it was drawn
+    with ctx.db.read() as s:
+        drawn = np.zeros(seg.shape, bool)
+        for c in s.scalars(select(Correction).where(Correction.run_id == run.id)):
+            drawn |= decode_rle(c.rle).astype(bool)
+    assert (~drawn).sum() >= 150 and set(np.unique(seg[~drawn])) <= {4, 5}
     after = export.export_run(ctx, run.id, export.ExportOptions())
+    data = json.loads(after.json_path.read_text())
+    [img] = [im for im in data["images"] if im["file_name"] == name]
+    exported = np.zeros(seg.shape, bool)
+    for a in data["annotations"]:
+        if a["image_id"] == img["id"]:
+            exported |= decode_rle(a["segmentation"]).astype(bool)
+    assert np.array_equal(exported, drawn)
     assert after.refined_used and not any("corrections" in w for w in after.warnings)
     state = refinement.refined_state(ctx, run.id)
     assert state.corrections_pending == 0 and not state.stale and "up to date" in state.text

@@ -181,3 +181,25 @@ def test_cluster_probabilities_prefer_the_nearest_centroid():
     c = np.array([[1.0, 0.0], [0.0, 1.0]])
     p = cluster_probabilities(np.array([[2.0, 0.1], [0.1, 3.0]]), c, alpha=10)
     assert p.argmax(1).tolist() == [0, 1] and np.allclose(p.sum(1), 1)
+
+
+def test_class_map_keeps_ruled_out_classes_off_the_pixels_a_person_left_out_of_them(tmp_path):
+    """A corrected image's pixels outside every drawn mask are none of the named labels (the first
+    classes): the map takes the best other class there, with and without the CRF, at any CRF size."""
+    from PIL import Image
+
+    lp = np.log(np.full((4, 6, 3), 0.05, np.float32))
+    lp[..., 0] = np.log(0.8)                                # a named label predicted everywhere
+    lp[:, :, 2] = np.log(0.15)                              # an unnamed cluster, second everywhere
+    img = np.full((40, 60, 3), 128, np.uint8)
+    Image.fromarray(img).save(tmp_path / "im.png")
+    left_out = np.zeros((40, 60), bool)
+    left_out[:, :23] = True                                  # not on the token grid's or the CRF's cells
+    for crf_resolution in (20, None):                        # reduced-size CRF, full-size CRF
+        res = class_map(ClassMapJob(lp, (40, 60), str(tmp_path / "im.png"), crf=True, crf_resolution=crf_resolution,
+                                    ruled_out=left_out, ruled_out_classes=2))
+        assert (res.labels[left_out] == 2).all() and (res.labels[~left_out] == 0).all()
+        assert (res.labels_crf[left_out] == 2).all() and (res.labels_crf[:, 30:] == 0).all()   # CRF: smooth edge
+    # ruling out every class would leave none: the prediction stays
+    every = class_map(ClassMapJob(lp, (40, 60), ruled_out=left_out, ruled_out_classes=3))
+    assert (every.labels == 0).all()
