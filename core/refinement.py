@@ -32,6 +32,7 @@ from core.crf import ordered_map
 from core.dense import dense_item
 from core.errors import Cancelled
 from core.images import load_image
+from core.metrics import downsample_labels
 from core.pixel_head import DEFAULT_PIXEL_HEAD_WEIGHT, PixelHead, PixelHeadArrays
 from core.propagation import (
     DEFAULT_MIN_CONFIDENCE,
@@ -185,6 +186,17 @@ class ClassSpace:
         return cls(tuple(c2c), tuple(reps), tuple(names), n_labels, n_unnamed)
 
 
+def correction_seeds(override: np.ndarray, grid: tuple[int, int], n_clusters: int) -> np.ndarray:
+    """(h * w,) token seeds of a corrected image from its (H, W) override map: the majority
+    cluster of each token's pixels, where the pixels a person left out of every named label
+    (``NOT_NAMED``) vote too and make the token ``NOT_NAMED`` when they win; -1 where no pixel
+    was corrected."""
+    fixed = np.asarray(override, dtype=np.int64)
+    votes = np.where(fixed == NOT_NAMED, n_clusters, fixed)
+    tokens = downsample_labels(votes, grid, n_clusters + 1).ravel()
+    return np.where(tokens == n_clusters, NOT_NAMED, tokens)
+
+
 class _LabelSource:
     """Item i -> (labels, weights) of its tokens: pseudo-labels of the named clusters, found regions
     and seeds on top. Propagator.fit reads every item LABEL_PASSES times (so nothing corpus-sized is
@@ -221,6 +233,9 @@ class _LabelSource:
             weight = self.config.correction_weight if i in self.corrected else self.config.seed_weight
             wt = np.where(has, weight, wt).astype(np.float32)
             seeded = int(has.sum())
+            if self.space.n_labels:          # a person left these tokens out of every named label
+                off = (seed == NOT_NAMED) & (lab >= 0) & (lab < self.space.n_labels)
+                lab, wt = np.where(off, -1, lab), np.where(off, 0.0, wt).astype(np.float32)
         self.counts[i] = (int((lab >= 0).sum()), seeded, found)
         self.reads += 1
         total = LABEL_PASSES * self.n
@@ -275,7 +290,8 @@ def refine(features: TokenFeatures, codes_of: Callable[[int], np.ndarray], centr
     ``features`` are the backbone tokens (one whole-image item per image, item i = image i),
     ``codes_of(i)`` the (T, D) codes the clusters were made from, ``found_of(i)`` (T,) found
     cluster index per token (-1 = none), ``seeds`` item -> (T,) cluster index per token of a
-    person-checked image (-1 = none), ``overrides`` item -> (H, W) cluster index per pixel of a
+    person-checked image (-1 = none; ``NOT_NAMED``: no named label's pseudo-label is learnt there),
+    ``overrides`` item -> (H, W) cluster index per pixel of a
     person's corrected masks, written over the predicted map (those items' seeds weigh
     ``config.correction_weight``, the others' ``config.seed_weight``); ``core.constants.KEEP_PREDICTION``
     (-1) where the prediction stays, ``NOT_NAMED`` (-2) where it stays among the classes that are

@@ -31,7 +31,7 @@ import numpy as np
 from sqlalchemy import select, update
 
 from core.atomic import atomic_write_json
-from core.refinement import SPACE, ClassSpace, RefineConfig
+from core.refinement import SPACE, ClassSpace, RefineConfig, correction_seeds
 from core.rundir import FeaturesMissing, RunDir
 from stego_app import corrections, jobs, segmaps
 from stego_app.db import as_utc, lock_for_update
@@ -509,7 +509,7 @@ def _run_job(db, config, ref_id: int, report, cancelled) -> dict:
     for pos, confirmed, _, _, image_id in items:
         if image_id in corrected:                    # a person's corrected masks: the truth there
             overrides[pos] = corrected[image_id]
-            seeds[pos] = downsample_labels(corrected[image_id], store.grid(pos), n_total).ravel()
+            seeds[pos] = correction_seeds(corrected[image_id], store.grid(pos), n_total)
         elif confirmed:
             seg = segmaps.read_map(run_dir, pos, kind)
             seeds[pos] = downsample_labels(seg, store.grid(pos), n_total).ravel()

@@ -145,3 +145,30 @@ def test_a_corrected_images_seeds_weigh_more_than_a_checked_ones_and_its_pixels_
     assert np.all(drawn[:8, :8] == major.index(2))
     with pytest.raises(ValueError, match="correction_weight must be > 1"):
         RefineConfig(correction_weight=1.0).validate()
+
+
+def test_tokens_a_person_left_out_of_every_named_label_learn_no_named_label(tmp_path):
+    from core.constants import KEEP_PREDICTION, NOT_NAMED
+    from core.refinement import _LabelSource, correction_seeds
+
+    # a token takes the majority of its corrected pixels; left-out pixels vote, uncorrected ones do not
+    fixed = np.full((12, 12), NOT_NAMED)
+    fixed[:6] = 4
+    fixed[6:8] = KEEP_PREDICTION
+    fixed[6:, 6:] = 5
+    assert correction_seeds(fixed, (2, 2), n_clusters=6).tolist() == [4, 4, NOT_NAMED, 5]
+    assert correction_seeds(np.full((4, 4), KEEP_PREDICTION), (2, 2), 6).tolist() == [-1] * 4
+
+    feats, truth, km, major = _setup(tmp_path)
+    # classes 0 and 1 are named labels, class 2 stays an unnamed cluster
+    space = ClassSpace(cluster_to_class=tuple(major), class_to_cluster=tuple(major.index(c) for c in range(3)),
+                       n_labels=2, n_unnamed=1)
+    codes = lambda i: np.asarray(feats.tokens(i), np.float32)          # noqa: E731
+    i = next(i for i in range(len(feats)) if (truth[i] == 2).any() and (truth[i] != 2).any())
+    source = _LabelSource(len(feats), codes, km.centroids_, space, RefineConfig(**CFG), lambda i: None,
+                          {i: np.full(36, NOT_NAMED)}, lambda *a: None, lambda: False, corrected=frozenset({i}))
+    lab, wt = source(i)
+    assert not np.isin(lab, [0, 1]).any() and np.all(wt[lab < 0] == 0)
+    assert (lab == 2).sum() == (truth[i].ravel() == 2).sum() > 0        # the unnamed cluster's tokens stay
+    other, _ = source(i + 1 if i + 1 < len(feats) else 0)               # an image nobody corrected
+    assert np.isin(other, [0, 1]).any()
