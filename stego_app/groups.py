@@ -248,14 +248,17 @@ def naming_progress(ctx, run_id: int) -> NamingProgress:
 
 
 def next_unnamed(ctx, run_id: int, after: int | None = None, order: list[int] | None = None) -> int | None:
-    """The next unnamed cluster after ``after`` in ``order`` (default: tree order), wrapping."""
+    """The next unnamed cluster after ``after`` in ``order`` (default: tree order), wrapping; with
+    no ``after``, the largest unnamed cluster (where naming covers the most pixels)."""
     run_dir, clusters = _clusters(ctx, run_id)
-    if order is None:
-        tree, k = _tree(run_dir)
-        order = [int(i) for i in tree.order_] + sorted(c.index for c in clusters if c.index >= k)
     todo = {c.index for c in clusters if c.label_name is None and not c.ignored}
     if not todo:
         return None
+    if after is None:
+        return max((c for c in clusters if c.index in todo), key=lambda c: (c.pixels, -c.index)).index
+    if order is None:
+        tree, k = _tree(run_dir)
+        order = [int(i) for i in tree.order_] + sorted(c.index for c in clusters if c.index >= k)
     start = order.index(after) + 1 if after in order else 0
     for i in order[start:] + order[:start]:
         if i in todo:

@@ -88,10 +88,11 @@ def test_merge_suggestions_point_at_the_same_class_and_can_be_accepted(grouped_r
     assert all(11 != s.cluster_index and 11 not in s.similar_to for s in groups.merge_suggestions(ctx, run_id, 20))
 
 
-def test_next_unnamed_walks_the_tree_order_and_wraps(grouped_run):
+def test_next_unnamed_starts_at_the_largest_then_walks_the_tree_order_and_wraps(grouped_run):
     ctx, run_id, _ = grouped_run
     order = [g for grp in groups.list_groups(ctx, run_id, 3) for g in grp.cluster_indices]
-    assert groups.next_unnamed(ctx, run_id) == order[0]
+    largest = max(mapping.list_clusters(ctx, run_id), key=lambda c: c.pixels)
+    assert groups.next_unnamed(ctx, run_id) == largest.index     # naming starts where it covers the most
     mapping.name_cluster(ctx, run_id, order[1], "a")
     assert groups.next_unnamed(ctx, run_id, after=order[0]) == order[2]
     assert groups.next_unnamed(ctx, run_id, after=order[-1]) == order[0]

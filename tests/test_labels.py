@@ -82,7 +82,12 @@ def test_name_merge_rename_unmerge(done_run):
     ctx, run_id, _ = done_run
     cl = _by_index(mapping.name_cluster(ctx, run_id, 0, "  sky "))
     assert cl[0].label_name == "sky" and cl[0].colour == PALETTE[0]   # keeps the colour it showed
-    # naming another cluster with an existing name merges it (case-insensitive)
+    # naming another cluster with an existing name merges it (case-insensitive); the toast says so
+    assert mapping.naming_note(list(cl.values()), [3], " Sky") == ("1 other cluster already carries 'sky'; "
+                                                                  "the label is now spelled 'Sky'.")
+    assert mapping.naming_note(list(cl.values()), [3], "sky") == "1 other cluster already carries 'sky': merged."
+    assert mapping.naming_note(list(cl.values()), [0], "SKY") == ""       # renaming the only cluster
+    assert mapping.naming_note(list(cl.values()), [3], "road") == ""
     cl = _by_index(mapping.name_cluster(ctx, run_id, 3, "Sky"))
     assert cl[3].label_id == cl[0].label_id and cl[3].colour == cl[0].colour
     assert cl[0].merged_with == (3,) and cl[3].merged_with == (0,)

@@ -133,11 +133,13 @@ class ClustersTab:
         clean = " ".join((name or "").split())
 
         def action() -> str:
+            note = mapping.naming_note(mapping.list_clusters(self.ctx, run_id), idx, clean)
+            note = f" {note}" if note else ""
             if len(idx) == 1:
                 mapping.name_cluster(self.ctx, run_id, idx[0], name)
-                return f"Cluster #{idx[0]} is now '{clean}'."
+                return f"Cluster #{idx[0]} is now '{clean}'.{note}"
             mapping.merge_clusters(self.ctx, run_id, idx, name)
-            return f"Clusters {', '.join(f'#{i}' for i in idx)} merged into '{clean}'."
+            return f"Clusters {', '.join(f'#{i}' for i in idx)} merged into '{clean}'.{note}"
         out = self.edit(run_id, version, image_id, op, use_crf, visible, action)
         out[self.label_name] = ""
         return out

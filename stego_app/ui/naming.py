@@ -256,8 +256,13 @@ class NamingPanel:
                 raise UserError("every cluster is named or ignored already")
             if not (name or "").strip():
                 raise UserError("type a name, then press Enter")
-            return edited(run_id, version, image_id, op, use_crf, visible,
-                          lambda: mapping.name_cluster(ctx, run_id, int(focus), name),
+            def action():
+                note = mapping.naming_note(mapping.list_clusters(ctx, run_id), [int(focus)], name)
+                mapping.name_cluster(ctx, run_id, int(focus), name)
+                if "spelled" in note:                    # the keyboard flow says only what changes elsewhere
+                    gr.Info(f"Cluster #{int(focus)}: {note}")
+
+            return edited(run_id, version, image_id, op, use_crf, visible, action,
                           lambda: groups.next_unnamed(ctx, run_id, after=int(focus)), clear=self.quick_name)
 
         @guard

@@ -44,7 +44,8 @@ class ProjectTab:
         self.ingest_md = gr.Markdown(elem_id="ingest-summary")
         self.problems_df = gr.Dataframe(headers=["File", "Problem", "Reason"], value=[],
                                         label="Files that were not added", interactive=False,
-                                        elem_id="ingest-problems", wrap=True, visible=False)
+                                        elem_id="ingest-problems", wrap=True, visible=False,
+                                        column_widths=["34%", "11%", "55%"])   # "duplicate" on one line
         self.gallery = gr.Gallery(label="Images in this project", columns=10, height=260,
                                   allow_preview=True, elem_id="project-images",
                                   object_fit="cover", show_download_button=False)
