@@ -10,6 +10,7 @@ from sqlalchemy.orm import sessionmaker
 from stego_app.config import AppConfig
 from stego_app.db import Database, upgrade
 from stego_app.export import mark_abandoned_exports
+from stego_app.relocation import relocate
 from stego_app.runs import mark_interrupted
 from stego_app.worker import PipelineFactory, RunWorker, WorkerSettings, owner_alive
 
@@ -57,6 +58,7 @@ def create_context(config: AppConfig, pipeline_factory: PipelineFactory | None =
     db = Database(cfg.database_url)  # type: ignore[arg-type]
     try:
         upgrade(db.engine)
+        relocate(db, cfg)                  # a moved or copied data folder: its stored paths follow it
         interrupted = mark_interrupted(db, owner_alive)
         if interrupted:
             log.warning("runs %s were interrupted and can be resumed", interrupted)
