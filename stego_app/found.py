@@ -127,6 +127,23 @@ def _overlay(rgb: np.ndarray, heat_full: np.ndarray, threshold: float, opacity: 
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def mark_cell(img: np.ndarray, cell: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """``img`` with the token ``cell`` of a ``grid`` over it framed (black, then white inside), so a
+    person sees which token the click chose."""
+    out = np.array(img, copy=True)
+    H, W = out.shape[:2]
+    (r, c), (h, w) = cell, grid
+    y0, y1 = r * H // h, max(r * H // h + 1, (r + 1) * H // h)
+    x0, x1 = c * W // w, max(c * W // w + 1, (c + 1) * W // w)
+    for pad, colour in ((0, 0), (1, 255)):
+        ya, yb, xa, xb = y0 + pad, y1 - 1 - pad, x0 + pad, x1 - 1 - pad
+        if ya > yb or xa > xb:
+            break
+        out[ya, xa:xb + 1] = out[yb, xa:xb + 1] = colour
+        out[ya:yb + 1, xa] = out[ya:yb + 1, xb] = colour
+    return out
+
+
 def cell_at(grid: tuple[int, int], size: tuple[int, int], x: float, y: float) -> tuple[int, int]:
     """The token cell under pixel (x, y) of an image shown at size (H, W)."""
     h, w = grid
@@ -169,7 +186,8 @@ def query(ctx, run_id: int, image_id: int, x: float, y: float, shown_size: tuple
     areas = np.array([sizes[p][1] * sizes[p][2] if p in sizes else 0 for p in range(len(index))], np.float64)
     return Correspondence(run_id=run_id, image_id=image_id, cell=cell, grid=index.grid(position),
                           threshold=float(threshold), heat=index.item_map(sims, position).astype(np.float32),
-                          overlay=_overlay(rgb, heat_full, float(threshold)), matches=tuple(matches),
+                          overlay=mark_cell(_overlay(rgb, heat_full, float(threshold)), cell, index.grid(position)),
+                          matches=tuple(matches),
                           corpus_share=float((coverage * areas).sum() / max(areas.sum(), 1.0)))
 
 

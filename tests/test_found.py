@@ -32,6 +32,10 @@ def test_query_builds_the_index_once_and_shows_heat_and_matches(done):
     assert res.heat.shape == (h, w) and res.cell == (int(40 * h / 48), int(10 * w / 64))
     assert res.heat[res.cell] == pytest.approx(1.0, abs=1e-2)     # the clicked token matches itself
     assert res.overlay.shape == (48, 64, 3) and res.overlay.dtype == np.uint8
+    # the clicked token is framed: black outside, white inside
+    r, c = res.cell
+    y0, x0 = r * 48 // h, c * 64 // w
+    assert (res.overlay[y0, x0] == 0).all() and (res.overlay[y0 + 1, x0 + 1] == 255).all()
     assert 1 <= len(res.matches) <= len(items) - 1
     assert first.image_id not in [m.image_id for m in res.matches]
     assert [m.similarity for m in res.matches] == sorted((m.similarity for m in res.matches), reverse=True)
