@@ -69,6 +69,17 @@ def list_projects(ctx) -> list[ProjectInfo]:
         return [_info(s, p) for p in s.scalars(select(Project).order_by(Project.id)).all()]
 
 
+def recent_project(ctx) -> int | None:
+    """The project a page opened without one in its address shows: the one with the latest
+    activity (created, or a run started in it); None without projects."""
+    with ctx.db.read() as s:
+        rows = s.execute(select(Project.id, Project.created_at, func.max(Run.created_at))
+                         .outerjoin(Run, Run.project_id == Project.id).group_by(Project.id, Project.created_at)).all()
+    if not rows:
+        return None
+    return max(rows, key=lambda r: (max(as_utc(r[1]), as_utc(r[2])) if r[2] is not None else as_utc(r[1]), r[0]))[0]
+
+
 def get_project(ctx, project_id: int) -> ProjectInfo:
     with ctx.db.read() as s:
         p = s.get(Project, project_id)

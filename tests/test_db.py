@@ -103,6 +103,7 @@ def test_concurrent_read_modify_write_loses_nothing(app_ctx, tmp_path):
 
 
 def test_projects_create_list_find(app_ctx):
+    assert projects.list_projects(app_ctx) == [] and projects.recent_project(app_ctx) is None
     a = projects.create_project(app_ctx, "  Street   scenes ", "dashcam")
     assert a.name == "Street scenes" and a.n_images == 0 and a.n_runs == 0
     with pytest.raises(UserError, match="already exists"):
@@ -118,6 +119,11 @@ def test_projects_create_list_find(app_ctx):
         projects.get_project(app_ctx, 999)
     with pytest.raises(NotFound):
         projects.find_project(app_ctx, "nope")
+    # a page opened without a project shows the one with the latest activity
+    assert projects.recent_project(app_ctx) == b.id                      # the newest project
+    with app_ctx.db.write() as s:
+        s.add(Run(project_id=a.id, status="queued", params={}, created_at=utcnow() + timedelta(seconds=1)))
+    assert projects.recent_project(app_ctx) == a.id                      # a run started in an older one
 
 
 def _add_run(ctx, status, owner, heartbeat):

@@ -263,11 +263,12 @@ class App:
     # ---------------------------------------------------------------- header handlers
     @guard
     def on_load(self, request: gr.Request):
-        """The project and run in the URL (?project=&run=, kept there by URL_STATE_JS), else the newest."""
+        """The project and run in the URL (?project=&run=, kept there by URL_STATE_JS), else the project
+        with the latest activity (a second tab opens where the work is)."""
         query = dict(request.query_params) if request is not None else {}
         plist = projects.list_projects(self.ctx)
         wanted = int_or_none(query.get("project"))
-        pid = wanted if wanted in [p.id for p in plist] else (plist[-1].id if plist else None)
+        pid = wanted if wanted in [p.id for p in plist] else projects.recent_project(self.ctx)
         out = {self.project_dd: gr.update(choices=H.project_choices(plist), value=pid)}
         run_wanted = int_or_none(query.get("run")) if pid == wanted else None
         out.update(self.project.project_views(pid, keep_run=run_wanted))
