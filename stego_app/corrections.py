@@ -338,7 +338,8 @@ class ImageCorrections:
         if not self.in_maps:
             text = what + ": not in the refined maps yet; refine with names to write them in."
         else:
-            text = what + ": the refined maps show them as drawn."
+            text = what + (": the refined maps show them as drawn; what no mask covers is none of the "
+                           "named labels.")
         if self.unnamed:
             names = " or ".join(repr(n) for n in self.unnamed)
             text += (f" No cluster is named {names} now: refinement leaves those masks out (they are kept) "

@@ -111,7 +111,7 @@ def test_corrected_masks_come_back_checked_and_refinement_writes_them_into_the_m
     assert state.corrections_pending == 0 and not state.stale and "up to date" in state.text
     [shown] = refinement.image_corrections(ctx, run.id, item.image_id)
     assert shown.in_maps and shown.labels[0] != "Pole" and "corrected.json" in shown.source
-    assert "the refined maps show them as drawn" in shown.text
+    assert "the refined maps show them as drawn; what no mask covers is none of the named labels" in shown.text
     assert export.get_export(ctx, after.id).warnings == after.warnings       # read back from the record
 
     # importing the same image again replaces its corrections; removing them keeps it checked
