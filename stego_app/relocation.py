@@ -10,7 +10,8 @@ into the original, so the copy would read and write the original's runs.
 ``relocate`` runs at every start (``stego_app.context.create_context``). It finds the data
 folders the stored paths were written under, ``X`` with ``X/runs/<id>`` a run folder or
 ``X/images/<project>/<file>`` a stored image, where ``X`` is not the data folder the app runs
-on and this data folder holds the same run folder or image. Then every stored path under
+on and this data folder holds the same run folder or image (and, with a database outside the
+data folder, which other hosts may share, where ``X`` is gone). Then every stored path under
 ``X`` (database columns, and every JSON file of the run folders and feature stores that now
 live under the data folder) is rewritten to the same place under the data folder. Paths
 outside any such ``X`` (images added from a server folder in place, a cache folder set
@@ -31,9 +32,22 @@ from stego_app.models import Export, Image, Run
 log = logging.getLogger(__name__)
 
 
+def _database_inside(cfg) -> bool:
+    """Whether the database is a SQLite file inside the data folder (so a copy of the folder is a
+    copy of the database too)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(str(cfg.database_url))
+    if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+        return False
+    return Path(url.database).resolve().is_relative_to(Path(cfg.data_dir).resolve())
+
+
 def old_data_dirs(db, cfg) -> set[Path]:
     """Data folders other than ``cfg.data_dir`` that stored paths point into, whose runs or
-    images this data folder holds too."""
+    images this data folder holds too. With a database outside the data folder (PostgreSQL, or
+    a SQLite file elsewhere) several hosts may share it, each mounting the data at its own
+    place: then only a folder that no longer exists here counts (moved, not mounted elsewhere)."""
     found: set[Path] = set()
     with db.read() as s:
         for run_id, run_dir in s.execute(select(Run.id, Run.run_dir)):
@@ -46,6 +60,8 @@ def old_data_dirs(db, cfg) -> set[Path]:
             if p.parent.name == str(project_id) and p.parent.parent.name == "images" \
                     and p.parents[2] != cfg.data_dir and (cfg.images_dir / p.parent.name / p.name).is_file():
                 found.add(p.parents[2])
+    if not _database_inside(cfg):
+        found = {p for p in found if not p.exists()}
     return found
 
 

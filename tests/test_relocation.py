@@ -77,3 +77,36 @@ def test_a_moved_data_folder_keeps_working_and_a_copy_stops_touching_the_origina
     assert after == before
     meta = json.loads((copy / "runs" / str(run.id) / "segments_refined" / "meta.json").read_text())
     assert meta["mapping_version"] > 0
+
+
+def test_with_a_database_outside_the_data_folder_only_a_folder_that_is_gone_counts(tmp_path):
+    """Hosts that share one database may mount the data at different places: a folder that still
+    exists is another host's, not a move, and its paths are left as they are."""
+    from stego_app import projects
+    from stego_app.models import Run
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = (tmp_path / "a" / "data").resolve(), (tmp_path / "b" / "data").resolve()
+
+    def open_on(folder):
+        return create_context(AppConfig(data_dir=folder, database_url=url, worker=False, demo=False))
+
+    ctx = open_on(a)
+    project = projects.create_project(ctx, "shared")
+    with ctx.db.write() as s:
+        run = Run(project_id=project.id, status="done", params={}, run_dir="")
+        s.add(run)
+        s.flush()
+        run.run_dir = str(a / "runs" / str(run.id))
+        run_id = run.id
+    (a / "runs" / str(run_id)).mkdir(parents=True)
+    ctx.close()
+    shutil.copytree(a, b)                                # the same data, seen from another place
+
+    ctx = open_on(b)
+    assert runs.get_run(ctx, run_id).run_dir == a / "runs" / str(run_id)
+    ctx.close()
+    shutil.rmtree(a)                                     # now it was a move
+    ctx = open_on(b)
+    assert runs.get_run(ctx, run_id).run_dir == b / "runs" / str(run_id)
+    ctx.close()
