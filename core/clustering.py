@@ -189,8 +189,58 @@ def upsample_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return _resize_rows(cols, slice(None), int(out_hw[0]))
 
 
-def _upsampled_sq_norms(codes: np.ndarray, H: int, W: int) -> np.ndarray:
-    """(H, W) squared L2 norm of the bilinearly upsampled code at every pixel, exactly.
+BAND_VALUES = 1 << 24   # float32 values of one row band (64 MB): full-size per-class maps are made band by band
+
+
+def row_bands(height: int, values_per_row: int) -> list[slice]:
+    """Row slices of ``height`` rows, each holding at most ``BAND_VALUES`` values (at least one row)."""
+    step = max(1, BAND_VALUES // max(1, int(values_per_row)))
+    return [slice(r, min(r + step, height)) for r in range(0, height, step)]
+
+
+def upsampled_argmax(x: np.ndarray, out_hw: tuple[int, int],
+                     fix: Callable[[np.ndarray, slice], None] | None = None) -> np.ndarray:
+    """(H, W) argmax over the last axis of ``upsample_bilinear(x, out_hw)`` for an (h, w, K) ``x``,
+    made band by band: a 24-megapixel image with 88 classes never holds its (H, W, K) map (8 GB).
+    ``fix(band, rows)`` may change each (rows, W, K) band in place before its argmax."""
+    H, W = int(out_hw[0]), int(out_hw[1])
+    x = np.asarray(x, dtype=np.float32)
+    i0, i1, f = _taps(H, x.shape[0])
+    out = np.empty((H, W), dtype=np.int64)
+    for rows in row_bands(H, W * x.shape[-1]):
+        lo, hi = int(i0[rows].min()), int(i1[rows].max()) + 1     # the source rows this band reads
+        cols = _resize_cols(x[lo:hi], W)                          # (hi - lo, W, K)
+        fr = f[rows][:, None, None]
+        band = cols[i0[rows] - lo] * (1.0 - fr) + cols[i1[rows] - lo] * fr
+        if fix is not None:
+            fix(band, rows)
+        out[rows] = band.argmax(axis=-1)
+    return out
+
+
+def cluster_labels(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, int],
+                   alpha: float = DEFAULT_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (H, W) int64, confidence (H, W) float32): the argmax and the largest probability of
+    ``cluster_log_probs``, made band by band (its (K, H, W) map is never built)."""
+    h, w, d = codes.shape
+    cent = _normalize(centroids)
+    if cent.shape[1] != d:
+        raise ValueError(f"codes have {d} channels but centroids {cent.shape[1]}")
+    H, W = int(out_hw[0]), int(out_hw[1])
+    cols = _resize_cols(np.asarray(codes, dtype=np.float32) @ cent.T, W)   # (h, W, K)
+    labels = np.empty((H, W), dtype=np.int64)
+    conf = np.empty((H, W), dtype=np.float32)
+    for rows in row_bands(H, W * cols.shape[-1]):
+        logits = _resize_rows(cols, rows, H)                                  # (b, W, K)
+        logits *= (alpha / np.sqrt(_upsampled_sq_norms(codes, H, W, rows))).astype(np.float32)[..., None]
+        labels[rows] = logits.argmax(axis=-1)
+        logits -= logits.max(axis=-1, keepdims=True)
+        conf[rows] = 1.0 / np.exp(logits).sum(axis=-1)
+    return labels, conf
+
+
+def _upsampled_sq_norms(codes: np.ndarray, H: int, W: int, rows: slice = slice(None)) -> np.ndarray:
+    """(H, W) squared L2 norm of the bilinearly upsampled code at every pixel (of ``rows``), exactly.
 
     A pixel's code is w00*P00 + w01*P01 + w10*P10 + w11*P11 over its 2x2 source cells, so
     its squared norm needs only the inner products of neighbouring cells, computed once at
@@ -205,7 +255,7 @@ def _upsampled_sq_norms(codes: np.ndarray, H: int, W: int) -> np.ndarray:
     Dn = np.einsum("ijd,ijd->ij", c, c[down])                   # c[i,j] . c[i+1,j]
     E = np.einsum("ijd,ijd->ij", c, c[down][:, right])          # c[i,j] . c[i+1,j+1]
     Fd = np.einsum("ijd,ijd->ij", c[:, right], c[down])         # c[i,j+1] . c[i+1,j]
-    i0, i1, fy = _taps(H, h)
+    i0, i1, fy = (a[rows] for a in _taps(H, h))
     j0, j1, fx = _taps(W, w)
     a0, a1 = i0[:, None], i1[:, None]
     b0, b1 = j0[None, :], j1[None, :]

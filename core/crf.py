@@ -187,13 +187,17 @@ class ClusterMap:
 
 def cluster_map(job: ClusterMapJob) -> ClusterMap:
     """Run one ClusterMapJob (module-level so worker processes can run it)."""
-    from core.clustering import cluster_log_probs
+    from core.clustering import cluster_labels, cluster_log_probs
 
     t0 = time.perf_counter()
-    lp = cluster_log_probs(job.codes, job.centroids, job.size, alpha=job.alpha)
-    k = lp.shape[0]
-    labels = lp.argmax(axis=0)
-    conf = np.exp(lp.max(axis=0))
+    k = int(job.centroids.shape[0])
+    lp = None
+    if job.crf and crf_size(int(job.size[0]), int(job.size[1]), job.crf_resolution) == tuple(job.size):
+        # a CRF at full size needs every pixel's (K, H, W) probabilities at once (crf_resolution 0)
+        lp = cluster_log_probs(job.codes, job.centroids, job.size, alpha=job.alpha)
+        labels, conf = lp.argmax(axis=0), np.exp(lp.max(axis=0))
+    else:                                  # band by band: memory flat in the image's pixels x clusters
+        labels, conf = cluster_labels(job.codes, job.centroids, job.size, alpha=job.alpha)
     pixels = np.bincount(labels.ravel(), minlength=k).astype(np.int64)
     confidence = np.bincount(labels.ravel(), weights=conf.ravel(), minlength=k)
     refined = None
@@ -222,7 +226,7 @@ def refine_labels(image: np.ndarray, codes: np.ndarray, centroids: np.ndarray, a
     probabilities computed at that size; its marginals are then upsampled bilinearly to (H, W).
     At full size it reuses ``full_log_probs`` when given.
     """
-    from core.clustering import cluster_log_probs, upsample_bilinear
+    from core.clustering import cluster_log_probs, upsampled_argmax
 
     H, W = image.shape[:2]
     h, w = crf_size(H, W, resolution)
@@ -233,7 +237,7 @@ def refine_labels(image: np.ndarray, codes: np.ndarray, centroids: np.ndarray, a
 
     small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
     q = crf_marginals(small, cluster_log_probs(codes, centroids, (h, w), alpha), params)
-    return upsample_bilinear(np.moveaxis(q, 0, -1), (H, W)).argmax(axis=-1).astype(np.uint16)
+    return upsampled_argmax(np.moveaxis(q, 0, -1), (H, W)).astype(np.uint16)
 
 
 def crf_batch(images: Sequence[np.ndarray], log_probs_list: Sequence[np.ndarray], n_jobs: int = 2,

@@ -78,20 +78,23 @@ class PixelHeadArrays:
         return t @ self.w_feat
 
 
-def pixel_log_proba(projected: np.ndarray, rgb: np.ndarray, arrays: PixelHeadArrays) -> np.ndarray:
+def pixel_log_proba(projected: np.ndarray, rgb: np.ndarray, arrays: PixelHeadArrays,
+                    rows: slice | None = None) -> np.ndarray:
     """(n_classes, H, W) log-probabilities at every pixel of ``rgb`` (H, W, 3) from the token-level
     projection ``projected`` (h, w, hidden) of its features, over the taught classes (the others
-    are -inf)."""
+    are -inf); with ``rows``, only those rows of the image (n_classes, len(rows), W)."""
     H, W = rgb.shape[:2]
-    out = np.empty((arrays.b2.shape[0], H, W), np.float32)
+    first, last, _ = (rows or slice(None)).indices(H)
+    out = np.empty((arrays.b2.shape[0], max(0, last - first), W), np.float32)
     step = max(1, (1 << 21) // max(1, W * projected.shape[2]))      # rows per chunk (~8 MB of hidden units)
     cols = _resize_cols(np.asarray(projected, dtype=np.float32), W)  # (h, W, hidden): token rows only
-    for r in range(0, H, step):
-        h = _resize_rows(cols, slice(r, r + step), H) + _rgb(rgb[r:r + step]) @ arrays.w_rgb + arrays.b1
+    for r in range(first, last, step):
+        e = min(r + step, last)
+        h = _resize_rows(cols, slice(r, e), H) + _rgb(rgb[r:e]) @ arrays.w_rgb + arrays.b1
         np.maximum(h, 0, out=h)
         z = h @ arrays.w2 + arrays.b2
         z[..., ~arrays.taught] = -np.inf         # a softmax over the taught classes only
-        out[:, r:r + step] = np.moveaxis(log_softmax_(z), -1, 0)
+        out[:, r - first:e - first] = np.moveaxis(log_softmax_(z), -1, 0)
     return out
 
 

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -559,6 +560,31 @@ def _without_ruled_out(lp: np.ndarray, job: ClassMapJob) -> np.ndarray:
     return out
 
 
+def _plain_labels(job: ClassMapJob, image: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, confidence) at full size without the CRF, made band by band: the (n, H, W)
+    probabilities of a large image are never held at once."""
+    from core.clustering import _resize_cols, _resize_rows, log_softmax_, row_bands
+
+    H, W = (int(v) for v in job.size)
+    n = job.log_probs.shape[-1]
+    cols = _resize_cols(np.asarray(job.log_probs, dtype=np.float32), W)     # (h, W, n)
+    labels = np.empty((H, W), dtype=dtype)
+    conf = np.empty((H, W), dtype=np.float16)
+    mask = np.asarray(job.ruled_out, dtype=bool) if job.ruled_out is not None else None
+    for rows in row_bands(H, W * n):
+        lp = np.moveaxis(log_softmax_(_resize_rows(cols, rows, H), axis=-1), -1, 0)   # (n, b, W)
+        if job.pixel is not None:
+            from core.pixel_head import combine, pixel_log_proba
+
+            lp = combine(lp, pixel_log_proba(job.pixel, image, job.pixel_arrays, rows=rows),
+                         job.pixel_arrays.taught, job.pixel_weight)
+        if mask is not None:
+            lp = _without_ruled_out(lp, dataclasses.replace(job, ruled_out=mask[rows]))
+        labels[rows] = lp.argmax(axis=0)
+        conf[rows] = np.exp(lp.max(axis=0))
+    return labels, conf
+
+
 def class_map(job: ClassMapJob) -> ClassMap:
     """Run one ClassMapJob (module-level, torch-free: worker processes can run it).
 
@@ -578,29 +604,32 @@ def class_map(job: ClassMapJob) -> ClassMap:
                              "did the file change since its features were extracted?")
     h, w = crf_size(H, W, job.crf_resolution) if job.crf else (H, W)
     dtype = np.uint8 if job.log_probs.shape[-1] <= 256 else np.uint16
-    labels = conf = lp = refined = None
-    if not job.crf or job.plain or (h, w) == (H, W):
+    labels = conf = refined = None
+    full_crf = job.crf and (h, w) == (H, W)
+    if full_crf:      # a CRF at full size needs every pixel's (n, H, W) probabilities at once
         lp = _upsampled_log_probs(job.log_probs, (H, W))
-        if image is not None:
-            lp = _with_pixel(lp, job, image)
-        lp = _without_ruled_out(lp, job)
+        lp = _without_ruled_out(_with_pixel(lp, job, image), job)
         labels = lp.argmax(axis=0).astype(dtype)
         conf = np.exp(lp.max(axis=0)).astype(np.float16)
-    if job.crf:
+        refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
+    elif not job.crf or job.plain:
+        labels, conf = _plain_labels(job, image, dtype)
+    if job.crf and not full_crf:
         from PIL import Image
 
-        from core.clustering import upsample_bilinear
+        from core.clustering import upsampled_argmax
 
-        if (h, w) == (H, W):
-            refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
-        else:
-            small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-            q = crf_marginals(small, _without_ruled_out(
-                _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small), job), job.params)
-            q = upsample_bilinear(np.moveaxis(q, 0, -1), (H, W))      # (H, W, n)
-            if job.ruled_out is not None and 0 < job.ruled_out_classes < q.shape[-1]:
-                q[np.asarray(job.ruled_out, dtype=bool), :job.ruled_out_classes] = -1.0   # edges of the mask too
-            refined = q.argmax(axis=-1).astype(dtype)
+        small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        q = crf_marginals(small, _without_ruled_out(
+            _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small), job), job.params)
+        mask = (np.asarray(job.ruled_out, dtype=bool) if job.ruled_out is not None
+                and 0 < job.ruled_out_classes < q.shape[0] else None)
+
+        def rule_out(band: np.ndarray, rows: slice) -> None:      # the mask's edges too, at full size
+            if mask is not None:
+                band[mask[rows], :job.ruled_out_classes] = -1.0
+
+        refined = upsampled_argmax(np.moveaxis(q, 0, -1), (H, W), rule_out).astype(dtype)
         if not job.plain:
             labels = conf = None
     return ClassMap(labels, refined, conf)

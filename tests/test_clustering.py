@@ -119,3 +119,21 @@ def test_a_flip_averaging_corpus_is_clustered_on_the_vectors_it_assigns(n_items,
     plain = ArrayFeatures(maps)                                     # no mirror stored: nothing to average
     np.testing.assert_array_equal(sample_tokens(plain, budget, seed=2, transform=square, average_flips=True),
                                   one_view)
+
+
+def test_full_size_labels_are_made_band_by_band_with_the_same_result(monkeypatch):
+    """A large image's per-cluster maps are never held whole: bands give the same labels."""
+    import core.clustering as C
+
+    rng = np.random.default_rng(0)
+    codes = rng.normal(size=(7, 9, 5)).astype(np.float32)
+    cent = rng.normal(size=(6, 5))
+    lp = C.cluster_log_probs(codes, cent, (50, 70), alpha=3.0)
+    x = rng.normal(size=(7, 9, 4)).astype(np.float32)
+    whole = C.upsample_bilinear(x, (50, 70)).argmax(-1)
+    monkeypatch.setattr(C, "BAND_VALUES", 500)             # about one row of 70 x 6 per band
+    assert len(C.row_bands(50, 70 * 6)) == 50
+    labels, conf = C.cluster_labels(codes, cent, (50, 70), alpha=3.0)
+    np.testing.assert_array_equal(labels, lp.argmax(0))
+    np.testing.assert_allclose(conf, np.exp(lp.max(0)), atol=1e-5)
+    np.testing.assert_array_equal(C.upsampled_argmax(x, (50, 70)), whole)

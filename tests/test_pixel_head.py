@@ -101,3 +101,22 @@ def test_it_says_what_is_missing():
         PixelHead(3).predict_log_proba(np.zeros((2, 2, 4)), np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="n_classes"):
         PixelHead(1).fit([])
+
+
+def test_the_pixel_head_is_applied_band_by_band_with_the_same_result(monkeypatch):
+    import core.clustering as C
+
+    head = PixelHead(3, steps=20, pixels_per_image=500).fit(_scene(s)[:3] for s in range(2))
+    tokens, rgb, _, _ = _scene(3)
+    a = head.arrays_
+    full = pixel_log_proba(a.project(tokens), rgb, a)
+    np.testing.assert_allclose(pixel_log_proba(a.project(tokens), rgb, a, rows=slice(5, 17)), full[:, 5:17])
+    h, w = tokens.shape[:2]
+    token_lp = np.log(np.random.default_rng(0).dirichlet(np.ones(3), size=(h, w))).astype(np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "img.png")
+        Image.fromarray(rgb).save(path)
+        job = ClassMapJob(token_lp, rgb.shape[:2], path, pixel=a.project(tokens), pixel_arrays=a, pixel_weight=0.5)
+        whole = class_map(job)
+        monkeypatch.setattr(C, "BAND_VALUES", 3 * rgb.shape[1])          # one row per band
+        np.testing.assert_array_equal(class_map(job).labels, whole.labels)

@@ -203,3 +203,25 @@ def test_class_map_keeps_ruled_out_classes_off_the_pixels_a_person_left_out_of_t
     # ruling out every class would leave none: the prediction stays
     every = class_map(ClassMapJob(lp, (40, 60), ruled_out=left_out, ruled_out_classes=3))
     assert (every.labels == 0).all()
+
+
+def test_class_map_without_the_crf_is_made_band_by_band_with_the_same_result(tmp_path, monkeypatch):
+    import core.clustering as C
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    lp = np.log(rng.dirichlet(np.ones(4), size=(5, 7))).astype(np.float32)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "im.png")
+    left_out = np.zeros((40, 60), bool)
+    left_out[10:25, 5:33] = True
+    jobs = [ClassMapJob(lp, (40, 60)), ClassMapJob(lp, (40, 60), ruled_out=left_out, ruled_out_classes=2),
+            ClassMapJob(lp, (40, 60), str(tmp_path / "im.png"), crf=True, crf_resolution=20,
+                        ruled_out=left_out, ruled_out_classes=2)]
+    whole = [class_map(j) for j in jobs]
+    monkeypatch.setattr(C, "BAND_VALUES", 100)             # bands of 1-2 rows
+    for j, w in zip(jobs, whole):
+        banded = class_map(j)
+        np.testing.assert_array_equal(banded.labels, w.labels)
+        np.testing.assert_allclose(banded.confidence.astype(np.float32), w.confidence.astype(np.float32), atol=1e-3)
+        if j.crf:
+            np.testing.assert_array_equal(banded.labels_crf, w.labels_crf)
