@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -34,6 +35,10 @@ def failure_text(db, run_id: int, exc: BaseException) -> str:
     """The error a failed job stores. An image that cannot be read is named as the user knows it
     (its file name and id in the project), not by the stored copy's path."""
     text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BrokenProcessPool):
+        return ("a worker process stopped abruptly, most often because the machine ran out of memory "
+                "(very large images, many clusters, several pipeline jobs at once: STEGO_PIPELINE_JOBS=1 "
+                f"halves the memory). Resume to try again ({text})")
     if not isinstance(exc, ImageLoadError):
         return text
     try:

@@ -273,3 +273,13 @@ def test_a_second_identical_start_is_refused_while_the_first_is_active(lab):
     again = runs.start_run(ctx, project.id, settings)          # once the first is over, it may run again
     runs.cancel_run(ctx, again.id)
     runs.wait_for_run(ctx, again.id, timeout=120)
+
+
+def test_a_worker_killed_for_memory_fails_the_run_with_words_a_person_can_act_on():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from stego_app import jobs
+
+    text = jobs.failure_text(None, 1, BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    assert text.startswith("a worker process stopped abruptly, most often because the machine ran out of memory")
+    assert "STEGO_PIPELINE_JOBS=1" in text and "Resume to try again" in text and "BrokenProcessPool" in text
