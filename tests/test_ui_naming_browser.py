@@ -299,3 +299,9 @@ def test_08_export_only_the_images_to_correct_next(page, db, app, tmp_path):
         expect(summary).to_contain_text(name)
     options = json.loads(db("SELECT options FROM exports ORDER BY id DESC LIMIT 1")[0][0])
     assert options["to_correct"] == 3 and options["to_correct_images"] == names and options["to_correct_done"] == 11
+    # a batch to correct is a one-off: the form shown again (here after a reload) exports every image
+    page.reload()
+    expect(field(page, "run-select")).to_have_value(re.compile(r"Run 1 · Finished"), timeout=30_000)
+    tab(page, "Export")
+    open_accordion(page, "export-more")
+    expect(page.locator("#export-to_correct input")).to_have_value("0")

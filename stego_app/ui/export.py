@@ -82,10 +82,11 @@ class ExportTab:
                 self.refined, *self.extra.values()]
 
     def form_views(self, options: export_svc.ExportOptions) -> dict:
-        """The form set to `options` (a run's latest export: exporting again after more naming is one click)."""
+        """The form set to `options` (a run's latest export: exporting again after more naming is one click),
+        except a batch of images to correct: that is a one-off, and the form goes back to every image."""
         values = [_STYLE_CHOICE[options.style], options.min_area, options.crf, options.confirmed_only,
                   options.include_unnamed, options.panoptic, options.label_pngs, options.refined,
-                  *(getattr(options, name) for name in self.extra)]
+                  *(0 if name == "to_correct" else getattr(options, name) for name in self.extra)]
         return dict(zip(self.form_outputs, values))
 
     def export_views(self, run_id) -> dict:
