@@ -124,6 +124,9 @@ def read_coco(path: Path) -> tuple[dict[str, Any], str]:
                 raise UserError(f"{path.name} holds {len(found)} COCO instances files "
                                 f"({_few([n for n, _ in found])}); import them one at a time")
             return found[0][1], f"{path.name}:{found[0][0]}"
+    if path.suffix.lower() == ".zip":
+        raise UserError(f"{path.name} is not a readable zip archive (damaged, or cut short while downloading); "
+                        "export it from the tool again")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

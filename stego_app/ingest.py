@@ -144,6 +144,8 @@ def inspect_image(path: Path, max_pixels: int) -> ImageMeta:
             with PILImage.open(path) as im:
                 fmt, mode = im.format or "unknown", im.mode
     except UnidentifiedImageError:
+        if Path(path).suffix.lower() == ".zip":
+            raise Rejected("not a readable zip archive (damaged, or cut short while copying)") from None
         raise Rejected("not an image (unrecognised file format)") from None
     except PILImage.DecompressionBombError as exc:
         raise Rejected(pixel_limit_error(path, bomb_pixels(exc), max_pixels).reason

@@ -173,6 +173,10 @@ def test_a_cvat_style_zip_is_read_and_a_useless_file_changes_nothing(lab, tmp_pa
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not a JSON file"):
         corrections.import_corrections(ctx, run.id, bad)
+    broken = tmp_path / "cut_short.zip"
+    broken.write_bytes(archive.read_bytes()[:200])
+    with pytest.raises(UserError, match="cut_short.zip is not a readable zip archive"):
+        corrections.import_corrections(ctx, run.id, broken)
     bad.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(UserError, match="neither a COCO instances file .* nor Label Studio.s JSON export"):
         corrections.import_corrections(ctx, run.id, bad)

@@ -205,6 +205,9 @@ def test_zip_size_limit_and_wrong_archive(app_ctx, project, tmp_path):
     with pytest.raises(UserError, match="not a readable zip"):
         ingest.ingest_zip(app_ctx, project.id, fake)
     assert len(ingest.list_images(app_ctx, project.id)) == 1
+    # the same file among images (a broken download added with the files) is named for what it is
+    report = ingest.ingest_files(app_ctx, project.id, [fake], ["not_a.zip"])
+    assert report.rejected[0].reason.startswith("not a readable zip archive")
 
 
 def test_folder_ingest_is_restricted_and_references_files(app_ctx, project, tmp_path):
