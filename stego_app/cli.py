@@ -211,7 +211,7 @@ def _label_groups(ctx, args: argparse.Namespace) -> int:
         for g in gs:
             names = ", ".join(g.label_names) or "-"
             kind = " (found)" if g.found else ""
-            _out(f"group {g.id:<3} {g.share:6.1%}  {len(g.cluster_indices)} clusters{kind}: "
+            _out(f"group {g.id:<3} {g.share:6.1%}  {len(g.cluster_indices)} cluster{'s' if len(g.cluster_indices) != 1 else ''}{kind}: "
                  f"{' '.join(f'#{i}' for i in g.cluster_indices)}  labels: {names}"
                  + (f"  unnamed: {' '.join(f'#{i}' for i in g.unnamed)}" if g.unnamed else ""))
         return EXIT_OK

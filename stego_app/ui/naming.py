@@ -67,8 +67,9 @@ def grouped_cards_html(gs: list[groups.ClusterGroup], clusters: list[mapping.Clu
         title = "Found by clicking" if g.found else f"Group {g.id}"
         names = f" · labels: {H.esc(', '.join(g.label_names))}" if g.label_names else ""
         todo = f" · {len(g.unnamed)} unnamed" if g.unnamed else " · all named"
+        n = len(g.cluster_indices)
         out.append(f'<div class="stego-group" data-group="{g.id}"><div class="stego-group-head">{title} · '
-                   f'{H.format_share(g.share)} · {len(g.cluster_indices)} clusters{names}{todo}</div>'
+                   f'{H.format_share(g.share)} · {n} cluster{"s" if n != 1 else ""}{names}{todo}</div>'
                    '<div class="stego-cards">')
         out += [H.cluster_card_html(by_index[i], example_url, max_examples) for i in g.cluster_indices
                 if i in by_index]
