@@ -234,6 +234,8 @@ def import_corrections(ctx, run_id: int, path: Path) -> CorrectionReport:
     Each image with at least one usable annotation replaces its earlier corrections and
     becomes checked; nothing is written when nothing in the file can be used.
     """
+    with ctx.db.read() as s:
+        get_done_run(s, run_id)          # a wrong run is said first, before the file is read
     data, source = read_coco(path)
     report = CorrectionReport(source=source)
     cats = {c.get("id"): str(c.get("name", "")) for c in data["categories"] if isinstance(c, dict)}

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from stego_app import corrections, export, label_kinds, refinement, runs
 from stego_app.coco import decode_rle, encode_rle
-from stego_app.errors import UserError
+from stego_app.errors import NotFound, UserError
 from stego_app.labels import mapping, views
 from stego_app.models import Correction, Label, RunImage
 from tests.conftest import make_finished_run
@@ -173,6 +173,8 @@ def test_a_cvat_style_zip_is_read_and_a_useless_file_changes_nothing(lab, tmp_pa
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not a JSON file"):
         corrections.import_corrections(ctx, run.id, bad)
+    with pytest.raises(NotFound, match="run 999 does not exist"):     # the run first, then the file
+        corrections.import_corrections(ctx, 999, bad)
     broken = tmp_path / "cut_short.zip"
     broken.write_bytes(archive.read_bytes()[:200])
     with pytest.raises(UserError, match="cut_short.zip is not a readable zip archive"):
