@@ -53,8 +53,8 @@ CSS = """
 .stego-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px; }
 .stego-card-ignored { opacity: .55; }
 .stego-card-head { display: flex; align-items: center; gap: 6px; margin-bottom: 6px; }
-.stego-card-label { font-weight: 600; flex: 1; }
-.stego-card-share { font-variant-numeric: tabular-nums; }
+.stego-card-label { font-weight: 600; flex: 1; min-width: 0; overflow-wrap: anywhere; }   /* long names wrap */
+.stego-card-share { font-variant-numeric: tabular-nums; flex-shrink: 0; white-space: nowrap; }
 .stego-card-examples { display: flex; gap: 4px; flex-wrap: wrap; }
 .stego-card-examples img { height: 96px; max-width: 100%; object-fit: cover; border-radius: 4px; }
 .stego-swatch { display: inline-block; border-radius: 3px; border: 1px solid rgba(0,0,0,.3);
