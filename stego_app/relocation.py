@@ -13,7 +13,8 @@ folders the stored paths were written under, ``X`` with ``X/runs/<id>`` a run fo
 on and this data folder holds the same run folder or image (and, with a database outside the
 data folder, which other hosts may share, where ``X`` is gone). Then every stored path under
 ``X`` (database columns, and every JSON file of the run folders and feature stores that now
-live under the data folder) is rewritten to the same place under the data folder. Paths
+live under the data folder; a cache folder elsewhere, which other data folders may share, is not
+touched) is rewritten to the same place under the data folder. Paths
 outside any such ``X`` (images added from a server folder in place, a cache folder set
 elsewhere) are left alone. Nothing is done when nothing moved, so a start costs two queries.
 """
@@ -137,7 +138,10 @@ def relocate(db, cfg) -> dict[str, int]:
                 if (moved := _moved(getattr(exp, column) or "", olds, new)) is not None:
                     setattr(exp, column, moved)
                     counts["exports"] += 1
-    counts["files"] = _rewrite_json_files([cfg.runs_dir, cfg.feature_cache_dir], olds, new)
+    folders = [cfg.runs_dir]
+    if Path(cfg.feature_cache_dir).resolve().is_relative_to(Path(new).resolve()):
+        folders.append(cfg.feature_cache_dir)        # a cache that moved with the data (the default)
+    counts["files"] = _rewrite_json_files(folders, olds, new)
     log.warning("the data folder was moved or copied from %s to %s: paths rewritten (%s)",
                 ", ".join(map(str, olds)), new, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
