@@ -16,12 +16,14 @@ data folder, which other hosts may share, where ``X`` is gone). Then every store
 live under the data folder; a cache folder elsewhere, which other data folders may share, is not
 touched) is rewritten to the same place under the data folder. Paths
 outside any such ``X`` (images added from a server folder in place, a cache folder set
-elsewhere) are left alone. Nothing is done when nothing moved, so a start costs two queries.
+elsewhere) are left alone. Nothing is done when nothing moved: a start costs two queries that
+return no row.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -50,13 +52,16 @@ def old_data_dirs(db, cfg) -> set[Path]:
     a SQLite file elsewhere) several hosts may share it, each mounting the data at its own
     place: then only a folder that no longer exists here counts (moved, not mounted elsewhere)."""
     found: set[Path] = set()
+    here = str(cfg.data_dir) + os.sep        # paths already under this folder are not read at all
     with db.read() as s:
-        for run_id, run_dir in s.execute(select(Run.id, Run.run_dir)):
+        for run_id, run_dir in s.execute(select(Run.id, Run.run_dir).where(
+                ~Run.run_dir.startswith(here, autoescape=True))):
             p = Path(run_dir or "")
             if p.name == str(run_id) and p.parent.name == "runs" and p.parent.parent != cfg.data_dir \
                     and (cfg.runs_dir / p.name).is_dir():
                 found.add(p.parent.parent)
-        for project_id, path in s.execute(select(Image.project_id, Image.path).where(Image.stored.is_(True))):
+        for project_id, path in s.execute(select(Image.project_id, Image.path).where(
+                Image.stored.is_(True), ~Image.path.startswith(here, autoescape=True))):
             p = Path(path or "")
             if p.parent.name == str(project_id) and p.parent.parent.name == "images" \
                     and p.parents[2] != cfg.data_dir and (cfg.images_dir / p.parent.name / p.name).is_file():
