@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -198,20 +198,27 @@ def row_bands(height: int, values_per_row: int) -> list[slice]:
     return [slice(r, min(r + step, height)) for r in range(0, height, step)]
 
 
-def upsampled_argmax(x: np.ndarray, out_hw: tuple[int, int],
-                     fix: Callable[[np.ndarray, slice], None] | None = None) -> np.ndarray:
-    """(H, W) argmax over the last axis of ``upsample_bilinear(x, out_hw)`` for an (h, w, K) ``x``,
-    made band by band: a 24-megapixel image with 88 classes never holds its (H, W, K) map (8 GB).
-    ``fix(band, rows)`` may change each (rows, W, K) band in place before its argmax."""
+def upsampled_bands(x: np.ndarray, out_hw: tuple[int, int]) -> Iterator[tuple[slice, np.ndarray]]:
+    """``upsample_bilinear(x, out_hw)`` of an (h, w, K) ``x`` in row bands: (rows, (len(rows), W, K)
+    float32) pairs, each band of at most ``BAND_VALUES`` values made from the source rows it reads
+    only, so a 24-megapixel image with 88 classes never holds its (H, W, K) map (8 GB)."""
     H, W = int(out_hw[0]), int(out_hw[1])
     x = np.asarray(x, dtype=np.float32)
     i0, i1, f = _taps(H, x.shape[0])
-    out = np.empty((H, W), dtype=np.int64)
     for rows in row_bands(H, W * x.shape[-1]):
         lo, hi = int(i0[rows].min()), int(i1[rows].max()) + 1     # the source rows this band reads
         cols = _resize_cols(x[lo:hi], W)                          # (hi - lo, W, K)
         fr = f[rows][:, None, None]
-        band = cols[i0[rows] - lo] * (1.0 - fr) + cols[i1[rows] - lo] * fr
+        yield rows, cols[i0[rows] - lo] * (1.0 - fr) + cols[i1[rows] - lo] * fr
+
+
+def upsampled_argmax(x: np.ndarray, out_hw: tuple[int, int],
+                     fix: Callable[[np.ndarray, slice], None] | None = None) -> np.ndarray:
+    """(H, W) argmax over the last axis of ``upsample_bilinear(x, out_hw)`` for an (h, w, K) ``x``,
+    made band by band (``upsampled_bands``). ``fix(band, rows)`` may change each (rows, W, K) band in
+    place before its argmax."""
+    out = np.empty((int(out_hw[0]), int(out_hw[1])), dtype=np.int64)
+    for rows, band in upsampled_bands(x, out_hw):
         if fix is not None:
             fix(band, rows)
         out[rows] = band.argmax(axis=-1)
@@ -227,11 +234,9 @@ def cluster_labels(codes: np.ndarray, centroids: np.ndarray, out_hw: tuple[int, 
     if cent.shape[1] != d:
         raise ValueError(f"codes have {d} channels but centroids {cent.shape[1]}")
     H, W = int(out_hw[0]), int(out_hw[1])
-    cols = _resize_cols(np.asarray(codes, dtype=np.float32) @ cent.T, W)   # (h, W, K)
     labels = np.empty((H, W), dtype=np.int64)
     conf = np.empty((H, W), dtype=np.float32)
-    for rows in row_bands(H, W * cols.shape[-1]):
-        logits = _resize_rows(cols, rows, H)                                  # (b, W, K)
+    for rows, logits in upsampled_bands(np.asarray(codes, dtype=np.float32) @ cent.T, (H, W)):   # (b, W, K)
         logits *= (alpha / np.sqrt(_upsampled_sq_norms(codes, H, W, rows))).astype(np.float32)[..., None]
         labels[rows] = logits.argmax(axis=-1)
         logits -= logits.max(axis=-1, keepdims=True)

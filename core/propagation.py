@@ -18,7 +18,6 @@ This module imports torch only inside ``Propagator``'s methods, so worker proces
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -542,13 +541,19 @@ def _with_pixel(lp: np.ndarray, job: ClassMapJob, image: np.ndarray) -> np.ndarr
 RULED_OUT_LOG_PROB = -1e4   # a ruled-out class's log-probability: no CRF pairwise term brings it back
 
 
-def _without_ruled_out(lp: np.ndarray, job: ClassMapJob) -> np.ndarray:
-    """``lp`` (n, h, w) with the job's ruled-out classes made impossible at its ruled-out pixels
-    (the mask resized to (h, w) by nearest neighbour); unchanged when that would leave no class."""
-    k = int(job.ruled_out_classes)
-    if job.ruled_out is None or k <= 0 or k >= lp.shape[0]:
+def _ruled_out_mask(job: ClassMapJob, n_classes: int) -> np.ndarray | None:
+    """The job's ruled-out pixels as a bool mask, or None when nothing is ruled out or ruling out
+    its ``ruled_out_classes`` would leave no class of ``n_classes``."""
+    if job.ruled_out is None or not 0 < int(job.ruled_out_classes) < n_classes:
+        return None
+    return np.asarray(job.ruled_out, dtype=bool)
+
+
+def _without_ruled_out(lp: np.ndarray, mask: np.ndarray | None, k: int) -> np.ndarray:
+    """``lp`` (n, h, w) with its first ``k`` classes made impossible where ``mask`` (any size, resized
+    to (h, w) by nearest neighbour) is set."""
+    if mask is None:
         return lp
-    mask = np.asarray(job.ruled_out, dtype=bool)
     h, w = lp.shape[1:]
     if mask.shape != (h, w):
         H, W = mask.shape
@@ -563,23 +568,20 @@ def _without_ruled_out(lp: np.ndarray, job: ClassMapJob) -> np.ndarray:
 def _plain_labels(job: ClassMapJob, image: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]:
     """(labels, confidence) at full size without the CRF, made band by band: the (n, H, W)
     probabilities of a large image are never held at once."""
-    from core.clustering import _resize_cols, _resize_rows, log_softmax_, row_bands
+    from core.clustering import log_softmax_, upsampled_bands
 
     H, W = (int(v) for v in job.size)
-    n = job.log_probs.shape[-1]
-    cols = _resize_cols(np.asarray(job.log_probs, dtype=np.float32), W)     # (h, W, n)
     labels = np.empty((H, W), dtype=dtype)
     conf = np.empty((H, W), dtype=np.float16)
-    mask = np.asarray(job.ruled_out, dtype=bool) if job.ruled_out is not None else None
-    for rows in row_bands(H, W * n):
-        lp = np.moveaxis(log_softmax_(_resize_rows(cols, rows, H), axis=-1), -1, 0)   # (n, b, W)
+    mask, k = _ruled_out_mask(job, job.log_probs.shape[-1]), int(job.ruled_out_classes)
+    for rows, band in upsampled_bands(job.log_probs, (H, W)):
+        lp = np.moveaxis(log_softmax_(band, axis=-1), -1, 0)                   # (n, b, W)
         if job.pixel is not None:
             from core.pixel_head import combine, pixel_log_proba
 
             lp = combine(lp, pixel_log_proba(job.pixel, image, job.pixel_arrays, rows=rows),
                          job.pixel_arrays.taught, job.pixel_weight)
-        if mask is not None:
-            lp = _without_ruled_out(lp, dataclasses.replace(job, ruled_out=mask[rows]))
+        lp = _without_ruled_out(lp, None if mask is None else mask[rows], k)
         labels[rows] = lp.argmax(axis=0)
         conf[rows] = np.exp(lp.max(axis=0))
     return labels, conf
@@ -605,10 +607,11 @@ def class_map(job: ClassMapJob) -> ClassMap:
     h, w = crf_size(H, W, job.crf_resolution) if job.crf else (H, W)
     dtype = np.uint8 if job.log_probs.shape[-1] <= 256 else np.uint16
     labels = conf = refined = None
+    mask, k = _ruled_out_mask(job, job.log_probs.shape[-1]), int(job.ruled_out_classes)
     full_crf = job.crf and (h, w) == (H, W)
     if full_crf:      # a CRF at full size needs every pixel's (n, H, W) probabilities at once
         lp = _upsampled_log_probs(job.log_probs, (H, W))
-        lp = _without_ruled_out(_with_pixel(lp, job, image), job)
+        lp = _without_ruled_out(_with_pixel(lp, job, image), mask, k)
         labels = lp.argmax(axis=0).astype(dtype)
         conf = np.exp(lp.max(axis=0)).astype(np.float16)
         refined = crf_marginals(image, lp, job.params).argmax(axis=0).astype(dtype)
@@ -621,15 +624,12 @@ def class_map(job: ClassMapJob) -> ClassMap:
 
         small = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
         q = crf_marginals(small, _without_ruled_out(
-            _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small), job), job.params)
-        mask = (np.asarray(job.ruled_out, dtype=bool) if job.ruled_out is not None
-                and 0 < job.ruled_out_classes < q.shape[0] else None)
+            _with_pixel(_upsampled_log_probs(job.log_probs, (h, w)), job, small), mask, k), job.params)
 
         def rule_out(band: np.ndarray, rows: slice) -> None:      # the mask's edges too, at full size
-            if mask is not None:
-                band[mask[rows], :job.ruled_out_classes] = -1.0
+            band[mask[rows], :k] = -1.0
 
-        refined = upsampled_argmax(np.moveaxis(q, 0, -1), (H, W), rule_out).astype(dtype)
+        refined = upsampled_argmax(np.moveaxis(q, 0, -1), (H, W), None if mask is None else rule_out).astype(dtype)
         if not job.plain:
             labels = conf = None
     return ClassMap(labels, refined, conf)
