@@ -77,7 +77,7 @@ def recent_project(ctx) -> int | None:
                          .outerjoin(Run, Run.project_id == Project.id).group_by(Project.id, Project.created_at)).all()
     if not rows:
         return None
-    return max(rows, key=lambda r: (max(as_utc(r[1]), as_utc(r[2])) if r[2] is not None else as_utc(r[1]), r[0]))[0]
+    return max(rows, key=lambda r: (max(as_utc(t) for t in r[1:] if t is not None), r[0]))[0]
 
 
 def get_project(ctx, project_id: int) -> ProjectInfo:

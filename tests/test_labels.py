@@ -86,6 +86,8 @@ def test_name_merge_rename_unmerge(done_run):
     assert mapping.naming_note(list(cl.values()), [3], " Sky") == ("1 other cluster already carries 'sky'; "
                                                                   "the label is now spelled 'Sky'.")
     assert mapping.naming_note(list(cl.values()), [3], "sky") == "1 other cluster already carries 'sky': merged."
+    assert mapping.naming_note(list(cl.values()), [3], "sky", respelling_only=True) == ""
+    assert mapping.naming_note(list(cl.values()), [3], "Sky", respelling_only=True).endswith("spelled 'Sky'.")
     assert mapping.naming_note(list(cl.values()), [0], "SKY") == ""       # renaming the only cluster
     assert mapping.naming_note(list(cl.values()), [3], "road") == ""
     cl = _by_index(mapping.name_cluster(ctx, run_id, 3, "Sky"))

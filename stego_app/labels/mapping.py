@@ -267,9 +267,11 @@ class _Edit:
         return list(snapshot(self.s, self.run).clusters)
 
 
-def naming_note(clusters: Sequence[ClusterInfo], indices: Sequence[int], name: str) -> str:
+def naming_note(clusters: Sequence[ClusterInfo], indices: Sequence[int], name: str,
+                respelling_only: bool = False) -> str:
     """What giving clusters ``indices`` the label ``name`` does to other clusters, for a toast: joining
-    an existing label (names match case-insensitively) and respelling it; "" when it does neither."""
+    an existing label (names match case-insensitively) and respelling it; "" when it does neither
+    (with ``respelling_only``, also when it joins without respelling)."""
     clean = " ".join((name or "").split())
     chosen = set(int(i) for i in indices)
     others = [c for c in clusters if c.index not in chosen and c.label_name
@@ -279,7 +281,9 @@ def naming_note(clusters: Sequence[ClusterInfo], indices: Sequence[int], name: s
     old = others[0].label_name
     n = len(others)
     said = f"{n} other cluster{'s' if n != 1 else ''} already carr{'y' if n != 1 else 'ies'} '{old}'"
-    return f"{said}; the label is now spelled '{clean}'." if old != clean else f"{said}: merged."
+    if old != clean:
+        return f"{said}; the label is now spelled '{clean}'."
+    return "" if respelling_only else f"{said}: merged."
 
 
 def name_cluster(ctx, run_id: int, cluster_index: int, name: str) -> list[ClusterInfo]:

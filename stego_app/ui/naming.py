@@ -258,9 +258,10 @@ class NamingPanel:
             if not (name or "").strip():
                 raise UserError("type a name, then press Enter")
             def action():
-                note = mapping.naming_note(mapping.list_clusters(ctx, run_id), [int(focus)], name)
+                note = mapping.naming_note(mapping.list_clusters(ctx, run_id), [int(focus)], name,
+                                           respelling_only=True)   # the keyboard flow says only what changes elsewhere
                 mapping.name_cluster(ctx, run_id, int(focus), name)
-                if "spelled" in note:                    # the keyboard flow says only what changes elsewhere
+                if note:
                     gr.Info(f"Cluster #{int(focus)}: {note}")
 
             return edited(run_id, version, image_id, op, use_crf, visible, action,
